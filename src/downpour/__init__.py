@@ -1,0 +1,28 @@
+"""downpour: distributed SGD training under one API.
+
+Example:
+    >>> import downpour as dp
+    >>> result = dp.train(model="mlp", data="mnist", strategy=dp.Single(), epochs=1)  # doctest: +SKIP
+"""
+
+from downpour import data
+from downpour import models
+from downpour.api import train
+from downpour.errors import DownpourError
+from downpour.metrics import TrainResult
+from downpour.optim import optim
+from downpour.strategies import Faults
+from downpour.strategies import Single
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DownpourError",
+    "Faults",
+    "Single",
+    "TrainResult",
+    "data",
+    "models",
+    "optim",
+    "train",
+]

@@ -1,0 +1,155 @@
+"""``downpour.train``: the one entry point of the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from downpour import data as data_lib
+from downpour import models
+from downpour import strategies
+from downpour.data import Dataset
+from downpour.metrics import MemorySink, Metrics, ProgressSink, RunDir, TrainResult, plot_run, summarize
+from downpour.optim import OptimSpec, optim
+from downpour.strategies import Faults, Job, Strategy
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_model(model: str | Callable[[], nn.Module], dataset: Dataset) -> tuple[Callable[[], nn.Module], str]:
+    if isinstance(model, str):
+        models.build(model, dataset.input_shape, dataset.num_classes)  # validates the name early
+        return partial(models.build, model, dataset.input_shape, dataset.num_classes), model
+    if callable(model):
+        return model, getattr(model, "__qualname__", type(model).__name__)
+    raise TypeError(f"model must be a model name or a factory returning an nn.Module, got {type(model).__name__}")
+
+
+def _describe(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {"name": getattr(value, "name", type(value).__name__)}
+        out.update({f.name: _describe(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        return out
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return getattr(value, "__qualname__", repr(value))
+
+
+def train(
+    *,
+    model: str | Callable[[], nn.Module],
+    data: Dataset | str,
+    strategy: Strategy | str = "single",
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    optimizer: OptimSpec | None = None,
+    workers: int = 1,
+    servers: int = 1,
+    epochs: float = 1.0,
+    batch_size: int = 64,
+    max_steps: int | None = None,
+    target_accuracy: float | None = None,
+    eval_every: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    faults: Faults | None = None,
+    run_dir: str | Path | None = None,
+    runs_root: str | Path = "runs",
+    save: bool = True,
+    progress: bool = False,
+    data_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` with a distributed ``strategy``.
+
+    Args:
+        model: a reference model name (``"mlp"``, ``"cnn"``, ...) or a factory
+            returning an ``nn.Module``; every role builds its own copy.
+        data: a :class:`downpour.data.Dataset` or a dataset name.
+        strategy: a strategy config (``downpour.Single()``, ...) or its name.
+        loss: loss on (outputs, labels); defaults to the reference model's
+            own loss, else cross-entropy.
+        optimizer: ``downpour.optim(name, lr=...)``; defaults to SGD, lr 0.05.
+        workers, servers: role counts, for strategies that use them.
+        epochs, batch_size, max_steps: how much to train (per worker batch).
+        target_accuracy: stop once test accuracy reaches it.
+        eval_every: steps between evaluations (default: ten per run).
+        run_dir: where to write the run (default ``runs/<id>/``).
+        save: write the run directory at all.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`TrainResult` with the model, event history and summary.
+
+    Example:
+        >>> import downpour as dp
+        >>> result = dp.train(model="logistic", data="digits", epochs=1, save=False)  # doctest: +SKIP
+        >>> result.summary["accuracy"] > 0.9  # doctest: +SKIP
+        True
+    """
+    if isinstance(data, str):
+        data = data_lib.load(data, data_dir=data_dir)
+    if isinstance(strategy, str):
+        strategy = strategies.get(strategy)
+    factory, model_name = _resolve_model(model, data)
+    if loss is None:
+        loss = models.default_loss(model) if isinstance(model, str) else torch.nn.functional.cross_entropy
+    job = Job(
+        model=factory, loss=loss, data=data, optimizer=optimizer or optim("sgd", lr=0.05),
+        workers=workers, servers=servers, epochs=epochs, batch_size=batch_size, max_steps=max_steps,
+        target_accuracy=target_accuracy, eval_every=eval_every, seed=seed, device=device,
+        faults=faults or Faults(),
+    )
+    run = RunDir.create(run_dir, strategy.name, runs_root) if save else None
+    config = {
+        "strategy": strategy.name,
+        "dataset": data.name,
+        "model": model_name,
+        "workers": workers,
+        "servers": servers if _uses_servers(strategy) else 0,
+        "target_accuracy": target_accuracy,
+        "run_dir": str(run.path) if run else None,
+        "strategy_config": _describe(strategy),
+        "optimizer": _describe(job.optimizer),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "max_steps": max_steps,
+        "eval_every": eval_every,
+        "seed": seed,
+        "device": device,
+        "faults": _describe(job.faults),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cpus": torch.get_num_threads()},
+    }
+    history = MemorySink()
+    sinks: list = [history]
+    if run:
+        run.write_config(config)
+        sinks.append(run.events_sink())
+    if progress:
+        sinks.append(ProgressSink(job.total_steps(), description=strategy.name))
+    metrics = Metrics(sinks)
+    try:
+        trained = strategy.run(job, metrics)
+    finally:
+        metrics.close()
+    summary = summarize(history.events, config)
+    if run:
+        run.save_model(trained)
+        plot_run(history.events, run.path, title=f"{strategy.name} · {data.name} · {model_name}")
+        run.write_summary(summary)
+    return TrainResult(model=trained, history=history.events, summary=summary, run_dir=run.path if run else None)
+
+
+def _uses_servers(strategy: Strategy) -> bool:
+    return bool(getattr(strategy, "uses_servers", False))

@@ -1,0 +1,272 @@
+"""LocalCluster: every role a process on this host, started with ``spawn``."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue as queue_lib
+import signal
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiprocessing as mp
+
+from downpour.cluster.role import Role, RoleContext
+from downpour.errors import PeerTimeout, WorkerFailed
+from downpour.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when the coordinator dies, so no role is orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the coordinator's shutdown path still reaps us
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _role_main(role: Role, conn, stop, start_time: float, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctx = RoleContext.create(role.kind, role.rank, conn, stop, start_time)
+    try:
+        role.run(ctx)
+    except BaseException as exc:  # noqa: BLE001 - everything is reported, then turned into an exit code
+        ctx.send({"_control": "error", "host": socket.gethostname(),
+                  "reason": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        conn.close()
+        os._exit(1)
+    ctx.send({"_control": "done"})
+    conn.close()
+
+
+@dataclass
+class RoleHandle:
+    """The coordinator's view of one started role."""
+
+    kind: str
+    rank: int
+    process: Any
+    conn: Any = field(repr=False, default=None)
+    published: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False  # returned normally
+    failed: str | None = None  # reason, when it raised or died
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.rank}"
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+
+class LocalCluster:
+    """Runs roles as processes on this machine and reaps every one of them.
+
+    Use as a context manager: leaving the block (normally, on an exception or
+    on Ctrl-C) stops every process it started.
+
+    Example:
+        >>> with LocalCluster(metrics) as cluster:          # doctest: +SKIP
+        ...     [server] = cluster.start([ServerRole(...)])
+        ...     address = cluster.wait_published(server, "address")
+    """
+
+    def __init__(self, metrics: Metrics, *, tolerate_worker_deaths: bool = True) -> None:
+        self._mp = mp.get_context("spawn")
+        self.metrics = metrics
+        self.stop_flag = self._mp.RawValue("b", 0)
+        self.handles: list[RoleHandle] = []
+        self.tolerate_worker_deaths = tolerate_worker_deaths
+        self._timers: list[threading.Timer] = []
+        # A reader thread drains every role's pipe at once, so a role never
+        # blocks on a full pipe while the coordinator is busy evaluating.
+        self._inbox: queue_lib.Queue = queue_lib.Queue()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._reader = threading.Thread(target=self._read_pipes, name="downpour-role-reader", daemon=True)
+        self._reader.start()
+
+    # ----------------------------------------------------------------- start
+    def start(self, roles: list[Role]) -> list[RoleHandle]:
+        started = []
+        for role in roles:
+            receiver, sender = self._mp.Pipe(duplex=False)
+            process = self._mp.Process(
+                target=_role_main,
+                args=(role, sender, self.stop_flag, self.metrics.start_time, os.getpid()),
+                name=f"downpour-{role.kind}-{role.rank}",
+                daemon=True,
+            )
+            process.start()
+            sender.close()  # the child holds the only writing end: EOF means it is gone
+            handle = RoleHandle(role.kind, role.rank, process, receiver)
+            with self._lock:
+                self.handles.append(handle)
+            started.append(handle)
+        return started
+
+    def _read_pipes(self) -> None:
+        from multiprocessing.connection import wait
+
+        open_conns: dict[Any, RoleHandle] = {}
+        while not self._closing:
+            with self._lock:
+                for handle in self.handles:
+                    if handle.conn is not None and handle.conn not in open_conns and not handle.conn.closed:
+                        open_conns[handle.conn] = handle
+            if not open_conns:
+                time.sleep(0.01)
+                continue
+            for conn in wait(list(open_conns), timeout=0.05):
+                handle = open_conns[conn]
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    del open_conns[conn]
+                    handle.conn = None
+                    continue
+                self._inbox.put((handle, message))
+
+    def wait_published(self, handle: RoleHandle, key: str, timeout: float = 60.0) -> Any:
+        """Wait until ``handle`` publishes ``key``; a death or timeout raises."""
+        deadline = time.monotonic() + timeout
+        while key not in handle.published:
+            if time.monotonic() > deadline:
+                raise PeerTimeout(handle.name, timeout, f"publish its {key}")
+            self.poll(0.05)
+            if handle.failed and key not in handle.published:
+                raise WorkerFailed(handle.kind, handle.rank, socket.gethostname(), handle.failed)
+        return handle.published[key]
+
+    def kill_at(self, handle: RoleHandle, seconds: float) -> None:
+        """SIGKILL ``handle`` once ``seconds`` have passed since the run started (a staged fault)."""
+        delay = max(0.0, seconds - self.metrics.elapsed())
+
+        def kill() -> None:
+            if handle.alive():
+                log.warning("staged fault: killing %s", handle.name)
+                self.metrics.log(0, {"fault/killed": f"{handle.kind}:{handle.rank}"})
+                os.kill(handle.process.pid, signal.SIGKILL)
+
+        timer = threading.Timer(delay, kill)
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+
+    # ------------------------------------------------------------------ poll
+    def poll(self, timeout: float = 0.1) -> None:
+        """Forward queued events to the metrics; record finished, failed and dead roles.
+
+        Raises WorkerFailed when a role raised, or when a role died and
+        deaths are not tolerated (servers are never tolerated).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                handle, item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_lib.Empty:
+                break
+            self._handle(handle, item)
+            if time.monotonic() >= deadline:
+                break
+        self._check_deaths()
+
+    def _handle(self, handle: RoleHandle, item: dict[str, Any]) -> None:
+        control = item.get("_control")
+        if control is None:
+            self.metrics.forward(item)
+        elif control == "publish":
+            handle.published[item["key"]] = item["value"]
+        elif control == "done":
+            handle.finished = True
+        elif control == "error":
+            handle.failed = item["reason"]
+            raise WorkerFailed(handle.kind, handle.rank, item["host"], item["reason"], item["traceback"])
+
+    def _check_deaths(self) -> None:
+        for handle in self.handles:
+            if handle.finished or handle.failed or handle.alive():
+                continue
+            code = handle.process.exitcode
+            if code == 0 or handle.conn is not None or not self._inbox.empty():
+                # Its last messages ("done", or the error with its traceback) may still be in transit.
+                continue
+            handle.failed = f"process exited with code {code}" + (
+                f" (signal {signal.Signals(-code).name})" if code is not None and code < 0 else "")
+            self.metrics.log(0, {"fault/died": f"{handle.kind}:{handle.rank}"})
+            if handle.kind != "worker" or not self.tolerate_worker_deaths:
+                raise WorkerFailed(handle.kind, handle.rank, socket.gethostname(), handle.failed)
+            log.warning("%s died (%s); the run continues without it", handle.name, handle.failed)
+
+    def running(self, kind: str) -> list[RoleHandle]:
+        return [h for h in self.handles if h.kind == kind and not h.finished and not h.failed]
+
+    def dead(self, kind: str) -> list[RoleHandle]:
+        return [h for h in self.handles if h.kind == kind and h.failed]
+
+    def wait_all(self, kind: str, *, timeout: float, watch=None) -> None:
+        """Poll until every role of ``kind`` finished or died; ``watch()`` runs each poll."""
+        deadline = time.monotonic() + timeout
+        while self.running(kind):
+            if time.monotonic() > deadline:
+                names = ", ".join(h.name for h in self.running(kind))
+                raise PeerTimeout(names, timeout, "finish")
+            self.poll(0.05)
+            if watch is not None:
+                watch()
+
+    # -------------------------------------------------------------- shutdown
+    def request_stop(self) -> None:
+        self.stop_flag.value = 1
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Stop every role: set the stop event, wait ``grace`` seconds, then terminate and kill."""
+        for timer in self._timers:
+            timer.cancel()
+        self.stop_flag.value = 1
+        deadline = time.monotonic() + grace
+        for handle in self.handles:
+            handle.process.join(max(0.0, deadline - time.monotonic()))
+        for handle in self.handles:
+            if handle.process.is_alive():
+                handle.process.terminate()
+        for handle in self.handles:
+            handle.process.join(2.0)
+            if handle.process.is_alive():
+                handle.process.kill()
+                handle.process.join(2.0)
+        # Give the reader a moment to take the last events out of the pipes.
+        deadline = time.monotonic() + 1.0
+        while any(h.conn is not None for h in self.handles) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._closing = True
+        self._reader.join(1.0)
+        while True:
+            try:
+                _, item = self._inbox.get_nowait()
+            except queue_lib.Empty:
+                break
+            if item.get("_control") is None:
+                self.metrics.forward(item)
+        for handle in self.handles:
+            if handle.conn is not None:
+                handle.conn.close()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown(grace=1.0 if exc_info[0] is not None else 5.0)

@@ -1,0 +1,86 @@
+"""What a role is, and what it receives in its process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from downpour.metrics import Metrics
+
+# How often a role waiting for the stop flag looks at it.
+_STOP_POLL_SECONDS = 0.02
+
+
+class Role(Protocol):
+    """A unit of a run (server shard, worker, ...) that the cluster starts in its own process."""
+
+    kind: str
+    rank: int
+
+    def run(self, ctx: "RoleContext") -> None: ...
+
+
+class _ConnSink:
+    """Sends events to the coordinator over this role's own pipe.
+
+    One pipe per role (not one shared queue): a role killed mid-message can
+    corrupt only its own pipe, never block the others.
+    """
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def write(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self._conn.send(event)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class RoleContext:
+    """Everything a role gets from the cluster; passed in, never global.
+
+    Attributes:
+        metrics: stamped with this role's kind and rank; events reach the
+            coordinator's sinks.
+        stop: a shared flag the coordinator sets when the run should end
+            (a plain shared byte, not an Event: an Event's condition
+            deadlocks when a waiting process is SIGKILLed).
+    """
+
+    kind: str
+    rank: int
+    metrics: Metrics
+    stop: Any  # multiprocessing RawValue('b')
+    _sink: _ConnSink
+
+    @classmethod
+    def create(cls, kind: str, rank: int, conn, stop, start_time: float) -> "RoleContext":
+        sink = _ConnSink(conn)
+        metrics = Metrics([sink], role=kind, rank=rank, start_time=start_time)
+        return cls(kind=kind, rank=rank, metrics=metrics, stop=stop, _sink=sink)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self._sink.write(message)
+
+    def publish(self, key: str, value: Any) -> None:
+        """Tell the coordinator a value (such as the address a server bound)."""
+        self.send({"_control": "publish", "key": key, "value": value})
+
+    def should_stop(self) -> bool:
+        return bool(self.stop.value)
+
+    def wait_stop(self, timeout: float) -> bool:
+        """Sleep until the stop flag is set or ``timeout`` passes; True if stopping."""
+        deadline = time.monotonic() + timeout
+        while not self.stop.value:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(_STOP_POLL_SECONDS, left))
+        return True

@@ -1,0 +1,179 @@
+"""Sinks that receive metric events, and the fan-out that feeds them."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+Event = dict[str, Any]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Receives events: flat dicts with ``time``, ``role``, ``rank``, ``step`` and metric keys."""
+
+    def write(self, event: Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return value
+
+
+class JsonlSink:
+    """Appends one JSON object per event to a file (the run's ``events.jsonl``).
+
+    Lines are buffered and flushed every ``flush_every`` events and on close,
+    so logging every step costs little.
+    """
+
+    def __init__(self, path: str | Path, *, flush_every: int = 50) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._flush_every = flush_every
+        self._pending = 0
+
+    def write(self, event: Event) -> None:
+        line = json.dumps({k: _jsonable(v) for k, v in event.items()}, separators=(",", ":"))
+        self._file.write(line + "\n")
+        self._pending += 1
+        if self._pending >= self._flush_every:
+            self._file.flush()
+            self._pending = 0
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class MemorySink:
+    """Keeps events in a list (tests, and the history of a TrainResult)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def write(self, event: Event) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        pass
+
+
+class ProgressSink:
+    """A rich progress bar: steps, loss, accuracy, samples/s and ETA.
+
+    Reads ``train/loss``, ``eval/accuracy`` and ``train/samples_per_second``
+    from coordinator or worker-0 events; the total comes from ``total_steps``.
+    """
+
+    def __init__(self, total_steps: int | None, description: str = "training") -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("acc {task.fields[acc]}"),
+            TextColumn("{task.fields[rate]} samples/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._task = self._progress.add_task(description, total=total_steps, loss="-", acc="-", rate="-")
+        self._progress.start()
+
+    def write(self, event: Event) -> None:
+        fields: dict[str, Any] = {}
+        if "train/loss" in event and event["train/loss"] is not None:
+            fields["loss"] = f"{event['train/loss']:.4f}"
+        if "eval/accuracy" in event and event["eval/accuracy"] is not None:
+            fields["acc"] = f"{event['eval/accuracy']:.4f}"
+        if event.get("train/samples_per_second"):
+            fields["rate"] = f"{event['train/samples_per_second']:,.0f}"
+        if "progress/step" in event:
+            fields["completed"] = event["progress/step"]
+        if fields:
+            self._progress.update(self._task, **fields)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+class Metrics:
+    """The one place roles log through: stamps events and fans them out to sinks.
+
+    Example:
+        >>> sink = MemorySink()
+        >>> metrics = Metrics([sink], role="worker", rank=1)
+        >>> metrics.log(10, {"train/loss": 0.5})
+        >>> sink.events[0]["role"], sink.events[0]["train/loss"]
+        ('worker', 0.5)
+    """
+
+    def __init__(
+        self,
+        sinks: Iterable[Sink] = (),
+        *,
+        role: str = "coordinator",
+        rank: int = 0,
+        start_time: float | None = None,
+    ) -> None:
+        self.sinks = list(sinks)
+        self.role = role
+        self.rank = rank
+        self.start_time = time.time() if start_time is None else start_time
+
+    def elapsed(self) -> float:
+        return time.time() - self.start_time
+
+    def log(self, step: int, values: dict[str, Any], *, role: str | None = None, rank: int | None = None) -> None:
+        event: Event = {
+            "time": round(self.elapsed(), 6),
+            "role": self.role if role is None else role,
+            "rank": self.rank if rank is None else rank,
+            "step": int(step),
+        }
+        event.update(values)
+        self.forward(event)
+
+    def forward(self, event: Event) -> None:
+        """Pass an already stamped event (say, from a remote role) to every sink."""
+        for sink in self.sinks:
+            sink.write(event)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def read_events(path: str | Path) -> Iterator[Event]:
+    """Yield the events of an ``events.jsonl`` file; a malformed line raises ValueError with its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no event log at {path}")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: malformed event line: {exc.msg}") from None

@@ -1,0 +1,138 @@
+"""The run summary (``summary.json``) and the result of ``downpour.train``.
+
+The summary is computed from the event log alone, so ``downpour report`` can
+rebuild it and scripts can trust its keys. Keep :data:`SUMMARY_KEYS` stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from downpour.metrics.sinks import Event
+
+#: Keys every ``summary.json`` holds, whatever the strategy.
+SUMMARY_KEYS = (
+    "strategy",
+    "dataset",
+    "model",
+    "workers",
+    "servers",
+    "accuracy",
+    "best_accuracy",
+    "loss",
+    "seconds",
+    "samples",
+    "samples_per_second",
+    "steps",
+    "target_accuracy",
+    "time_to_target",
+    "bytes_sent",
+    "bytes_received",
+    "pushes",
+    "pulls",
+    "staleness_mean",
+    "staleness_p95",
+    "staleness_max",
+    "dropped_gradients",
+    "run_dir",
+)
+
+# Counters that roles report cumulatively; the summary adds the last value of each role.
+_CUMULATIVE = {
+    "bytes_sent": "comm/bytes_sent",
+    "bytes_received": "comm/bytes_received",
+    "pushes": "comm/pushes",
+    "pulls": "comm/pulls",
+    "dropped_gradients": "ps/dropped",
+}
+
+
+def _last_per_role(events: list[Event], key: str) -> float:
+    last: dict[tuple[str, int], float] = {}
+    for e in events:
+        if e.get(key) is not None:
+            last[(e.get("role", ""), e.get("rank", 0))] = e[key]
+    return sum(last.values())
+
+
+def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]:
+    """Build the flat summary of a run from its events and resolved configuration.
+
+    ``config`` supplies ``strategy``, ``dataset``, ``model``, ``workers``,
+    ``servers``, ``target_accuracy`` and ``run_dir``; everything measured comes
+    from the events: the coordinator's ``eval/*`` events and its final
+    ``run/*`` event, every role's cumulative ``comm/*`` counters, and every
+    ``ps/staleness`` value (one per applied push, or lists of them).
+    """
+    events = list(events)
+    evals = [e for e in events if e.get("eval/accuracy") is not None and e.get("role") == "coordinator"]
+    end = next((e for e in reversed(events) if e.get("event") == "end"), {})
+    target = config.get("target_accuracy")
+
+    staleness: list[float] = []
+    for e in events:
+        value = e.get("ps/staleness")
+        if isinstance(value, list):
+            staleness.extend(value)
+        elif value is not None:
+            staleness.append(value)
+
+    time_to_target = None
+    if target is not None:
+        hit = next((e for e in evals if e["eval/accuracy"] >= target), None)
+        time_to_target = None if hit is None else hit["time"]
+
+    seconds = float(end.get("run/seconds", 0.0))
+    train_seconds = float(end.get("run/train_seconds", seconds))
+    samples = int(end.get("run/samples", 0))
+    summary: dict[str, Any] = {
+        "strategy": config.get("strategy"),
+        "dataset": config.get("dataset"),
+        "model": config.get("model"),
+        "workers": config.get("workers", 1),
+        "servers": config.get("servers", 0),
+        "accuracy": evals[-1]["eval/accuracy"] if evals else None,
+        "best_accuracy": max(e["eval/accuracy"] for e in evals) if evals else None,
+        "loss": evals[-1].get("eval/loss") if evals else None,
+        "seconds": seconds,
+        "samples": samples,
+        "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
+        "steps": int(end.get("run/steps", 0)),
+        "target_accuracy": target,
+        "time_to_target": time_to_target,
+        "staleness_mean": float(np.mean(staleness)) if staleness else None,
+        "staleness_p95": float(np.percentile(staleness, 95)) if staleness else None,
+        "staleness_max": float(np.max(staleness)) if staleness else None,
+        "run_dir": config.get("run_dir"),
+    }
+    for name, key in _CUMULATIVE.items():
+        summary[name] = int(_last_per_role(events, key))
+    return {key: summary[key] for key in SUMMARY_KEYS}
+
+
+@dataclass
+class TrainResult:
+    """What ``downpour.train`` returns.
+
+    Attributes:
+        model: the trained module (final parameters, or their moving average
+            where the strategy evaluates that).
+        history: every event of the run, oldest first.
+        summary: the flat summary also written to ``summary.json``.
+        run_dir: the run directory, or None when nothing was written.
+    """
+
+    model: nn.Module
+    history: list[Event] = field(repr=False)
+    summary: dict[str, Any]
+    run_dir: Path | None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.summary["accuracy"]

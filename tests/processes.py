@@ -1,0 +1,35 @@
+"""Finding the processes a test started."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def child_processes(pid: int | None = None) -> list[tuple[int, str]]:
+    """Live descendants of ``pid`` (default: this process), except multiprocessing's resource tracker."""
+    pid = os.getpid() if pid is None else pid
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        names[int(entry.name)] = cmdline
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent:
+                frontier.append(child)
+                if "resource_tracker" not in names[child]:
+                    found.append((child, names[child]))
+    return found
