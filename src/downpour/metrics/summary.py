@@ -68,7 +68,8 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     ``servers``, ``target_accuracy`` and ``run_dir``; everything measured comes
     from the events: the coordinator's ``eval/*`` events and its final
     ``run/*`` event, every role's cumulative ``comm/*`` counters, and every
-    ``ps/staleness`` value (one per applied push, or lists of them).
+    ``ps/staleness`` value (one per applied push, or lists of them) and
+    ``ps/staleness_counts`` histogram (staleness -> count of applied pushes).
     """
     events = list(events)
     evals = [e for e in events if e.get("eval/accuracy") is not None and e.get("role") == "coordinator"]
@@ -82,6 +83,8 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
             staleness.extend(value)
         elif value is not None:
             staleness.append(value)
+        for stale, count in (e.get("ps/staleness_counts") or {}).items():
+            staleness.extend([int(stale)] * int(count))
 
     time_to_target = None
     if target is not None:
