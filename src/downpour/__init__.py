@@ -11,18 +11,24 @@ from downpour.api import train
 from downpour.errors import DownpourError
 from downpour.metrics import TrainResult
 from downpour.optim import optim
+from downpour import strategies
+from downpour.strategies import Downpour
 from downpour.strategies import Faults
 from downpour.strategies import Single
+from downpour.strategies import Sync
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Downpour",
     "DownpourError",
     "Faults",
     "Single",
+    "Sync",
     "TrainResult",
     "data",
     "models",
+    "strategies",
     "optim",
     "train",
 ]

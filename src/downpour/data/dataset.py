@@ -99,6 +99,11 @@ class Dataset:
             y_train=self.y_train[torch.from_numpy(index)],
         )
 
+    def train_only(self) -> Dataset:
+        """The same training part with an empty test set (what a worker process needs)."""
+        none = np.empty(0, dtype=np.int64)
+        return replace(self, x_test=take_rows(self.x_test, none), y_test=self.y_test[:0])
+
     def shard(
         self,
         rank: int,

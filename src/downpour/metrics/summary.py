@@ -49,7 +49,7 @@ _CUMULATIVE = {
     "bytes_received": "comm/bytes_received",
     "pushes": "comm/pushes",
     "pulls": "comm/pulls",
-    "dropped_gradients": "ps/dropped",
+    "dropped_gradients": "worker/dropped",  # a worker gradient any shard dropped
 }
 
 

@@ -6,7 +6,9 @@ from typing import Any
 
 from downpour.errors import choose
 from downpour.strategies.base import Faults, Job, Strategy
+from downpour.strategies.downpour import Downpour
 from downpour.strategies.single import Single
+from downpour.strategies.sync import Sync
 
 STRATEGIES: dict[str, type] = {}
 
@@ -18,6 +20,8 @@ def register(cls: type) -> type:
 
 
 register(Single)
+register(Downpour)
+register(Sync)
 
 
 def get(name: str, **options: Any) -> Strategy:
@@ -26,4 +30,4 @@ def get(name: str, **options: Any) -> Strategy:
     return STRATEGIES[name](**options)
 
 
-__all__ = ["STRATEGIES", "Faults", "Job", "Single", "Strategy", "get", "register"]
+__all__ = ["STRATEGIES", "Downpour", "Faults", "Job", "Single", "Strategy", "Sync", "get", "register"]

@@ -1,0 +1,123 @@
+"""``downpour``: Downpour SGD (Dean et al., "Large Scale Distributed Deep Networks", NIPS 2012).
+
+Model replicas, each on its own shard of the data, fetch parameters from a
+parameter server sharded across processes and push gradients back, without
+waiting for one another. A replica fetches every ``fetch_every`` steps
+(n_fetch) and pushes the gradients it accumulated every ``push_every`` steps
+(n_push); the shards apply each push on arrival with the server optimizer
+(Adagrad in the paper). Staleness can scale the learning rate down or be
+bounded (stale synchronous parallel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from downpour.errors import StaleUpdate, check_range
+from downpour.flat import sparsify
+from downpour.metrics import Metrics
+from downpour.optim import optim
+from downpour.server import ApplyAtOnce, BoundedStaleness
+from downpour.strategies.base import Job
+from downpour.strategies.parameter_server import ParameterServerRun, PSWorker
+
+
+@dataclass(kw_only=True)
+class DownpourWorker(PSWorker):
+    """One model replica: compute, accumulate, push every n_push, fetch every n_fetch."""
+
+    fetch_every: int = 1
+    push_every: int = 1
+    sparse_push: bool = True
+
+    def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        client, flat = self.client, self.flat
+        versions, _ = client.pull_all(out=flat.params)
+        accumulated = torch.zeros_like(flat.grads)
+        pending = 0
+        for x, y in stream:
+            if self.steps >= self.total_steps or ctx.should_stop():
+                break
+            self.gradient(x, y)
+            accumulated.add_(flat.grads)
+            pending += 1
+            if pending == self.push_every:
+                self._push(versions, accumulated)
+                accumulated.zero_()
+                pending = 0
+            if self.steps % self.fetch_every == 0:
+                versions, _ = client.pull_all(out=flat.params)
+        if pending:
+            self._push(versions, accumulated)
+
+    def _push(self, versions: list[int], update: torch.Tensor) -> None:
+        # "Only send parameters updated": models with sparse inputs touch few
+        # coordinates per batch, and then (index, value) pairs are smaller.
+        payload = (sparsify(update) if self.sparse_push else None) or update
+        try:
+            results = self.client.push_all(self.rank, versions, payload)
+        except StaleUpdate:
+            # Bounded staleness refused it: this gradient is lost; fetch and go on.
+            self.refused += 1
+            self.client.pull_all(out=self.flat.params)
+            return
+        if any(r.dropped for r in results):
+            self.dropped += 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Downpour:
+    """Downpour SGD's configuration.
+
+    Args:
+        fetch_every: n_fetch, steps between parameter fetches.
+        push_every: n_push, steps whose gradients are accumulated into one push.
+        staleness: ``"none"`` applies every push as is; ``"scale-lr"`` divides
+            the server learning rate by the push's staleness.
+        max_staleness: if set, a push staler than this is refused
+            (stale synchronous parallel) and the worker fetches again.
+        server_optimizer: overrides the job optimizer's name on the shards
+            (keeping its learning rate), e.g. ``"adagrad"`` as in DistBelief.
+        sparse_push: send only nonzero entries when that is smaller.
+
+    Example:
+        >>> Downpour(fetch_every=4, push_every=4, staleness="scale-lr").push_every
+        4
+    """
+
+    name: ClassVar[str] = "downpour"
+    uses_servers: ClassVar[bool] = True
+    fetch_every: int = 1
+    push_every: int = 1
+    staleness: Literal["none", "scale-lr"] = "none"
+    max_staleness: int | None = None
+    server_optimizer: str | None = None
+    sparse_push: bool = True
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        check_range("fetch_every", self.fetch_every, 1)
+        check_range("push_every", self.push_every, 1)
+        if self.staleness not in ("none", "scale-lr"):
+            raise ValueError(f"staleness must be 'none' or 'scale-lr', got {self.staleness!r}")
+        if self.max_staleness is not None:
+            check_range("max_staleness", self.max_staleness, 0)
+
+    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+        scale = self.staleness == "scale-lr"
+        policy = (ApplyAtOnce(scale_lr_by_staleness=scale) if self.max_staleness is None
+                  else BoundedStaleness(max_staleness=self.max_staleness, scale_lr_by_staleness=scale))
+        optimizer = job.optimizer
+        if self.server_optimizer is not None:
+            optimizer = optim(self.server_optimizer, lr=job.optimizer.lr)
+        per_worker = job.total_steps(job.data.num_train // job.workers)
+        worker = partial(DownpourWorker, fetch_every=self.fetch_every, push_every=self.push_every,
+                         sparse_push=self.sparse_push, log_every=self.log_every, total_steps=per_worker)
+        return ParameterServerRun(policy=policy, make_worker=worker, server_optimizer=optimizer,
+                                  global_steps=per_worker * job.workers).run(job, metrics)

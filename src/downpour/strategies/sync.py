@@ -1,0 +1,98 @@
+"""``sync``: synchronous SGD with backup workers (Chen et al., "Revisiting Distributed
+Synchronous SGD", 2016).
+
+Every round, each of the N + b workers pulls the current parameters, computes
+a gradient on its own mini-batch and pushes it with the version it used. The
+shards average the first N gradients of the round, apply them, and advance
+the version; the b late ones are dropped (or, with ``late="fold"``, folded
+into the next round with weight 1/(1+staleness)). The run is a number of
+rounds; a moving average of the parameters is kept and can be evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from downpour.errors import WorkerFailed, check_range
+from downpour.metrics import Metrics
+from downpour.server import Synchronous
+from downpour.strategies.base import Job
+from downpour.strategies.parameter_server import ParameterServerRun, PSWorker
+
+
+@dataclass(kw_only=True)
+class SyncWorker(PSWorker):
+    """Pull the current version, push one gradient on it, wait for the next version."""
+
+    def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        client, flat = self.client, self.flat
+        versions, _ = client.pull_all(out=flat.params)
+        for x, y in stream:
+            # total_steps counts rounds (server versions) here: every worker
+            # stops when the run has taken them, however many it joined.
+            if min(versions) >= self.total_steps or ctx.should_stop():
+                break
+            self.gradient(x, y)
+            results = client.push_all(self.rank, versions, flat.grads)
+            if any(r.dropped for r in results):
+                self.dropped += 1
+            versions, _ = client.pull_all(out=flat.params, wait_versions=[v + 1 for v in versions])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sync:
+    """Synchronous parameter-server SGD's configuration.
+
+    Args:
+        backup: b, the workers beyond the N = workers - b whose gradients a
+            round waits for.
+        late: what happens to a gradient that arrives after its round closed.
+        ema_decay: decay of the parameters' moving average kept on the shards.
+        evaluate_average: evaluate the moving average instead of the parameters.
+
+    Example:
+        >>> Sync(backup=1).backup
+        1
+    """
+
+    name: ClassVar[str] = "sync"
+    uses_servers: ClassVar[bool] = True
+    backup: int = 0
+    late: Literal["drop", "fold"] = "drop"
+    ema_decay: float = 0.99
+    evaluate_average: bool = False
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        check_range("backup", self.backup, 0)
+        check_range("ema_decay", self.ema_decay, 0.0, 1.0, low_open=True)
+
+    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+        required = job.workers - self.backup
+        if required < 1:
+            raise ValueError(f"backup must be smaller than workers ({job.workers}), got {self.backup}")
+        # A round consumes N mini-batches; the run takes as many rounds as one
+        # epoch of the data needs at that rate.
+        rounds = job.total_steps(job.data.num_train // required)
+
+        def check(cluster) -> None:
+            dead = cluster.dead("worker")
+            if len(cluster.running("worker")) + sum(h.finished for h in cluster.handles
+                                                    if h.kind == "worker") < required and dead:
+                victim = dead[0]
+                raise WorkerFailed(victim.kind, victim.rank, "localhost",
+                                   f"{victim.failed}; sync needs {required} live workers per round and "
+                                   f"has {self.backup} backup(s), so the run cannot go on")
+
+        worker = partial(SyncWorker, log_every=self.log_every, total_steps=rounds)
+        return ParameterServerRun(
+            policy=Synchronous(num_required=required, late=self.late), make_worker=worker,
+            server_optimizer=job.optimizer, global_steps=rounds * job.workers, ema_decay=self.ema_decay,
+            evaluate_average=self.evaluate_average, check=check,
+        ).run(job, metrics)
