@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 proto: $(STAMP)
-	$(PY) -m pip install -q -c constraints.txt 'grpcio-tools>=1.60'
+	$(PY) -m pip install -q -c constraints.txt 'grpcio-tools>=1.85.1'
 	$(PY) -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpc_python_out=src src/downpour/transport/downpour.proto
 
 bench: $(STAMP)

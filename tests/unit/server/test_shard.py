@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
+from downpour.errors import StaleUpdate
 from downpour.flat import ShardRange, SparseUpdate
 from downpour.server import ApplyAtOnce, BoundedStaleness, InvalidUpdate, ServerShard, Synchronous
-from downpour.errors import StaleUpdate
 
 
 def sgd(lr: float = 1.0):
@@ -275,7 +275,7 @@ def test_concurrent_pushes_keep_the_counts_consistent(policy):
                     pass
                 if step % 3 == 0:
                     version = shard.version
-        except Exception as error:  # surfaced below
+        except Exception as error:  # noqa: BLE001 - surfaced below
             errors.append(error)
 
     threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(num_workers)]

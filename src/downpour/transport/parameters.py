@@ -1,0 +1,248 @@
+"""All shards of the parameter vector behind one client: concurrent pulls and pushes."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any, Self, TypeVar
+
+import torch
+
+from downpour.flat import ShardRange, SparseUpdate
+from downpour.transport import codec
+from downpour.transport.client import ShardClient
+from downpour.transport.protocol import PushResult, UpdateKind
+from downpour.transport.security import Security
+
+T = TypeVar("T")
+
+
+class ParameterClient:
+    """All shards of the parameter vector: pulls and pushes them concurrently.
+
+    Args:
+        addresses: one ``host:port`` per shard, in shard order.
+        ranges: the shards' ranges (``downpour.flat.shard_ranges``), in order,
+            contiguous from 0.
+        token: the run's token.
+        security, timeout, chunk_bytes: as for :class:`ShardClient`.
+
+    Example:
+        >>> params = ParameterClient(addresses, shard_ranges(numel, 2), token)  # doctest: +SKIP
+        >>> versions, vector = params.pull_all()  # doctest: +SKIP
+        >>> params.push_all(worker=0, versions=versions, update=grad)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        ranges: Sequence[ShardRange],
+        token: str,
+        *,
+        security: Security | None = None,
+        timeout: float = 30.0,
+        chunk_bytes: int = codec.CHUNK_BYTES,
+    ) -> None:
+        if len(addresses) != len(ranges) or not ranges:
+            raise ValueError(
+                f"need one address per shard range, got {len(addresses)} and {len(ranges)}"
+            )
+        position = 0
+        for index, shard in enumerate(ranges):
+            if shard.shard != index or shard.start != position or shard.stop <= shard.start:
+                raise ValueError(
+                    f"shard ranges must be contiguous from 0 and in order; got {list(ranges)}"
+                )
+            position = shard.stop
+        self.ranges = list(ranges)
+        self.numel = position
+        self.clients = [
+            ShardClient(
+                address,
+                token,
+                shard.shard,
+                security=security,
+                timeout=timeout,
+                chunk_bytes=chunk_bytes,
+            )
+            for address, shard in zip(addresses, ranges)
+        ]
+        self._pool = futures.ThreadPoolExecutor(
+            max(1, len(ranges) - 1), thread_name_prefix="downpour-ps-client"
+        )
+
+    def _each(self, call: Callable[[int], T]) -> list[T]:
+        """``call(shard)`` for every shard, concurrently; the last runs on this thread.
+
+        Waits for all before raising the first error, so no call outlives this.
+        """
+        pending = [self._pool.submit(call, shard) for shard in range(len(self.clients) - 1)]
+        results: list[Any] = []
+        first_error: BaseException | None = None
+        try:
+            last = call(len(self.clients) - 1)
+        except BaseException as error:  # noqa: BLE001 - re-raised below, after the others finish
+            last, first_error = None, error
+        for future in pending:
+            try:
+                results.append(future.result())
+            except BaseException as error:  # noqa: BLE001
+                results.append(None)
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
+        results.append(last)
+        return results
+
+    def pull_all(
+        self,
+        *,
+        wait_versions: Sequence[int] | None = None,
+        newer_than: Sequence[int] | None = None,
+        average: bool = False,
+        half: bool = False,
+        out: torch.Tensor | None = None,
+        timeout: float | None = None,
+    ) -> tuple[list[int], torch.Tensor]:
+        """``(versions, vector)``: every shard pulled concurrently into one flat float32 vector.
+
+        With ``newer_than`` (one version per shard) a shard that has nothing
+        newer leaves its part of ``out`` as it was (so ``out`` is required)
+        and reports the version given.
+        """
+        if out is None:
+            if newer_than is not None:
+                raise ValueError(
+                    "newer_than needs out=, the vector that keeps the parts not pulled"
+                )
+            out = torch.empty(self.numel, dtype=torch.float32)
+        elif out.dtype != torch.float32 or out.numel() != self.numel or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of {self.numel} elements")
+        flat = out.detach().reshape(-1)
+        for name, given in (("wait_versions", wait_versions), ("newer_than", newer_than)):
+            if given is not None and len(given) != len(self.clients):
+                raise ValueError(
+                    f"{name} needs one version per shard ({len(self.clients)}), got {len(given)}"
+                )
+
+        def pull(shard: int) -> int:
+            part = self.ranges[shard]
+            result = self.clients[shard].pull(
+                newer_than=None if newer_than is None else newer_than[shard],
+                wait_version=None if wait_versions is None else wait_versions[shard],
+                average=average,
+                half=half,
+                out=flat[part.start : part.stop],
+                timeout=timeout,
+            )
+            if result is None:
+                assert newer_than is not None
+                return newer_than[shard]
+            return result[0]
+
+        return self._each(pull), out
+
+    def push_all(
+        self,
+        worker: int,
+        versions: Sequence[int],
+        update: torch.Tensor | SparseUpdate,
+        *,
+        kind: UpdateKind = "gradient",
+        timeout: float | None = None,
+    ) -> list[PushResult]:
+        """Push each shard its slice of ``update`` concurrently; ``versions`` as pulled.
+
+        A sparse update goes sparse to the shards where that is smaller than
+        dense (below about half density) and dense to the others.
+        """
+        if len(versions) != len(self.clients):
+            raise ValueError(
+                f"versions needs one version per shard ({len(self.clients)}), got {len(versions)}"
+            )
+        if isinstance(update, SparseUpdate):
+            parts = _split_sparse(update, self.ranges)
+        elif isinstance(update, torch.Tensor):
+            flat = update.detach().reshape(-1)
+            if flat.numel() != self.numel:
+                raise ValueError(f"update has {flat.numel()} elements, the parameters {self.numel}")
+            parts = [flat[r.start : r.stop] for r in self.ranges]
+        else:
+            raise TypeError(
+                f"update must be a torch.Tensor or SparseUpdate, got {type(update).__name__}"
+            )
+
+        def push(shard: int) -> PushResult:
+            return self.clients[shard].push(
+                worker, int(versions[shard]), parts[shard], kind=kind, timeout=timeout
+            )
+
+        return self._each(push)
+
+    def status_all(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        return self._each(lambda shard: self.clients[shard].status(timeout))
+
+    def shutdown_all(self, reason: str = "", timeout: float | None = None) -> None:
+        self._each(lambda shard: self.clients[shard].shutdown(reason, timeout))
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        self._each(lambda shard: self.clients[shard].wait_ready(timeout))
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(client.bytes_sent for client in self.clients)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(client.bytes_received for client in self.clients)
+
+    @property
+    def pushes(self) -> int:
+        return sum(client.pushes for client in self.clients)
+
+    @property
+    def pulls(self) -> int:
+        return sum(client.pulls for client in self.clients)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for client in self.clients:
+            client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _split_sparse(
+    update: SparseUpdate, ranges: Sequence[ShardRange]
+) -> list[torch.Tensor | SparseUpdate]:
+    """Each shard's part of a sparse update: sparse where smaller than dense, else dense."""
+    numel = ranges[-1].stop
+    if update.size != numel:
+        raise ValueError(
+            f"sparse update is for a vector of {update.size}, the parameters have {numel}"
+        )
+    indices, values = update.indices.reshape(-1), update.values.reshape(-1)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+        raise ValueError(f"sparse update has indices outside [0, {numel})")
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        order = torch.argsort(indices)
+        indices, values = indices[order], values[order]
+    starts = torch.tensor([r.start for r in ranges] + [numel], dtype=indices.dtype)
+    bounds = torch.searchsorted(indices, starts).tolist()
+    value_size = values.element_size()
+    parts: list[torch.Tensor | SparseUpdate] = []
+    for shard, (low, high) in zip(ranges, itertools.pairwise(bounds)):
+        local = indices[low:high] - shard.start
+        index_size = 4 if shard.size < 2**31 else 8
+        if (high - low) * (value_size + index_size) < shard.size * value_size:
+            parts.append(SparseUpdate(local, values[low:high], shard.size))
+        else:
+            dense = torch.zeros(shard.size, dtype=values.dtype)
+            dense[local] = values[low:high]
+            parts.append(dense)
+    return parts
