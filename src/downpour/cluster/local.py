@@ -36,11 +36,11 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _role_main(role: Role, conn, stop, start_time: float, parent_pid: int) -> None:
+def _role_main(role: Role, conn, stop, go, start_time: float, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctx = RoleContext.create(role.kind, role.rank, conn, stop, start_time)
+    ctx = RoleContext.create(role.kind, role.rank, conn, stop, go, start_time)
     try:
         role.run(ctx)
     except BaseException as exc:  # noqa: BLE001 - everything is reported, then turned into an exit code
@@ -88,6 +88,7 @@ class LocalCluster:
         self._mp = mp.get_context("spawn")
         self.metrics = metrics
         self.stop_flag = self._mp.RawValue("b", 0)
+        self.go_flag = self._mp.RawValue("b", 0)
         self.handles: list[RoleHandle] = []
         self.tolerate_worker_deaths = tolerate_worker_deaths
         self._timers: list[threading.Timer] = []
@@ -106,7 +107,7 @@ class LocalCluster:
             receiver, sender = self._mp.Pipe(duplex=False)
             process = self._mp.Process(
                 target=_role_main,
-                args=(role, sender, self.stop_flag, self.metrics.start_time, os.getpid()),
+                args=(role, sender, self.stop_flag, self.go_flag, self.metrics.start_time, os.getpid()),
                 name=f"downpour-{role.kind}-{role.rank}",
                 daemon=True,
             )
@@ -150,6 +151,12 @@ class LocalCluster:
             if handle.failed and key not in handle.published:
                 raise WorkerFailed(handle.kind, handle.rank, socket.gethostname(), handle.failed)
         return handle.published[key]
+
+    def start_together(self, handles: list[RoleHandle], timeout: float = 120.0) -> None:
+        """Wait until every one of ``handles`` said it is ready, then let them all go at once."""
+        for handle in handles:
+            self.wait_published(handle, "ready", timeout=timeout)
+        self.go_flag.value = 1
 
     def kill_at(self, handle: RoleHandle, seconds: float) -> None:
         """SIGKILL ``handle`` once ``seconds`` have passed since the run started (a staged fault)."""

@@ -57,13 +57,14 @@ class RoleContext:
     rank: int
     metrics: Metrics
     stop: Any  # multiprocessing RawValue('b')
+    go: Any  # multiprocessing RawValue('b'): set once every worker is ready
     _sink: _ConnSink
 
     @classmethod
-    def create(cls, kind: str, rank: int, conn, stop, start_time: float) -> "RoleContext":
+    def create(cls, kind: str, rank: int, conn, stop, go, start_time: float) -> "RoleContext":
         sink = _ConnSink(conn)
         metrics = Metrics([sink], role=kind, rank=rank, start_time=start_time)
-        return cls(kind=kind, rank=rank, metrics=metrics, stop=stop, _sink=sink)
+        return cls(kind=kind, rank=rank, metrics=metrics, stop=stop, go=go, _sink=sink)
 
     def send(self, message: dict[str, Any]) -> None:
         self._sink.write(message)
@@ -71,6 +72,19 @@ class RoleContext:
     def publish(self, key: str, value: Any) -> None:
         """Tell the coordinator a value (such as the address a server bound)."""
         self.send({"_control": "publish", "key": key, "value": value})
+
+    def ready_and_wait(self, timeout: float) -> None:
+        """Say this role is ready, then wait for the coordinator's start signal.
+
+        Workers start training together, so that process start-up (seconds
+        on a busy machine) neither staggers them nor counts as training time.
+        """
+        self.publish("ready", True)
+        deadline = time.monotonic() + timeout
+        while not self.go.value and not self.stop.value:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.kind} {self.rank} got no start signal within {timeout:g} s")
+            time.sleep(_STOP_POLL_SECONDS)
 
     def should_stop(self) -> bool:
         return bool(self.stop.value)

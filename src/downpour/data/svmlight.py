@@ -14,7 +14,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.datasets import load_svmlight_files
 
 from downpour.data.dataset import Dataset, holdout
 from downpour.data.download import RemoteFile, fetch
@@ -125,6 +124,7 @@ def read_svmlight(
         if not file.is_file():
             raise DataError(f"{name}: missing file {file}")
     try:
+        from sklearn.datasets import load_svmlight_files  # slow to import: only when parsing
         parsed = load_svmlight_files(
             [str(f) for f in files], n_features=n_features, zero_based=zero_based, dtype=np.float32
         )

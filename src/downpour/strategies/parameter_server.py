@@ -64,9 +64,12 @@ class PSWorker:
         self.client = ParameterClient(self.addresses, self.ranges, self.token, timeout=self.timeout)
         self.ctx = ctx
         self.samples = self.steps = self.dropped = self.refused = 0
+        self._step_started: float | None = None
         self._window = (time.perf_counter(), 0)
         try:
             self.client.wait_ready(timeout=self.timeout)
+            ctx.ready_and_wait(timeout=10 * self.timeout)
+            self._window = (time.perf_counter(), 0)
             self.train(ctx, worker_stream(self.job, self.rank, self.num_workers))
         finally:
             self.report(final=True)
@@ -76,14 +79,21 @@ class PSWorker:
         raise NotImplementedError
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward and backward on one batch into ``self.flat.grads``; slowed down if staged so."""
+        """Forward and backward on one batch into ``self.flat.grads``.
+
+        A worker staged as slow (``slow_factor`` F) sleeps F - 1 times as long
+        as its previous step took, communication included, so the whole step,
+        not just the arithmetic, is F times as long: a slow machine.
+        """
         from downpour.models import backward
 
-        started = time.perf_counter()
+        now = time.perf_counter()
+        if self.slow_factor > 1 and self._step_started is not None:
+            time.sleep((self.slow_factor - 1) * (now - self._step_started))
+            now = time.perf_counter()
+        self._step_started = now
         self.flat.zero_grad_()
         loss = float(backward(self.model, self.job.loss, x.to(self.job.device), y.to(self.job.device)))
-        if self.slow_factor > 1:
-            time.sleep((self.slow_factor - 1) * (time.perf_counter() - started))
         self.steps += 1
         self.samples += len(y)
         if self.steps % self.log_every == 0:
@@ -168,7 +178,6 @@ class ParameterServerRun:
         metrics.sinks.append(progress)
         evaluator = Evaluator(job, metrics)
         interval = job.eval_interval(self.global_steps)
-        started = time.perf_counter()
         with LocalCluster(metrics) as cluster:
             servers = cluster.start([
                 ServerRole(rank=r.shard, shard=r, initial=flat.params[r.start : r.stop].clone(),
@@ -185,8 +194,10 @@ class ParameterServerRun:
                 )
                 for rank in range(job.workers)
             ])
+            cluster.start_together(workers, timeout=10 * self.timeout)
+            started = time.perf_counter()
             for rank, seconds in job.faults.kill.items():
-                cluster.kill_at(workers[rank], seconds)
+                cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
             with ParameterClient(addresses, ranges, token, timeout=self.timeout) as client:
                 next_eval = interval
 

@@ -1,0 +1,159 @@
+"""Downpour and sync: real processes, real gRPC on loopback."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import downpour as dp
+from downpour.errors import WorkerFailed
+from downpour.flat import FlatParams
+from downpour.models import backward
+from downpour.strategies import Job
+from downpour.strategies.parameter_server import worker_stream
+from tests.processes import child_processes
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def mnist(shared_data):
+    return dp.data.load("mnist", data_dir=shared_data)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return dp.data.load("digits")
+
+
+@pytest.mark.slow
+def test_downpour_4_workers_2_servers_reaches_96_percent_in_one_epoch(mnist, tmp_path):
+    result = dp.train(model="mlp", data=mnist, strategy=dp.Downpour(server_optimizer="adagrad"),
+                      optimizer=dp.optim("sgd", lr=0.03), workers=4, servers=2, epochs=1,
+                      run_dir=tmp_path / "run")
+    s = result.summary
+    assert s["accuracy"] >= 0.96, s
+    assert s["samples"] <= mnist.num_train + 4 * 64  # one epoch's worth, split among the workers
+    assert s["pushes"] > 0 and s["bytes_sent"] > 0 and s["bytes_received"] > 0
+    assert s["staleness_max"] is not None
+    for key in ("bytes_sent", "bytes_received", "pushes", "pulls", "staleness_mean", "staleness_p95",
+                "staleness_max", "dropped_gradients"):
+        assert key in s
+
+
+@pytest.mark.slow
+def test_sync_with_3_plus_1_backup_reaches_96_percent(mnist):
+    result = dp.train(model="mlp", data=mnist, strategy=dp.Sync(backup=1), optimizer=dp.optim("momentum", lr=0.1),
+                      workers=4, servers=2, epochs=1, save=False)
+    assert result.summary["accuracy"] >= 0.96, result.summary
+    assert result.summary["staleness_max"] == 0
+
+
+def test_sync_without_backups_equals_single_process_large_batch_sgd(digits):
+    workers, batch, rounds, lr = 3, 16, 6, 0.5
+    result = dp.train(model="logistic", data=digits, strategy=dp.Sync(), optimizer=dp.optim("sgd", lr=lr),
+                      workers=workers, servers=2, batch_size=batch, max_steps=rounds, epochs=5, save=False)
+
+    # The same k steps in this process: one SGD step per round on the N x b examples of the round.
+    job = Job(model=lambda: dp.models.build("logistic", digits.input_shape, digits.num_classes),
+              loss=dp.models.default_loss("logistic"), data=digits, optimizer=dp.optim("sgd", lr=lr),
+              workers=workers, batch_size=batch)
+    streams = [worker_stream(Job(**{**job.__dict__, "data": digits.shard(r, workers, seed=0).train_only()}),
+                             r, workers) for r in range(workers)]
+    model = job.build_model()
+    flat = FlatParams(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(rounds):
+        xs, ys = zip(*(next(s) for s in streams))
+        flat.zero_grad_()
+        backward(model, job.loss, torch.cat(xs), torch.cat(ys))
+        optimizer.step()
+    trained = FlatParams(result.model).params
+    assert torch.allclose(trained, flat.params, atol=1e-5), (trained - flat.params).abs().max()
+    assert result.summary["steps"] == rounds * workers
+
+
+def test_a_slow_worker_makes_downpour_stale(digits):
+    result = dp.train(model="logistic", data=digits, strategy=dp.Downpour(), optimizer=dp.optim("sgd", lr=0.1),
+                      workers=3, servers=1, epochs=3, batch_size=16,
+                      faults=dp.Faults(slow={1: 5.0}), save=False)
+    assert result.summary["staleness_max"] > 0
+
+
+def test_max_staleness_bounds_every_applied_push(digits):
+    result = dp.train(model="logistic", data=digits, strategy=dp.Downpour(max_staleness=1),
+                      optimizer=dp.optim("sgd", lr=0.1), workers=3, servers=2, epochs=2, batch_size=16,
+                      faults=dp.Faults(slow={1: 5.0}), save=False)
+    assert result.summary["staleness_max"] <= 1
+    refused = sum(e.get("worker/refused", 0) for e in result.history if e.get("worker/done"))
+    assert refused > 0  # the slow worker's stale pushes were refused, not applied
+
+
+def test_sync_with_a_backup_does_not_wait_for_the_slow_worker(digits):
+    result = dp.train(model="logistic", data=digits, strategy=dp.Sync(backup=1), optimizer=dp.optim("sgd", lr=0.1),
+                      workers=3, servers=1, epochs=2, batch_size=16, faults=dp.Faults(slow={1: 5.0}), save=False)
+    done = {e["rank"]: e for e in result.history if e.get("worker/done")}
+    assert done[1]["worker/steps"] < done[0]["worker/steps"] / 2  # the others went on without it
+    assert done[1]["worker/dropped"] > 0 and result.summary["dropped_gradients"] >= done[1]["worker/dropped"]
+
+
+def test_a_killed_worker_does_not_stop_downpour(mnist):
+    result = dp.train(model="logistic", data=mnist, strategy=dp.Downpour(), optimizer=dp.optim("sgd", lr=0.05),
+                      workers=3, servers=2, epochs=1, batch_size=64,
+                      faults=dp.Faults(slow={2: 20.0}, kill={2: 1.0}), save=False)
+    assert any(e.get("fault/died") == "worker:2" for e in result.history)
+    assert result.summary["accuracy"] >= 0.85
+
+
+def test_sync_without_enough_workers_fails_naming_the_dead_one(digits):
+    with pytest.raises(WorkerFailed, match="worker 1"):
+        dp.train(model="logistic", data=digits, strategy=dp.Sync(backup=0), optimizer=dp.optim("sgd", lr=0.1),
+                 workers=2, servers=1, epochs=50, batch_size=16,
+                 faults=dp.Faults(slow={1: 3.0}, kill={1: 1.0}), save=False)
+
+
+def _loss_that_fails_in_workers(outputs, labels):
+    if torch.is_grad_enabled():
+        raise RuntimeError("the worker's loss blew up")
+    return torch.nn.functional.cross_entropy(outputs, labels)
+
+
+def test_a_raising_worker_ends_the_run_with_its_traceback(digits):
+    with pytest.raises(WorkerFailed) as info:
+        dp.train(model="logistic", data=digits, loss=_loss_that_fails_in_workers, strategy=dp.Downpour(),
+                 workers=2, servers=1, save=False)
+    assert "the worker's loss blew up" in str(info.value)
+    assert "Traceback" in info.value.remote_traceback
+
+
+def test_sigint_to_the_coordinator_stops_every_role(tmp_path, shared_data):
+    command = [sys.executable, "-m", "downpour.cli", "train", "--strategy", "downpour", "--workers", "2",
+               "--servers", "2", "--dataset", "mnist", "--data-dir", str(shared_data), "--model", "logistic",
+               "--epochs", "5", "--quiet", "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(child_processes(proc.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        roles = child_processes(proc.pid)
+        assert len(roles) >= 4, roles
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        time.sleep(0.5)
+        assert not [pid for pid, _ in roles if os.path.exists(f"/proc/{pid}") and _running(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
