@@ -98,3 +98,39 @@ class RoleContext:
                 return False
             time.sleep(min(_STOP_POLL_SECONDS, left))
         return True
+
+
+class _Flag:
+    """A flag with the ``.value`` interface of a shared RawValue, for roles run by hand."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+
+class StandaloneContext(RoleContext):
+    """The context of a role started by hand (``downpour server`` / ``downpour worker``).
+
+    Events go to the given sinks; published values are logged; the start
+    signal is immediate; SIGINT or SIGTERM sets the stop flag so the role
+    winds down cleanly.
+    """
+
+    @classmethod
+    def standalone(cls, kind: str, rank: int, sinks, on_publish=None) -> "StandaloneContext":
+        import signal
+
+        stop = _Flag(0)
+        ctx = cls(kind=kind, rank=rank, metrics=Metrics(list(sinks), role=kind, rank=rank), stop=stop,
+                  go=_Flag(1), _sink=None)  # type: ignore[arg-type]
+        ctx._on_publish = on_publish
+
+        def request_stop(signum, frame) -> None:
+            stop.value = 1
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        return ctx
+
+    def send(self, message: dict[str, Any]) -> None:
+        if message.get("_control") == "publish" and self._on_publish is not None:
+            self._on_publish(message["key"], message["value"])

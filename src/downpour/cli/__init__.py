@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<id>)")
     report.add_argument("--json", action="store_true", help="print the summary as JSON")
     report.set_defaults(func=_report)
+
+    from downpour.cli.roles import add_role_commands
+
+    add_role_commands(sub)
     return parser
 
 
@@ -261,6 +265,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"downpour: error: {message}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

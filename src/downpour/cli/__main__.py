@@ -1,0 +1,5 @@
+import sys
+
+from downpour.cli import main
+
+sys.exit(main())

@@ -1,0 +1,198 @@
+"""``downpour server`` / ``downpour worker`` / ``downpour token``: roles started by hand on hosts of your own.
+
+Every role of a run must agree on the dataset, model and seed (they fix the
+parameter count and the initial values) and share the run's token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+TOKEN_ENV = "DOWNPOUR_TOKEN"
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token:
+        return args.token
+    if args.token_file:
+        path = Path(args.token_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"token file {path} does not exist")
+        token = path.read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"token file {path} is empty")
+        return token
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    raise ValueError(f"no token: give --token, --token-file or ${TOKEN_ENV} (make one with `downpour token`)")
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port in 0..65535, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _workload(args: argparse.Namespace):
+    """The job every role of a hand-started run rebuilds identically from the same flags."""
+    from downpour import data as data_lib
+    from downpour import models
+    from downpour.optim import optim
+    from downpour.strategies import Job
+
+    data = data_lib.load(args.dataset, data_dir=args.data_dir)
+    factory = partial(models.build, args.model, data.input_shape, data.num_classes)
+    return Job(model=factory, loss=models.default_loss(args.model), data=data,
+               optimizer=optim(args.optimizer, lr=args.lr), workers=getattr(args, "of", 1),
+               batch_size=getattr(args, "batch_size", 64), epochs=getattr(args, "epochs", 1.0), seed=args.seed)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist", help="dataset every role uses (default mnist)")
+    p.add_argument("--data-dir", help="dataset folder")
+    p.add_argument("--model", default="mlp", help="model every role builds (default mlp)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial parameters (default 0)")
+    p.add_argument("--optimizer", default="adagrad", help="server optimizer (default adagrad)")
+    p.add_argument("--lr", type=float, default=0.03, help="server learning rate (default 0.03)")
+    p.add_argument("--token", help=f"the run's token (or --token-file, or ${TOKEN_ENV})")
+    p.add_argument("--token-file", help="file holding the run's token")
+    p.add_argument("--events", help="append this role's events to this JSON-lines file")
+
+
+def _sinks(args: argparse.Namespace) -> list[Any]:
+    from downpour.metrics import JsonlSink
+
+    return [JsonlSink(args.events, flush_every=1)] if args.events else []
+
+
+def _server(args: argparse.Namespace) -> int:
+    from downpour.cluster.role import StandaloneContext
+    from downpour.flat import FlatParams, shard_ranges
+    from downpour.server import ApplyAtOnce, BoundedStaleness, Synchronous
+    from downpour.server.role import ServerRole
+
+    token = _token(args)
+    host, port = _address(args.bind)
+    job = _workload(args)
+    flat = FlatParams(job.build_model())
+    if not 0 <= args.shard < args.of:
+        raise ValueError(f"--shard must be in [0, {args.of - 1}] for --of {args.of}, got {args.shard}")
+    shard = shard_ranges(flat.numel, args.of)[args.shard]
+    if args.policy == "sync":
+        policy = Synchronous(num_required=args.num_required or 1, late=args.late)
+    elif args.max_staleness is not None:
+        policy = BoundedStaleness(max_staleness=args.max_staleness, scale_lr_by_staleness=args.scale_lr)
+    else:
+        policy = ApplyAtOnce(scale_lr_by_staleness=args.scale_lr)
+    role = ServerRole(rank=args.shard, shard=shard, initial=flat.params[shard.start : shard.stop].clone(),
+                      optimizer=job.optimizer, policy=policy, token=token, host=host, port=port,
+                      ema_decay=args.ema_decay, threads=args.threads)
+
+    def announce(key: str, value: Any) -> None:
+        if key == "address":
+            print(f"shard {args.shard}/{args.of} [{shard.start}, {shard.stop}) listening on {value}", flush=True)
+
+    role.run(StandaloneContext.standalone("server", args.shard, _sinks(args), announce))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from downpour.cluster.role import StandaloneContext
+    from downpour.flat import FlatParams, shard_ranges
+    from downpour.metrics import evaluate
+    from downpour.strategies.downpour import DownpourWorker
+    from downpour.strategies.sync import SyncWorker
+    from downpour.transport import ParameterClient
+
+    token = _token(args)
+    addresses = [a.strip() for a in args.servers.split(",") if a.strip()]
+    for address in addresses:
+        _address(address)
+    if not 0 <= args.rank < args.of:
+        raise ValueError(f"--rank must be in [0, {args.of - 1}] for --of {args.of}, got {args.rank}")
+    job = _workload(args)
+    model = job.build_model()
+    flat = FlatParams(model)
+    ranges = shard_ranges(flat.numel, len(addresses))
+    mine = replace(job, data=job.data.shard(args.rank, args.of, seed=job.seed).train_only())
+    common = dict(rank=args.rank, num_workers=args.of, job=mine, addresses=addresses, ranges=ranges, token=token,
+                  timeout=args.timeout)
+    if args.strategy == "sync":
+        required = args.of - args.backup
+        worker = SyncWorker(total_steps=job.total_steps(job.data.num_train // required), **common)
+    else:
+        worker = DownpourWorker(total_steps=job.total_steps(mine.data.num_train), fetch_every=args.fetch_every,
+                                push_every=args.push_every, **common)
+    worker.run(StandaloneContext.standalone("worker", args.rank, _sinks(args)))
+    print(f"worker {args.rank}/{args.of}: {worker.steps} steps, {worker.samples} samples, "
+          f"{worker.client.bytes_sent} bytes sent, {worker.client.bytes_received} received", flush=True)
+    if args.evaluate or args.shutdown_servers:
+        with ParameterClient(addresses, ranges, token, timeout=args.timeout) as client:
+            if args.evaluate:
+                client.pull_all(out=flat.params)
+                result = evaluate(model, job.loss, job.data.x_test, job.data.y_test)
+                print(f"test accuracy {result['eval/accuracy']:.4f} loss {result['eval/loss']:.4f}", flush=True)
+            if args.shutdown_servers:
+                client.shutdown_all(reason=f"worker {args.rank} is done")
+    return 0
+
+
+def _new_token(args: argparse.Namespace) -> int:
+    token = secrets.token_urlsafe(32)
+    if args.file:
+        path = Path(args.file)
+        path.write_text(token + "\n", encoding="utf-8")
+        path.chmod(0o600)
+    else:
+        sys.stdout.write(token + "\n")
+    return 0
+
+
+def add_role_commands(sub) -> None:
+    server = sub.add_parser("server", help="run one parameter-server shard by hand",
+                            description="Serve shard i of S of the parameter vector over gRPC until stopped "
+                                        "(Ctrl-C, SIGTERM, or a worker's --shutdown-servers).")
+    server.add_argument("--shard", type=int, required=True, help="this shard's index i")
+    server.add_argument("--of", type=int, required=True, help="number of shards S")
+    server.add_argument("--bind", default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="address to listen on (default 127.0.0.1:0, a free port)")
+    server.add_argument("--policy", choices=("async", "sync"), default="async",
+                        help="apply pushes at once (Downpour) or in synchronous rounds (default async)")
+    server.add_argument("--num-required", type=int, help="sync: gradients per round, N of N+b")
+    server.add_argument("--late", choices=("drop", "fold"), default="drop", help="sync: late gradients")
+    server.add_argument("--max-staleness", type=int, help="async: refuse pushes staler than this")
+    server.add_argument("--scale-lr", action="store_true", help="async: divide the lr by the staleness")
+    server.add_argument("--ema-decay", type=float, help="keep a moving average of the parameters")
+    server.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    _common(server)
+    server.set_defaults(func=_server)
+
+    worker = sub.add_parser("worker", help="run one worker by hand against running servers",
+                            description="Train on this worker's shard of the data against parameter servers.")
+    worker.add_argument("--servers", required=True, metavar="ADDR,...", help="the shards' HOST:PORT, in order")
+    worker.add_argument("--rank", type=int, required=True, help="this worker's rank r")
+    worker.add_argument("--of", type=int, required=True, help="number of workers W")
+    worker.add_argument("--strategy", choices=("downpour", "sync"), default="downpour")
+    worker.add_argument("--backup", type=int, default=0, help="sync: backup workers b")
+    worker.add_argument("--fetch-every", type=int, default=1, help="downpour: n_fetch")
+    worker.add_argument("--push-every", type=int, default=1, help="downpour: n_push")
+    worker.add_argument("--batch-size", type=int, default=64)
+    worker.add_argument("--epochs", type=float, default=1.0)
+    worker.add_argument("--timeout", type=float, default=60.0, help="seconds any server may take to answer")
+    worker.add_argument("--evaluate", action="store_true", help="print test accuracy of the served model at the end")
+    worker.add_argument("--shutdown-servers", action="store_true", help="stop the servers at the end")
+    _common(worker)
+    worker.set_defaults(func=_worker)
+
+    token = sub.add_parser("token", help="print (or write) a new random run token")
+    token.add_argument("--file", help="write it to this file (mode 600) instead")
+    token.set_defaults(func=_new_token)
