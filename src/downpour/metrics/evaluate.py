@@ -18,8 +18,10 @@ def evaluate(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, *, bat
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         for xb, yb in batches(x, y, batch_size, shuffle=False):
+            xb, yb = xb.to(device), yb.to(device)
             out = model(xb)
             total_loss += float(loss_fn(out, yb)) * len(yb)
             correct += int((out.argmax(dim=1) == yb).sum())

@@ -37,8 +37,8 @@ class DownpourWorker(PSWorker):
     sparse_push: bool = True
 
     def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        client, flat = self.client, self.flat
-        versions, _ = client.pull_all(out=flat.params)
+        flat = self.flat
+        versions = self.pull()
         accumulated = torch.zeros_like(flat.grads)
         pending = 0
         for x, y in stream:
@@ -52,20 +52,20 @@ class DownpourWorker(PSWorker):
                 accumulated.zero_()
                 pending = 0
             if self.steps % self.fetch_every == 0:
-                versions, _ = client.pull_all(out=flat.params)
+                versions = self.pull()
         if pending:
             self._push(versions, accumulated)
 
     def _push(self, versions: list[int], update: torch.Tensor) -> None:
         # "Only send parameters updated": models with sparse inputs touch few
         # coordinates per batch, and then (index, value) pairs are smaller.
-        payload = (sparsify(update) if self.sparse_push else None) or update
+        payload = (sparsify(update.cpu()) if self.sparse_push else None) or update
         try:
-            results = self.client.push_all(self.rank, versions, payload)
+            results = self.push(versions, payload)
         except StaleUpdate:
             # Bounded staleness refused it: this gradient is lost; fetch and go on.
             self.refused += 1
-            self.client.pull_all(out=self.flat.params)
+            self.pull()
             return
         if any(r.dropped for r in results):
             self.dropped += 1

@@ -78,6 +78,27 @@ class PSWorker:
     def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
         raise NotImplementedError
 
+    def pull(self, **kwargs: Any) -> list[int]:
+        """Pull every shard into the model's parameters; returns the shards' versions.
+
+        The transport fills host memory; a worker on a GPU pulls into a host
+        buffer and copies it over in one transfer.
+        """
+        if self.flat.params.device.type == "cpu":
+            versions, _ = self.client.pull_all(out=self.flat.params, **kwargs)
+            return versions
+        if not hasattr(self, "_host"):
+            self._host = torch.empty(self.flat.numel, dtype=torch.float32).pin_memory()
+        versions, _ = self.client.pull_all(out=self._host, **kwargs)
+        self.flat.params.copy_(self._host, non_blocking=True)
+        return versions
+
+    def push(self, versions: list[int], update: Any) -> list[Any]:
+        """Push ``update`` (dense or sparse) to every shard; device tensors go through the host."""
+        if isinstance(update, torch.Tensor) and update.device.type != "cpu":
+            update = update.cpu()
+        return self.client.push_all(self.rank, versions, update)
+
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward and backward on one batch into ``self.flat.grads``.
 
@@ -170,7 +191,7 @@ class ParameterServerRun:
     timeout: float = 60.0
 
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
-        model = job.build_model()
+        model = replace(job, device="cpu").build_model()  # the coordinator evaluates on the host
         flat = FlatParams(model)
         ranges = shard_ranges(flat.numel, job.servers)
         token = new_token()

@@ -31,18 +31,17 @@ class SyncWorker(PSWorker):
     """Pull the current version, push one gradient on it, wait for the next version."""
 
     def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        client, flat = self.client, self.flat
-        versions, _ = client.pull_all(out=flat.params)
+        versions = self.pull()
         for x, y in stream:
             # total_steps counts rounds (server versions) here: every worker
             # stops when the run has taken them, however many it joined.
             if min(versions) >= self.total_steps or ctx.should_stop():
                 break
             self.gradient(x, y)
-            results = client.push_all(self.rank, versions, flat.grads)
+            results = self.push(versions, self.flat.grads)
             if any(r.dropped for r in results):
                 self.dropped += 1
-            versions, _ = client.pull_all(out=flat.params, wait_versions=[v + 1 for v in versions])
+            versions = self.pull(wait_versions=[v + 1 for v in versions])
 
 
 @dataclass(frozen=True, kw_only=True)
