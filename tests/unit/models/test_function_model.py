@@ -33,7 +33,7 @@ def twin_models():
     torch.manual_seed(0)
     reference = build("logistic", (D,), K)
     flat = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
-    init, predict, gradient = logistic_regression_functions(D, K)
+    _, predict, gradient = logistic_regression_functions(D, K)
     return reference, FunctionModel(flat.numpy(), predict, gradient)
 
 
@@ -65,7 +65,10 @@ def test_gradient_is_added_in_place_into_an_existing_view():
 
 def test_init_function_is_seeded_and_params_are_one_flat_float32_parameter():
     init, predict, gradient = logistic_regression_functions(D, K)
-    a, b = FunctionModel(init, predict, gradient, seed=3), FunctionModel(init, predict, gradient, seed=3)
+    a, b = (
+        FunctionModel(init, predict, gradient, seed=3),
+        FunctionModel(init, predict, gradient, seed=3),
+    )
     assert [name for name, _ in a.named_parameters()] == ["params"]
     assert a.params.dtype == torch.float32 and a.params.shape == (K * D + K,)
     torch.testing.assert_close(a.params, b.params)
@@ -108,7 +111,9 @@ def test_sgd_on_a_function_model_lowers_the_loss():
 def test_wrong_gradient_shape_names_expected_and_got():
     init, predict, gradient = logistic_regression_functions(D, K)
     model = FunctionModel(init, predict, lambda p, x, y: gradient(p, x, y)[:-1])
-    with pytest.raises(ValueError, match=r"gradient must return an array of shape \(39,\), got \(38,\)"):
+    with pytest.raises(
+        ValueError, match=r"gradient must return an array of shape \(39,\), got \(38,\)"
+    ):
         backward(model, F.cross_entropy, *data())
 
 

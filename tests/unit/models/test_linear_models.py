@@ -70,7 +70,9 @@ def test_dense_input_of_any_shape_is_flattened():
 
 def test_feature_count_mismatch_is_reported():
     model = build("svm", (30,), 4)
-    with pytest.raises(ValueError, match=r"expects 30 features per example, got a batch of shape \(12, 29\)"):
+    with pytest.raises(
+        ValueError, match=r"expects 30 features per example, got a batch of shape \(12, 29\)"
+    ):
         model(to_csr(torch.ones(12, 29)))
     with pytest.raises(ValueError, match="expects 30 features"):
         model(torch.ones(12, 31))

@@ -92,7 +92,9 @@ def test_options_reach_the_model():
     assert [m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)] == [32, 16, 10]
     resnet8 = build("resnet", (3, 32, 32), 10, depth=8)
     resnet20 = build("resnet", (3, 32, 32), 10)
-    assert sum(p.numel() for p in resnet8.parameters()) < sum(p.numel() for p in resnet20.parameters())
+    assert sum(p.numel() for p in resnet8.parameters()) < sum(
+        p.numel() for p in resnet20.parameters()
+    )
 
 
 def test_cnn_accepts_flat_and_two_dimensional_images():
@@ -108,7 +110,9 @@ def test_unknown_model_names_the_choices():
 
 
 def test_unknown_option_names_it_and_the_accepted_ones():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) 'hiden' for model 'mlp'; it accepts: .*hidden"):
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) 'hiden' for model 'mlp'; it accepts: .*hidden"
+    ):
         build("mlp", (1, 28, 28), 10, hiden=(64,))
 
 

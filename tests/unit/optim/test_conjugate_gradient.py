@@ -37,7 +37,9 @@ def quadratic_closure(optimizer, x, a, b):
 def test_minimizes_an_spd_quadratic_within_d_iterations(beta, seed):
     a, b = spd_problem(seed)
     x = torch.zeros(D, dtype=torch.float64, requires_grad=True)
-    optimizer = ConjugateGradient([x], beta=beta, max_iter=1, tolerance_grad=0.0, tolerance_change=0.0)
+    optimizer = ConjugateGradient(
+        [x], beta=beta, max_iter=1, tolerance_grad=0.0, tolerance_change=0.0
+    )
     closure = quadratic_closure(optimizer, x, a, b)
     for iteration in range(1, D + 1):
         optimizer.step(closure)
@@ -110,7 +112,9 @@ def test_fletcher_reeves_direction():
     grad, prev_grad = torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.0])
     prev_direction = torch.tensor([-2.0, 0.0])
     # beta = |g|^2 / |g_prev|^2 = 2 / 4
-    torch.testing.assert_close(conjugate_direction(grad, prev_grad, prev_direction, "fr"), torch.tensor([-2.0, -1.0]))
+    torch.testing.assert_close(
+        conjugate_direction(grad, prev_grad, prev_direction, "fr"), torch.tensor([-2.0, -1.0])
+    )
 
 
 def test_negative_hestenes_stiefel_beta_restarts_from_steepest_descent():
@@ -150,7 +154,10 @@ def test_step_needs_a_closure():
     ("options", "message"),
     [
         ({"beta": "pr"}, r"unknown beta 'pr'; choose one of: fr, hs"),
-        ({"line_search": "armijo"}, r"unknown line_search 'armijo'; choose one of: strong_wolfe, None"),
+        (
+            {"line_search": "armijo"},
+            r"unknown line_search 'armijo'; choose one of: strong_wolfe, None",
+        ),
         ({"lr": 0.0}, r"lr must be in \(0, inf\], got 0.0"),
         ({"c1": 0.5, "c2": 0.1}, r"c2 must be in \(0.5, 1\], got 0.1"),
         ({"restart_every": 0}, r"restart_every must be in \[1, inf\], got 0"),
@@ -162,6 +169,9 @@ def test_bad_arguments_are_rejected(options, message):
 
 
 def test_one_parameter_group_only():
-    groups = [{"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1, requires_grad=True)]}]
+    groups = [
+        {"params": [torch.zeros(1, requires_grad=True)]},
+        {"params": [torch.zeros(1, requires_grad=True)]},
+    ]
     with pytest.raises(ValueError, match="one parameter group"):
         ConjugateGradient(groups)

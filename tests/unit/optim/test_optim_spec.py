@@ -74,7 +74,9 @@ def test_parameter_groups_are_accepted():
 
 
 def test_unknown_optimizer_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown optimizer 'adamw'; choose one of: adadelta, adagrad, adam, cg,"):
+    with pytest.raises(
+        ValueError, match=r"unknown optimizer 'adamw'; choose one of: adadelta, adagrad, adam, cg,"
+    ):
         optim("adamw", lr=0.1)
     with pytest.raises(ValueError, match="unknown optimizer 'adamw'"):
         OptimSpec(name="adamw", lr=0.1)
@@ -87,7 +89,10 @@ def test_learning_rate_must_be_positive_and_finite(lr):
 
 
 def test_unknown_optimizer_options_are_named_with_the_accepted_ones():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) 'beta', 'moment' for optimizer 'adam'; it accepts: .*betas"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown option\(s\) 'beta', 'moment' for optimizer 'adam'; it accepts: .*betas",
+    ):
         optim("adam", lr=0.1, moment=0.9, beta=0.9)
 
 
@@ -106,7 +111,9 @@ def test_bad_optimizer_values_fail_when_the_spec_is_made(name, options, message)
 
 
 def test_bad_schedule_settings_fail_when_the_spec_is_made():
-    with pytest.raises(ValueError, match=r"unknown schedule 'linear'; choose one of: constant, cosine, step"):
+    with pytest.raises(
+        ValueError, match=r"unknown schedule 'linear'; choose one of: constant, cosine, step"
+    ):
         optim("sgd", lr=0.1, schedule="linear")
     with pytest.raises(ValueError, match="schedule 'step' needs step_size"):
         optim("sgd", lr=0.1, schedule="step")

@@ -71,7 +71,9 @@ def test_schedules_drive_conjugate_gradient_too():
 
 
 def test_warmup_cosine_needs_warmup_steps():
-    with pytest.raises(ValueError, match=r"schedule 'warmup-cosine' needs warmup_steps >= 1, got 0"):
+    with pytest.raises(
+        ValueError, match=r"schedule 'warmup-cosine' needs warmup_steps >= 1, got 0"
+    ):
         optim("sgd", lr=0.1, schedule="warmup-cosine")
 
 
