@@ -14,7 +14,7 @@ from downpour.errors import WorkerFailed
 from downpour.flat import FlatParams
 from downpour.models import backward
 from downpour.strategies import Job
-from downpour.strategies.parameter_server import worker_stream
+from downpour.strategies.worker import worker_stream
 from tests.processes import child_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

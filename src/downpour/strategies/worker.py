@@ -1,0 +1,245 @@
+"""What every worker shares, and the coordinator of strategies made of workers alone.
+
+A worker builds its replica, reads an endless stream of mini-batches from
+its own shard, computes gradients (slowed down when a straggler is staged),
+reports progress and traffic, and can hand a snapshot of its parameters to
+the coordinator, which evaluates it. Strategies subclass :class:`Worker` and
+write ``train``; parameter-server workers add a client
+(:mod:`downpour.strategies.parameter_server`).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from downpour.cluster import LocalCluster
+from downpour.data import batches
+from downpour.flat import FlatParams
+from downpour.metrics import Metrics
+from downpour.strategies.base import Evaluator, Job, log_end
+
+
+def worker_stream(job: Job, rank: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Worker ``rank``'s endless stream of mini-batches over ``job.data`` (its shard), reshuffled each pass."""
+    generator = torch.Generator().manual_seed(job.seed * 7919 + rank)
+    while True:
+        yield from batches(job.data.x_train, job.data.y_train, job.batch_size, generator=generator)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for a rendezvous the coordinator hands out)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def encode_params(vector: torch.Tensor) -> bytes:
+    """A parameter snapshot as raw little-endian float32 bytes (no pickle)."""
+    return vector.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+
+
+def decode_params_(payload: bytes, out: torch.Tensor) -> None:
+    """Copy a snapshot made by :func:`encode_params` into ``out`` (a float32 vector of the same length)."""
+    array = np.frombuffer(payload, dtype="<f4")
+    if array.size != out.numel():
+        raise ValueError(f"parameter snapshot has {array.size} values, the model {out.numel()}")
+    out.copy_(torch.from_numpy(array.copy()))
+
+
+@dataclass(kw_only=True)
+class Worker:
+    """The scaffolding of every worker; subclasses write ``train(ctx, stream)``.
+
+    ``job.data`` is already this worker's shard (training part only), so a
+    worker process holds just its own examples.
+    """
+
+    kind: ClassVar[str] = "worker"
+    rank: int
+    num_workers: int
+    job: Job = field(repr=False)
+    total_steps: int
+    slow_factor: float = 1.0
+    log_every: int = 10
+    threads: int = 1
+    timeout: float = 60.0
+
+    def run(self, ctx: Any) -> None:
+        torch.set_num_threads(self.threads)
+        self.ctx = ctx
+        self.model = self.job.build_model()
+        self.flat = FlatParams(self.model)
+        self.samples = self.steps = self.dropped = self.refused = 0
+        self.bytes_sent = self.bytes_received = self.pushes = self.pulls = 0
+        self._step_started: float | None = None
+        try:
+            self.connect()
+            ctx.ready_and_wait(timeout=10 * self.timeout)
+            self._window = (time.perf_counter(), 0)
+            self.train(ctx, worker_stream(self.job, self.rank, self.num_workers))
+        finally:
+            self.report(final=True)
+            self.disconnect()
+
+    def connect(self) -> None:
+        """Open communicators before the start signal (a subclass's hook)."""
+
+    def disconnect(self) -> None:
+        """Close communicators (a subclass's hook)."""
+
+    def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward and backward on one batch into ``self.flat.grads``.
+
+        A worker staged as slow (``slow_factor`` F) sleeps F - 1 times as long
+        as its previous step took, communication included, so the whole step,
+        not just the arithmetic, is F times as long: a slow machine.
+        """
+        from downpour.models import backward
+
+        now = time.perf_counter()
+        if self.slow_factor > 1 and self._step_started is not None:
+            time.sleep((self.slow_factor - 1) * (now - self._step_started))
+            now = time.perf_counter()
+        self._step_started = now
+        self.flat.zero_grad_()
+        loss = float(backward(self.model, self.job.loss, x.to(self.job.device), y.to(self.job.device)))
+        self.steps += 1
+        self.samples += len(y)
+        if self.steps % self.log_every == 0:
+            self.report(loss=loss)
+        return loss
+
+    def counters(self) -> dict[str, Any]:
+        """Traffic counters to report; subclasses with a client report the client's."""
+        return {"comm/bytes_sent": self.bytes_sent, "comm/bytes_received": self.bytes_received,
+                "comm/pushes": self.pushes, "comm/pulls": self.pulls}
+
+    def report(self, *, loss: float | None = None, final: bool = False) -> None:
+        now = time.perf_counter()
+        start, samples_then = getattr(self, "_window", (now, 0))
+        values: dict[str, Any] = {
+            "worker/steps": self.steps,
+            "worker/samples": self.samples,
+            "worker/dropped": self.dropped,
+            "worker/refused": self.refused,
+            **self.counters(),
+        }
+        if loss is not None:
+            values["train/loss"] = loss
+            values["train/samples_per_second"] = (self.samples - samples_then) / max(now - start, 1e-9)
+            self._window = (now, self.samples)
+        if final:
+            values["worker/done"] = True
+        self.ctx.metrics.log(self.steps, values)
+
+    def snapshot(self, vector: torch.Tensor | None = None, *, final: bool = False) -> None:
+        """Hand the coordinator this worker's parameters (or ``vector``) for evaluation."""
+        payload = encode_params(self.flat.params if vector is None else vector)
+        self.ctx.publish("final" if final else "params", (self.steps, payload))
+
+
+class Progress:
+    """A sink that keeps each worker's latest step and sample counts (for evaluation timing)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, int] = {}
+        self.samples: dict[int, int] = {}
+
+    def write(self, event: dict[str, Any]) -> None:
+        if event.get("role") == "worker" and "worker/steps" in event:
+            self.steps[event["rank"]] = event["worker/steps"]
+            self.samples[event["rank"]] = event["worker/samples"]
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps.values())
+
+    @property
+    def total_samples(self) -> int:
+        return sum(self.samples.values())
+
+
+def shard_job(job: Job, rank: int, **partition: Any) -> Job:
+    """Worker ``rank``'s job: its own partition of the training data, no test set."""
+    return replace(job, data=job.data.shard(rank, job.workers, seed=job.seed, **partition).train_only())
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerGroupRun:
+    """The coordinator of a strategy made of workers alone (no servers).
+
+    Starts the workers together, evaluates the latest parameter snapshot any
+    worker published (``Worker.snapshot``), and at the end the snapshot
+    published as ``final`` by ``final_rank`` (or the latest one).
+
+    Args:
+        make_worker: builds worker ``rank``'s role from keyword arguments
+            ``rank, num_workers, job, slow_factor, timeout``.
+        global_steps: steps of all workers together that make the run.
+        tolerate_deaths: whether the run goes on when a worker dies.
+        partition: keyword arguments for ``Dataset.shard`` (scheme, alpha...).
+    """
+
+    make_worker: Callable[..., Worker]
+    global_steps: int
+    tolerate_deaths: bool = True
+    final_rank: int = 0
+    partition: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 60.0
+
+    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+        model = replace(job, device="cpu").build_model()
+        flat = FlatParams(model)
+        progress = Progress()
+        metrics.sinks.append(progress)
+        evaluator = Evaluator(job, metrics)
+        with LocalCluster(metrics, tolerate_worker_deaths=self.tolerate_deaths) as cluster:
+            workers = cluster.start([
+                self.make_worker(rank=rank, num_workers=job.workers, job=shard_job(job, rank, **self.partition),
+                                 slow_factor=job.faults.slow.get(rank, 1.0), timeout=self.timeout)
+                for rank in range(job.workers)
+            ])
+            cluster.start_together(workers, timeout=10 * self.timeout)
+            started = time.perf_counter()
+            for rank, seconds in job.faults.kill.items():
+                cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
+            evaluated: set[int] = set()
+
+            def watch() -> None:
+                for handle in workers:
+                    snapshot = handle.published.get("params")
+                    if snapshot is None or id(snapshot) in evaluated or evaluator.reached:
+                        continue
+                    evaluated.add(id(snapshot))
+                    decode_params_(snapshot[1], flat.params)
+                    evaluator(model, progress.total_steps)
+                    metrics.log(progress.total_steps, {"progress/step": progress.total_steps})
+                    if evaluator.reached:
+                        cluster.request_stop()
+
+            cluster.wait_all("worker", timeout=24 * 3600, watch=watch)
+            final = workers[self.final_rank].published.get("final") or next(
+                (h.published["final"] for h in workers if "final" in h.published), None)
+            if final is None:
+                raise RuntimeError("no worker published its final parameters")
+            decode_params_(final[1], flat.params)
+            evaluator(model, progress.total_steps)
+            seconds = time.perf_counter() - started
+        metrics.sinks.remove(progress)
+        log_end(metrics, steps=progress.total_steps, samples=progress.total_samples, seconds=seconds,
+                eval_seconds=evaluator.seconds)
+        return model
