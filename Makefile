@@ -13,8 +13,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The datasets beside the checkout when they are there; otherwise the user cache (downloaded, checksummed).
+DATA_DIR ?= $(if $(wildcard ../shared/data/mnist),../shared/data,)
+DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+
 demo: $(STAMP)
-	$(VENV)/bin/downpour train --strategy single --dataset mnist --model mlp --epochs 1 --eval-every 200
+	$(VENV)/bin/downpour train --strategy downpour --workers 4 --servers 2 --dataset mnist $(DATA_FLAG) \
+		--model mlp --server-optimizer adagrad --lr 0.03 --epochs 1
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -24,7 +29,7 @@ proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpc_python_out=src src/downpour/transport/downpour.proto
 
 bench: $(STAMP)
-	$(PY) benchmarks/single.py
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

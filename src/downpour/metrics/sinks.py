@@ -98,6 +98,8 @@ class ProgressSink:
             transient=False,
         )
         self._task = self._progress.add_task(description, total=total_steps, loss="-", acc="-", rate="-")
+        self._worker_steps: dict[int, int] = {}
+        self._worker_rates: dict[int, float] = {}
         self._progress.start()
 
     def write(self, event: Event) -> None:
@@ -107,8 +109,15 @@ class ProgressSink:
         if "eval/accuracy" in event and event["eval/accuracy"] is not None:
             fields["acc"] = f"{event['eval/accuracy']:.4f}"
         if event.get("train/samples_per_second"):
-            fields["rate"] = f"{event['train/samples_per_second']:,.0f}"
-        if "progress/step" in event:
+            if event.get("role") == "worker":  # every worker's rate, added up
+                self._worker_rates[event["rank"]] = event["train/samples_per_second"]
+                fields["rate"] = f"{sum(self._worker_rates.values()):,.0f}"
+            else:
+                fields["rate"] = f"{event['train/samples_per_second']:,.0f}"
+        if event.get("role") == "worker" and "worker/steps" in event:
+            self._worker_steps[event["rank"]] = event["worker/steps"]
+            fields["completed"] = sum(self._worker_steps.values())
+        elif "progress/step" in event:
             fields["completed"] = event["progress/step"]
         if fields:
             self._progress.update(self._task, **fields)
