@@ -17,7 +17,16 @@ from downpour import data as data_lib
 from downpour import models
 from downpour import strategies
 from downpour.data import Dataset
-from downpour.metrics import MemorySink, Metrics, ProgressSink, RunDir, TrainResult, plot_run, summarize
+from downpour.metrics import (
+    MemorySink,
+    Metrics,
+    ProgressSink,
+    RunDir,
+    TensorBoardSink,
+    TrainResult,
+    plot_run,
+    summarize,
+)
 from downpour.optim import OptimSpec, optim
 from downpour.strategies import Faults, Job, Strategy
 
@@ -61,6 +70,7 @@ def train(
     max_steps: int | None = None,
     target_accuracy: float | None = None,
     eval_every: int | None = None,
+    max_seconds: float | None = None,
     seed: int = 0,
     device: str = "cpu",
     faults: Faults | None = None,
@@ -68,6 +78,7 @@ def train(
     runs_root: str | Path = "runs",
     save: bool = True,
     progress: bool = False,
+    tensorboard: bool = False,
     data_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with a distributed ``strategy``.
@@ -84,9 +95,12 @@ def train(
         epochs, batch_size, max_steps: how much to train (per worker batch).
         target_accuracy: stop once test accuracy reaches it.
         eval_every: steps between evaluations (default: ten per run).
+        max_seconds: stop training after this many seconds (a time budget).
         run_dir: where to write the run (default ``runs/<id>/``).
         save: write the run directory at all.
         progress: show a progress bar.
+        tensorboard: also write the metrics as TensorBoard event files in
+            ``<run_dir>/tensorboard``.
 
     Returns:
         A :class:`TrainResult` with the model, event history and summary.
@@ -107,7 +121,7 @@ def train(
     job = Job(
         model=factory, loss=loss, data=data, optimizer=optimizer or optim("sgd", lr=0.05),
         workers=workers, servers=servers, epochs=epochs, batch_size=batch_size, max_steps=max_steps,
-        target_accuracy=target_accuracy, eval_every=eval_every, seed=seed, device=device,
+        target_accuracy=target_accuracy, eval_every=eval_every, max_seconds=max_seconds, seed=seed, device=device,
         faults=faults or Faults(),
     )
     run = RunDir.create(run_dir, strategy.name, runs_root) if save else None
@@ -125,6 +139,7 @@ def train(
         "batch_size": batch_size,
         "max_steps": max_steps,
         "eval_every": eval_every,
+        "max_seconds": max_seconds,
         "seed": seed,
         "device": device,
         "faults": _describe(job.faults),
@@ -139,6 +154,10 @@ def train(
     if progress:
         sinks.append(ProgressSink(job.total_steps(), description=strategy.name))
     metrics = Metrics(sinks)
+    if tensorboard:
+        if run is None:
+            raise ValueError("tensorboard=True needs a run directory (save=True)")
+        metrics.sinks.append(TensorBoardSink(run.path / "tensorboard", start_time=metrics.start_time))
     try:
         trained = strategy.run(job, metrics)
     finally:

@@ -43,6 +43,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "slow_worker": [],
     "kill_worker": [],
+    "tensorboard": False,
 }
 
 
@@ -77,7 +78,7 @@ def _arg_type(annotation: Any) -> dict[str, Any]:
     return {"type": str}
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
     from downpour.data import DATASETS
     from downpour.models import MODELS
     from downpour.optim import OPTIMIZERS, SCHEDULES
@@ -85,7 +86,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
     d = TRAIN_DEFAULTS
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML file of flag values (flags given here win)")
-    p.add_argument("--strategy", help=f"one of: {', '.join(sorted(STRATEGIES))} (default {d['strategy']})")
+    if not compare:
+        p.add_argument("--strategy", help=f"one of: {', '.join(sorted(STRATEGIES))} (default {d['strategy']})")
     p.add_argument("--dataset", help=f"one of: {', '.join(sorted(DATASETS))} (default {d['dataset']})")
     p.add_argument("--data-dir", help="dataset folder (default: $DOWNPOUR_DATA, then the user cache)")
     p.add_argument("--model", help=f"one of: {', '.join(sorted(MODELS))} (default {d['model']})")
@@ -99,14 +101,20 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-accuracy", type=float, help="stop once test accuracy reaches this (0..1)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: ten per run)")
     p.add_argument("--seed", type=int, help=f"random seed (default {d['seed']})")
-    p.add_argument("--run-dir", help="run directory (default runs/<id>)")
-    p.add_argument("--workers", type=int, help=f"worker count (default {d['workers']})")
+    if not compare:
+        p.add_argument("--run-dir", help="run directory (default runs/<id>)")
+        p.add_argument("--workers", type=int, help=f"worker count (default {d['workers']})")
     p.add_argument("--servers", type=int, help=f"parameter-server shards (default {d['servers']})")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--slow-worker", action="append", metavar="RANK:FACTOR",
                    help="make a worker's steps FACTOR times slower (repeatable)")
     p.add_argument("--kill-worker", action="append", metavar="RANK@SECONDS",
                    help="SIGKILL a worker SECONDS into training (repeatable)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write metrics as TensorBoard event files in <run>/tensorboard")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if compare:
+        return
     group = p.add_argument_group("strategy options (each applies to the strategies named)")
     for name, (annotation, default, users) in sorted(_strategy_fields().items()):
         flag = "--" + name.replace("_", "-")
@@ -180,7 +188,7 @@ def _train(args: argparse.Namespace) -> int:
         workers=o["workers"], servers=o["servers"], epochs=o["epochs"], batch_size=o["batch_size"],
         max_steps=o["max_steps"], target_accuracy=o["target_accuracy"], eval_every=o["eval_every"],
         seed=o["seed"], device=o["device"], faults=_parse_faults(o["slow_worker"], o["kill_worker"]),
-        run_dir=o["run_dir"], progress=not args.quiet,
+        run_dir=o["run_dir"], progress=not args.quiet, tensorboard=o["tensorboard"],
     )
     print_summary(result.summary)
     print(f"run directory: {result.run_dir}")
@@ -203,6 +211,10 @@ def print_summary(summary: dict[str, Any]) -> None:
 def _report(args: argparse.Namespace) -> int:
     from downpour.metrics import RunDir, plot_run, read_events, summarize
 
+    if (Path(args.run_dir) / "comparison.json").is_file():
+        from downpour.cli.compare import report_comparison
+
+        return report_comparison(Path(args.run_dir), as_json=args.json)
     run = RunDir(args.run_dir)
     if not (run.path / RunDir.EVENTS).is_file():
         raise FileNotFoundError(f"{run.path} is not a run directory: no {RunDir.EVENTS} in it")
@@ -233,12 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model with a strategy and write a run directory",
                            description="Train a model with a distributed strategy; writes runs/<id>/.")
     _add_train_flags(train)
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
-    report = sub.add_parser("report", help="rebuild a run's plots and summary from its event log",
-                            description="Re-render plots and summary.json of a run from events.jsonl alone.")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<id>)")
+    from downpour.cli.compare import add_compare_command
+
+    add_compare_command(sub)
+
+    report = sub.add_parser("report", help="rebuild a run's or a comparison's plots and summary from event logs",
+                            description="Re-render plots and summary.json of a run, or the figures, table and "
+                                        "report.html of a comparison, from the event logs alone.")
+    report.add_argument("run_dir", metavar="DIR", help="a run directory (runs/<id>) or a comparison directory")
     report.add_argument("--json", action="store_true", help="print the summary as JSON")
     report.set_defaults(func=_report)
 
@@ -250,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "compare":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.strategy_extras = extra
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -36,11 +36,11 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _role_main(role: Role, conn, stop, go, start_time: float, parent_pid: int) -> None:
+def _role_main(role: Role, conn, flags, start_time: float, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctx = RoleContext.create(role.kind, role.rank, conn, stop, go, start_time)
+    ctx = RoleContext.create(role.kind, role.rank, conn, flags, start_time)
     try:
         role.run(ctx)
     except BaseException as exc:  # noqa: BLE001 - everything is reported, then turned into an exit code
@@ -89,6 +89,7 @@ class LocalCluster:
         self.metrics = metrics
         self.stop_flag = self._mp.RawValue("b", 0)
         self.go_flag = self._mp.RawValue("b", 0)
+        self.end_flag = self._mp.RawValue("b", 0)
         self.handles: list[RoleHandle] = []
         self.tolerate_worker_deaths = tolerate_worker_deaths
         self._timers: list[threading.Timer] = []
@@ -107,7 +108,7 @@ class LocalCluster:
             receiver, sender = self._mp.Pipe(duplex=False)
             process = self._mp.Process(
                 target=_role_main,
-                args=(role, sender, self.stop_flag, self.go_flag, self.metrics.start_time, os.getpid()),
+                args=(role, sender, (self.stop_flag, self.go_flag, self.end_flag), self.metrics.start_time, os.getpid()),
                 name=f"downpour-{role.kind}-{role.rank}",
                 daemon=True,
             )
@@ -237,13 +238,19 @@ class LocalCluster:
 
     # -------------------------------------------------------------- shutdown
     def request_stop(self) -> None:
+        """Ask workers to wind down; servers keep serving until :meth:`end`."""
         self.stop_flag.value = 1
+
+    def end(self) -> None:
+        """Tell every role the run is over."""
+        self.stop_flag.value = 1
+        self.end_flag.value = 1
 
     def shutdown(self, grace: float = 5.0) -> None:
         """Stop every role: set the stop event, wait ``grace`` seconds, then terminate and kill."""
         for timer in self._timers:
             timer.cancel()
-        self.stop_flag.value = 1
+        self.end()
         deadline = time.monotonic() + grace
         for handle in self.handles:
             handle.process.join(max(0.0, deadline - time.monotonic()))

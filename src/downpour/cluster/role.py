@@ -56,15 +56,17 @@ class RoleContext:
     kind: str
     rank: int
     metrics: Metrics
-    stop: Any  # multiprocessing RawValue('b')
+    stop: Any  # multiprocessing RawValue('b'): workers wind down (target reached, budget spent)
     go: Any  # multiprocessing RawValue('b'): set once every worker is ready
+    end: Any  # multiprocessing RawValue('b'): the run is over, every role leaves
     _sink: _ConnSink
 
     @classmethod
-    def create(cls, kind: str, rank: int, conn, stop, go, start_time: float) -> "RoleContext":
+    def create(cls, kind: str, rank: int, conn, flags, start_time: float) -> "RoleContext":
+        stop, go, end = flags
         sink = _ConnSink(conn)
         metrics = Metrics([sink], role=kind, rank=rank, start_time=start_time)
-        return cls(kind=kind, rank=rank, metrics=metrics, stop=stop, go=go, _sink=sink)
+        return cls(kind=kind, rank=rank, metrics=metrics, stop=stop, go=go, end=end, _sink=sink)
 
     def send(self, message: dict[str, Any]) -> None:
         self._sink.write(message)
@@ -81,18 +83,23 @@ class RoleContext:
         """
         self.publish("ready", True)
         deadline = time.monotonic() + timeout
-        while not self.go.value and not self.stop.value:
+        while not self.go.value and not self.should_stop():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.kind} {self.rank} got no start signal within {timeout:g} s")
             time.sleep(_STOP_POLL_SECONDS)
 
     def should_stop(self) -> bool:
-        return bool(self.stop.value)
+        """Whether to wind down: the coordinator asked workers to stop, or the run is over."""
+        return bool(self.stop.value or self.end.value)
+
+    def should_end(self) -> bool:
+        """Whether the whole run is over (servers serve until then: workers may still need them)."""
+        return bool(self.end.value)
 
     def wait_stop(self, timeout: float) -> bool:
         """Sleep until the stop flag is set or ``timeout`` passes; True if stopping."""
         deadline = time.monotonic() + timeout
-        while not self.stop.value:
+        while not (self.stop.value or self.end.value):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -119,13 +126,13 @@ class StandaloneContext(RoleContext):
     def standalone(cls, kind: str, rank: int, sinks, on_publish=None) -> "StandaloneContext":
         import signal
 
-        stop = _Flag(0)
+        stop, end = _Flag(0), _Flag(0)
         ctx = cls(kind=kind, rank=rank, metrics=Metrics(list(sinks), role=kind, rank=rank), stop=stop,
-                  go=_Flag(1), _sink=None)  # type: ignore[arg-type]
+                  go=_Flag(1), end=end, _sink=None)  # type: ignore[arg-type]
         ctx._on_publish = on_publish
 
         def request_stop(signum, frame) -> None:
-            stop.value = 1
+            stop.value = end.value = 1
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)

@@ -9,7 +9,15 @@ plots are rebuilt.
 from downpour.metrics.evaluate import evaluate
 from downpour.metrics.plots import plot_run
 from downpour.metrics.rundir import RunDir, new_run_id
-from downpour.metrics.sinks import JsonlSink, MemorySink, Metrics, ProgressSink, Sink, read_events
+from downpour.metrics.sinks import (
+    JsonlSink,
+    MemorySink,
+    Metrics,
+    ProgressSink,
+    Sink,
+    TensorBoardSink,
+    read_events,
+)
 from downpour.metrics.summary import SUMMARY_KEYS, TrainResult, summarize
 
 __all__ = [
@@ -20,6 +28,7 @@ __all__ = [
     "ProgressSink",
     "RunDir",
     "Sink",
+    "TensorBoardSink",
     "TrainResult",
     "evaluate",
     "new_run_id",

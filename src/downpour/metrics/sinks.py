@@ -126,6 +126,38 @@ class ProgressSink:
         self._progress.stop()
 
 
+class TensorBoardSink:
+    """Writes every numeric metric as a TensorBoard scalar (torch's ``SummaryWriter``).
+
+    Tags are ``<role><rank>/<key>`` for workers and servers and ``<key>`` for
+    the coordinator, so one run's roles appear side by side. Needs the
+    ``tensorboard`` package (``pip install downpour-sgd[tensorboard]``).
+    """
+
+    def __init__(self, log_dir: str | Path, start_time: float | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # the writer needs the tensorboard package
+            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+        self._start = time.time() if start_time is None else start_time
+
+    def write(self, event: Event) -> None:
+        role = event.get("role", "coordinator")
+        prefix = "" if role == "coordinator" else f"{role}{event.get('rank', 0)}/"
+        step = int(event.get("step", 0))
+        walltime = self._start + float(event.get("time", 0.0))
+        for key, value in event.items():
+            if key in ("time", "role", "rank", "step") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(prefix + key, value, step, walltime=walltime)
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
+
+
 class Metrics:
     """The one place roles log through: stamps events and fans them out to sinks.
 

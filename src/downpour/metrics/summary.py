@@ -40,6 +40,7 @@ SUMMARY_KEYS = (
     "staleness_p95",
     "staleness_max",
     "dropped_gradients",
+    "rounds",
     "run_dir",
 )
 
@@ -86,10 +87,12 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
         for stale, count in (e.get("ps/staleness_counts") or {}).items():
             staleness.extend([int(stale)] * int(count))
 
+    # Times count from the coordinator's start mark (training, not process start-up).
+    start = next((e["time"] for e in events if e.get("event") == "start"), 0.0)
     time_to_target = None
     if target is not None:
         hit = next((e for e in evals if e["eval/accuracy"] >= target), None)
-        time_to_target = None if hit is None else hit["time"]
+        time_to_target = None if hit is None else max(0.0, hit["time"] - start)
 
     seconds = float(end.get("run/seconds", 0.0))
     train_seconds = float(end.get("run/train_seconds", seconds))
@@ -116,6 +119,10 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     }
     for name, key in _CUMULATIVE.items():
         summary[name] = int(_last_per_role(events, key))
+    # A communication round is one exchange a worker takes part in (a push, an
+    # allreduce, a hand-over); the run's count is the most any worker took.
+    rounds = [e["comm/rounds"] for e in events if e.get("comm/rounds") is not None]
+    summary["rounds"] = int(max(rounds)) if rounds else 0
     return {key: summary[key] for key in SUMMARY_KEYS}
 
 

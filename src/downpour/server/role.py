@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -48,8 +49,8 @@ class ServerRole:
         ctx.publish("address", server.address)
         reported: dict[int, int] = {}
         try:
-            while not ctx.should_stop() and not server.shutdown_requested.is_set():
-                ctx.wait_stop(self.report_every)
+            while not ctx.should_end() and not server.shutdown_requested.is_set():
+                time.sleep(self.report_every)
                 reported = self._report(ctx, shard, reported)
         finally:
             self._report(ctx, shard, reported)

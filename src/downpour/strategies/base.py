@@ -54,6 +54,7 @@ class Job:
     max_steps: int | None = None
     target_accuracy: float | None = None
     eval_every: int | None = None
+    max_seconds: float | None = None
     seed: int = 0
     device: str = "cpu"
     faults: Faults = field(default_factory=Faults)
@@ -69,6 +70,8 @@ class Job:
             check_range("target_accuracy", self.target_accuracy, 0.0, 1.0)
         if self.eval_every is not None:
             check_range("eval_every", self.eval_every, 1)
+        if self.max_seconds is not None:
+            check_range("max_seconds", self.max_seconds, 0.0, low_open=True)
         for rank in (*self.faults.slow, *self.faults.kill):
             check_range("faulty worker rank", rank, 0, self.workers - 1)
 
@@ -109,13 +112,28 @@ class Strategy(Protocol):
 
 
 class Evaluator:
-    """Evaluates the coordinator's model on the test set and watches the target."""
+    """Evaluates the coordinator's model on the test set and watches the target and the time budget."""
 
     def __init__(self, job: Job, metrics: Metrics) -> None:
         self.job = job
         self.metrics = metrics
         self.seconds = 0.0  # time spent evaluating, excluded from samples/s
         self.reached = False
+        self._started = time.monotonic()
+
+    def begin(self) -> None:
+        """Training starts now: the time budget counts from here."""
+        self._started = time.monotonic()
+
+    @property
+    def out_of_time(self) -> bool:
+        """Whether the job's ``max_seconds`` budget is spent."""
+        budget = self.job.max_seconds
+        return budget is not None and time.monotonic() - self._started >= budget
+
+    def done(self) -> bool:
+        """Whether training should stop: the target is reached or the time budget spent."""
+        return self.reached or self.out_of_time
 
     def __call__(self, model: nn.Module, step: int, **extra: Any) -> dict[str, float]:
         started = time.perf_counter()
@@ -148,6 +166,16 @@ def sgd_step(model: nn.Module, zero_grad: Callable[[], None], optimizer: torch.o
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.LBFGS) or getattr(optimizer, "requires_closure", False)
+
+
+def log_start(metrics: Metrics, evaluator: Evaluator) -> None:
+    """The coordinator's mark that training begins (after processes started and met).
+
+    Times to target, the time budget and time axes count from here, so
+    process start-up is not charged to a strategy.
+    """
+    evaluator.begin()
+    metrics.log(0, {"event": "start"})
 
 
 def log_end(metrics: Metrics, *, steps: int, samples: int, seconds: float, eval_seconds: float, **extra: Any) -> None:

@@ -23,7 +23,7 @@ from downpour.metrics import Metrics
 from downpour.optim import OptimSpec
 from downpour.server import UpdatePolicy
 from downpour.server.role import ServerRole
-from downpour.strategies.base import Evaluator, Job, log_end
+from downpour.strategies.base import Evaluator, Job, log_end, log_start
 from downpour.strategies.worker import Progress, Worker, shard_job
 from downpour.transport import ParameterClient, new_token
 
@@ -48,7 +48,7 @@ class PSWorker(Worker):
         if not hasattr(self, "client"):
             return super().counters()
         return {"comm/bytes_sent": self.client.bytes_sent, "comm/bytes_received": self.client.bytes_received,
-                "comm/pushes": self.client.pushes, "comm/pulls": self.client.pulls}
+                "comm/pushes": self.client.pushes, "comm/pulls": self.client.pulls, "comm/rounds": self.rounds}
 
     def pull(self, **kwargs: Any) -> list[int]:
         """Pull every shard into the model's parameters; returns the shards' versions.
@@ -69,6 +69,7 @@ class PSWorker(Worker):
         """Push ``update`` (dense or sparse) to every shard; device tensors go through the host."""
         if isinstance(update, torch.Tensor) and update.device.type != "cpu":
             update = update.cpu()
+        self.rounds += 1
         return self.client.push_all(self.rank, versions, update)
 
 
@@ -121,6 +122,7 @@ class ParameterServerRun:
                 for rank in range(job.workers)
             ])
             cluster.start_together(workers, timeout=10 * self.timeout)
+            log_start(metrics, evaluator)
             started = time.perf_counter()
             for rank, seconds in job.faults.kill.items():
                 cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
@@ -131,6 +133,8 @@ class ParameterServerRun:
                     nonlocal next_eval
                     if self.check is not None:
                         self.check(cluster)
+                    if evaluator.out_of_time:
+                        cluster.request_stop()
                     if progress.total_steps >= next_eval and not evaluator.reached:
                         client.pull_all(out=flat.params, average=self.evaluate_average)
                         evaluator(model, progress.total_steps)
@@ -143,7 +147,7 @@ class ParameterServerRun:
                 client.pull_all(out=flat.params, average=self.evaluate_average)
                 evaluator(model, progress.total_steps)
                 seconds = time.perf_counter() - started
-                cluster.request_stop()
+                cluster.end()
                 cluster.wait_all("server", timeout=self.timeout)
         metrics.sinks.remove(progress)
         log_end(metrics, steps=progress.total_steps, samples=progress.total_samples, seconds=seconds,

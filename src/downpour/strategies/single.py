@@ -12,7 +12,7 @@ from torch import nn
 from downpour.data import batches
 from downpour.flat import FlatParams
 from downpour.metrics import Metrics
-from downpour.strategies.base import Evaluator, Job, log_end, sgd_step
+from downpour.strategies.base import Evaluator, Job, log_end, log_start, sgd_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,9 +37,10 @@ class Single:
         generator = torch.Generator().manual_seed(job.seed)
 
         step, samples, window_samples = 0, 0, 0
+        log_start(metrics, evaluator)
         started = window_start = time.perf_counter()
         model.train()
-        while step < total and not evaluator.reached:
+        while step < total and not evaluator.done():
             for x, y in batches(job.data.x_train, job.data.y_train, job.batch_size, generator=generator):
                 loss = sgd_step(model, flat.zero_grad_, optimizer, job.loss, x.to(job.device), y.to(job.device))
                 scheduler.step()
@@ -58,7 +59,7 @@ class Single:
                 if step % interval == 0 or step == total:
                     evaluator(model, step)
                     window_start = time.perf_counter()
-                if step >= total or evaluator.reached:
+                if step >= total or evaluator.done():
                     break
         log_end(metrics, steps=step, samples=samples, seconds=time.perf_counter() - started,
                 eval_seconds=evaluator.seconds)

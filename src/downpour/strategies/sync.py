@@ -11,6 +11,7 @@ rounds; a moving average of the parameters is kept and can be evaluated.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -19,11 +20,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from downpour.errors import WorkerFailed, check_range
+from downpour.errors import TransportError, WorkerFailed, check_range
 from downpour.metrics import Metrics
 from downpour.server import Synchronous
 from downpour.strategies.base import Job
 from downpour.strategies.parameter_server import ParameterServerRun, PSWorker
+
+
+# How long one wait for a round to close lasts before the worker looks at the stop flag.
+_WAIT_SLICE_S = 1.0
 
 
 @dataclass(kw_only=True)
@@ -41,7 +46,26 @@ class SyncWorker(PSWorker):
             results = self.push(versions, self.flat.grads)
             if any(r.dropped for r in results):
                 self.dropped += 1
-            versions = self.pull(wait_versions=[v + 1 for v in versions])
+            versions = self._next_round(ctx, versions)
+            if versions is None:
+                break
+
+    def _next_round(self, ctx: Any, versions: list[int]) -> list[int] | None:
+        """Wait for the round to close, in short slices so that a stop request is seen.
+
+        When the coordinator stops the run (target reached) the other workers
+        stop pushing and this round may never close: return None then.
+        """
+        wanted = [v + 1 for v in versions]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.pull(wait_versions=wanted, timeout=_WAIT_SLICE_S)
+            except TransportError:
+                if ctx.should_stop():
+                    return None
+                if time.monotonic() > deadline:
+                    raise
 
 
 @dataclass(frozen=True, kw_only=True)

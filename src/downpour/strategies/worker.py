@@ -24,7 +24,7 @@ from downpour.cluster import LocalCluster
 from downpour.data import batches
 from downpour.flat import FlatParams
 from downpour.metrics import Metrics
-from downpour.strategies.base import Evaluator, Job, log_end
+from downpour.strategies.base import Evaluator, Job, log_end, log_start
 
 
 def worker_stream(job: Job, rank: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -78,7 +78,7 @@ class Worker:
         self.model = self.job.build_model()
         self.flat = FlatParams(self.model)
         self.samples = self.steps = self.dropped = self.refused = 0
-        self.bytes_sent = self.bytes_received = self.pushes = self.pulls = 0
+        self.bytes_sent = self.bytes_received = self.pushes = self.pulls = self.rounds = 0
         self._step_started: float | None = None
         try:
             self.connect()
@@ -123,7 +123,7 @@ class Worker:
     def counters(self) -> dict[str, Any]:
         """Traffic counters to report; subclasses with a client report the client's."""
         return {"comm/bytes_sent": self.bytes_sent, "comm/bytes_received": self.bytes_received,
-                "comm/pushes": self.pushes, "comm/pulls": self.pulls}
+                "comm/pushes": self.pushes, "comm/pulls": self.pulls, "comm/rounds": self.rounds}
 
     def report(self, *, loss: float | None = None, final: bool = False) -> None:
         now = time.perf_counter()
@@ -214,12 +214,15 @@ class WorkerGroupRun:
                 for rank in range(job.workers)
             ])
             cluster.start_together(workers, timeout=10 * self.timeout)
+            log_start(metrics, evaluator)
             started = time.perf_counter()
             for rank, seconds in job.faults.kill.items():
                 cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
             evaluated: set[int] = set()
 
             def watch() -> None:
+                if evaluator.out_of_time:
+                    cluster.request_stop()
                 for handle in workers:
                     snapshot = handle.published.get("params")
                     if snapshot is None or id(snapshot) in evaluated or evaluator.reached:

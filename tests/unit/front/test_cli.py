@@ -11,6 +11,7 @@ from downpour.metrics import RunDir
 TRAIN_FLAGS = {
     "--batch-size", "--config", "--data-dir", "--dataset", "--device", "--epochs", "--eval-every", "--help",
     "--kill-worker", "--log-every", "--lr", "--max-steps", "--model", "--optimizer", "--quiet", "--run-dir",
+    "--tensorboard",
     "--schedule", "--seed", "--servers", "--slow-worker", "--strategy", "--target-accuracy", "--warmup-steps",
     "--workers",
 }
