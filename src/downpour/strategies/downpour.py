@@ -40,23 +40,24 @@ class DownpourWorker(PSWorker):
         flat = self.flat
         versions = self.pull()
         accumulated = torch.zeros_like(flat.grads)
-        pending = 0
+        pending = pending_samples = 0
         for x, y in stream:
             if self.steps >= self.total_steps or ctx.should_stop():
                 break
             self.gradient(x, y)
             accumulated.add_(flat.grads)
             pending += 1
+            pending_samples += len(y)
             if pending == self.push_every:
-                self._push(versions, accumulated)
+                self._push(versions, accumulated, pending_samples)
                 accumulated.zero_()
-                pending = 0
+                pending = pending_samples = 0
             if self.steps % self.fetch_every == 0:
                 versions = self.pull()
         if pending:
-            self._push(versions, accumulated)
+            self._push(versions, accumulated, pending_samples)
 
-    def _push(self, versions: list[int], update: torch.Tensor) -> None:
+    def _push(self, versions: list[int], update: torch.Tensor, samples: int) -> None:
         # "Only send parameters updated": models with sparse inputs touch few
         # coordinates per batch, and then (index, value) pairs are smaller.
         payload = (sparsify(update.cpu()) if self.sparse_push else None) or update
@@ -65,10 +66,12 @@ class DownpourWorker(PSWorker):
         except StaleUpdate:
             # Bounded staleness refused it: this gradient is lost; fetch and go on.
             self.refused += 1
+            self.discard(samples)
             self.pull()
             return
         if any(r.dropped for r in results):
             self.dropped += 1
+            self.discard(samples)
 
 
 @dataclass(frozen=True, kw_only=True)

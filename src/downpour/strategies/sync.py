@@ -45,7 +45,9 @@ class SyncWorker(PSWorker):
             self.gradient(x, y)
             results = self.push(versions, self.flat.grads)
             if any(r.dropped for r in results):
+                # A dropped gradient is work the model never sees: it does not count as samples trained.
                 self.dropped += 1
+                self.discard(len(y))
             versions = self._next_round(ctx, versions)
             if versions is None:
                 break

@@ -77,7 +77,7 @@ class Worker:
         self.ctx = ctx
         self.model = self.job.build_model()
         self.flat = FlatParams(self.model)
-        self.samples = self.steps = self.dropped = self.refused = 0
+        self.samples = self.steps = self.dropped = self.refused = self.discarded = 0
         self.bytes_sent = self.bytes_received = self.pushes = self.pulls = self.rounds = 0
         self._step_started: float | None = None
         try:
@@ -120,6 +120,11 @@ class Worker:
             self.report(loss=loss)
         return loss
 
+    def discard(self, samples: int) -> None:
+        """Take back ``samples`` whose gradient was dropped or refused: they trained nothing."""
+        self.samples -= samples
+        self.discarded += samples
+
     def counters(self) -> dict[str, Any]:
         """Traffic counters to report; subclasses with a client report the client's."""
         return {"comm/bytes_sent": self.bytes_sent, "comm/bytes_received": self.bytes_received,
@@ -133,6 +138,7 @@ class Worker:
             "worker/samples": self.samples,
             "worker/dropped": self.dropped,
             "worker/refused": self.refused,
+            "worker/discarded_samples": self.discarded,
             **self.counters(),
         }
         if loss is not None:
