@@ -28,12 +28,15 @@ class CNN(nn.Module):
     """``conv-pool-conv-pool-dropout-fc-dropout-fc`` with ReLUs.
 
     This is the PyTorch/Keras MNIST example network (conv32, conv64, max-pool,
-    dropout 0.25, fc128, dropout 0.5, fc) with two changes that make an MNIST
-    epoch about 5x cheaper on a CPU with no loss of one-epoch accuracy
-    (about 98.8% after one epoch of Adam, lr 1e-3, batch 64): 16 and 32
-    channels, and 'same'-padded convolutions each followed by 2x2 max-pooling,
-    so the second convolution and the first dense layer see a quarter of the
-    pixels. ``channels=(32, 64)`` gives the wider network back.
+    dropout, fc128, dropout, fc) with two changes for CPUs and one-epoch runs.
+    The 3x3 convolutions are 'same'-padded and each is followed by 2x2
+    max-pooling, so the second convolution and the dense layer see a quarter
+    of the pixels: an MNIST epoch costs about a third of the original's (about
+    35 s on 2 CPU cores at batch 64). Dropout is lighter (0.1 and 0.25 instead
+    of 0.25 and 0.5), because within one epoch the heavier dropout costs more
+    accuracy than it saves. One epoch of SGD with momentum 0.9, lr 0.05, batch
+    64 and a cosine schedule reaches about 98.9% MNIST test accuracy.
+    ``channels=(16, 32)`` halves the cost again for about 98.7%.
 
     Args:
         input_shape: ``(H, W)`` or ``(C, H, W)``; H and W at least 4.
@@ -52,9 +55,9 @@ class CNN(nn.Module):
         input_shape: tuple[int, ...],
         num_classes: int,
         *,
-        channels: tuple[int, int] = (16, 32),
+        channels: tuple[int, int] = (32, 64),
         hidden: int = 128,
-        dropout: tuple[float, float] = (0.25, 0.5),
+        dropout: tuple[float, float] = (0.1, 0.25),
     ) -> None:
         super().__init__()
         in_channels, height, width = image_shape(input_shape)

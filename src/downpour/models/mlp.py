@@ -13,8 +13,9 @@ from downpour.errors import check_range
 class MLP(nn.Module):
     """Multilayer perceptron: flatten, then ``Linear -> ReLU`` per hidden layer, then ``Linear``.
 
-    The default ``hidden=(256, 128)`` reaches about 97.5% MNIST test accuracy
-    after one epoch of Adam (lr 1e-3, batch 64).
+    The default ``hidden=(512, 256)`` reaches about 97.5% MNIST test accuracy
+    after one epoch of SGD with momentum 0.9, lr 0.05, batch 64 and a cosine
+    schedule (about 96.6% with Adam at a constant lr 1e-3).
 
     Args:
         input_shape: shape of one example; flattened.
@@ -32,7 +33,7 @@ class MLP(nn.Module):
         input_shape: tuple[int, ...],
         num_classes: int,
         *,
-        hidden: int | tuple[int, ...] = (256, 128),
+        hidden: int | tuple[int, ...] = (512, 256),
         dropout: float = 0.0,
     ) -> None:
         super().__init__()

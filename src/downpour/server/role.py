@@ -44,6 +44,7 @@ class ServerRole:
 
     def run(self, ctx: Any) -> None:
         torch.set_num_threads(self.threads)
+        torch.set_flush_denormal(True)  # subnormal optimizer state is slow on CPUs; this process is ours
         shard = self.build_shard()
         server = serve_shard(shard, host=self.host, port=self.port, token=self.token, security=self.security)
         ctx.publish("address", server.address)

@@ -74,6 +74,9 @@ class Worker:
 
     def run(self, ctx: Any) -> None:
         torch.set_num_threads(self.threads)
+        # Subnormal floats make small late-training gradients 5x slower on CPUs;
+        # this process is ours alone, so flush them to zero here.
+        torch.set_flush_denormal(True)
         self.ctx = ctx
         self.model = self.job.build_model()
         self.flat = FlatParams(self.model)

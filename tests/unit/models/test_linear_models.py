@@ -111,10 +111,10 @@ def test_reaches_99_percent_training_accuracy_on_a_separable_set(name):
     torch.manual_seed(0)
     x, y = separable_set()
     model = build(name, (x.shape[1],), 4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     generator = torch.Generator().manual_seed(0)
     for _ in range(30):
-        for index in torch.randperm(len(x), generator=generator).split(16):
+        for index in torch.randperm(len(x), generator=generator).split(100):
             optimizer.zero_grad()
             backward(model, default_loss(name), x[index], y[index])
             optimizer.step()
