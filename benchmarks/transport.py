@@ -3,15 +3,22 @@
 Measures, in one run:
 - one parameter-server round (push_all of a dense float32 vector, then
   pull_all of it) through 1 shard and through 4 shards, each shard served by
-  its own process (multiprocessing "spawn") on 127.0.0.1, port 0;
-- torch.distributed all_reduce (gloo) of the same tensor between 2 processes;
-- the push + pull round trip of a 4 KB shard (goal: <= 1 ms).
+  its own process (multiprocessing "spawn") on 127.0.0.1, port 0, once over
+  the network path (gRPC streams of chunks) and once over the same-host path
+  (shared memory for the bytes, gRPC for the headers);
+- torch.distributed all_reduce (gloo) of the same tensor between 2 processes
+  (goal: a parameter-server round is no slower);
+- the push + pull round trip of a 4 KB shard (goal: <= 1 ms), as two unary
+  calls and as one (push_pull), and a Status call for gRPC's own per-call
+  floor on this machine.
 
 Usage:
-    python benchmarks/transport.py                  # 100 MB, 5 rounds
+    python benchmarks/transport.py                  # 100 MB, 5 rounds, 3 repeats
     python benchmarks/transport.py --mb 25 --rounds 3 --latency-rounds 500
+    python benchmarks/transport.py --parts latency --repeats 5
 
-Prints a table; the figures are per round (median and best of the rounds).
+Every measurement is repeated (--repeats, each in fresh processes) and the
+table shows the median over all rounds of all repeats, and the best round.
 """
 
 from __future__ import annotations
@@ -71,16 +78,26 @@ class Servers:
                 process.join()
 
 
-def ps_round(numel: int, num_shards: int, rounds: int) -> dict[str, float]:
+def ps_round(numel: int, num_shards: int, rounds: int, shared_memory: bool) -> dict[str, list]:
+    """Per-round times of push_all + pull_all, and the bytes each way of one round."""
     vector = torch.randn(numel)
     with Servers(numel, num_shards) as servers:
-        client = ParameterClient(servers.addresses, servers.ranges, servers.token, timeout=120)
+        client = ParameterClient(
+            servers.addresses,
+            servers.ranges,
+            servers.token,
+            timeout=120,
+            shared_memory=shared_memory,
+        )
         client.wait_ready(60)
         out = torch.empty(numel)
-        versions, _ = client.pull_all(out=out)  # warm-up: connections, buffers
+        versions, _ = client.pull_all(out=out)  # warm-up: connections, buffers, segments
         client.push_all(0, versions, vector)
         versions, _ = client.pull_all(out=out)
-        sent, received = client.bytes_sent, client.bytes_received
+        if shared_memory:
+            assert all(c.uses_shared_memory for c in client.clients), "no shared memory"
+        wire = client.bytes_sent + client.bytes_received
+        shared = client.bytes_shared
         push_s, pull_s, round_s = [], [], []
         for _ in range(rounds):
             start = time.perf_counter()
@@ -91,15 +108,10 @@ def ps_round(numel: int, num_shards: int, rounds: int) -> dict[str, float]:
             push_s.append(middle - start)
             pull_s.append(end - middle)
             round_s.append(end - start)
-        wire = (client.bytes_sent - sent + client.bytes_received - received) / rounds
+        wire = (client.bytes_sent + client.bytes_received - wire) / rounds
+        shared = (client.bytes_shared - shared) / rounds
         client.close()
-    return {
-        "push": statistics.median(push_s),
-        "pull": statistics.median(pull_s),
-        "round": statistics.median(round_s),
-        "best": min(round_s),
-        "wire_bytes": wire,  # per round, both directions
-    }
+    return {"push": push_s, "pull": pull_s, "round": round_s, "wire": [wire], "shared": [shared]}
 
 
 def _free_port() -> int:
@@ -126,7 +138,7 @@ def _gloo(rank: int, port: int, numel: int, rounds: int, results) -> None:
     dist.destroy_process_group()
 
 
-def gloo_all_reduce(numel: int, rounds: int) -> dict[str, float]:
+def gloo_all_reduce(numel: int, rounds: int) -> dict[str, list]:
     context = mp.get_context("spawn")
     results, port = context.Queue(), _free_port()
     processes = [
@@ -140,43 +152,99 @@ def gloo_all_reduce(numel: int, rounds: int) -> dict[str, float]:
         process.join(timeout=60)
         if process.is_alive():
             process.kill()
-    return {"round": statistics.median(times), "best": min(times)}
+    return {"round": times}
 
 
-def small_round_trip(rounds: int) -> dict[str, float]:
+def small_round_trip(rounds: int) -> dict[str, list]:
+    """A 4 KB shard: push + pull (two unary calls), push_pull (one), and a Status call.
+
+    The three alternate within each round, so load on the machine hits them alike.
+    """
     numel = 1024  # 4 KB of float32
     update = torch.randn(numel)
+    out = torch.empty(numel)
     with Servers(numel, 1) as servers:
         client = ShardClient(servers.addresses[0], servers.token, 0, timeout=30)
         client.wait_ready(60)
         version = 0
         for _ in range(100):
             version = client.push(0, version, update).version
-            client.pull()
-        times, pushes, pulls, floor = [], [], [], []
+            client.pull(out=out)
+            version = client.push_pull(0, version, update, out=out)[1]
+        times, pushes, pulls, push_pulls, floor = [], [], [], [], []
         for _ in range(rounds):
             start = time.perf_counter()
             version = client.push(0, version, update).version
             middle = time.perf_counter()
-            client.pull()
+            client.pull(out=out)
             end = time.perf_counter()
+            version = client.push_pull(0, version, update, out=out)[1]
+            combined = time.perf_counter()
             client.status()  # a unary call with no tensor: gRPC's own floor here
-            floor.append(time.perf_counter() - end)
+            floor.append(time.perf_counter() - combined)
+            push_pulls.append(combined - end)
             times.append(end - start)
             pushes.append(middle - start)
             pulls.append(end - middle)
         client.close()
-    times.sort()
-    return {
-        "median": statistics.median(times),
-        "mean": statistics.fmean(times),
-        "p99": times[int(0.99 * (len(times) - 1))],
-        "best": times[0],
-        "push": statistics.median(pushes),
-        "pull": statistics.median(pulls),
-        "floor": statistics.median(floor),
-        "floor_best": min(floor),
-    }
+    return {"round": times, "push": pushes, "pull": pulls, "push_pull": push_pulls, "floor": floor}
+
+
+def tail(values: list) -> str:
+    ordered = sorted(values)
+    return (
+        f"mean {statistics.fmean(ordered) * 1e3:.2f} ms, "
+        f"p99 {ordered[int(0.99 * (len(ordered) - 1))] * 1e3:.2f} ms"
+    )
+
+
+def repeated(measure, repeats: int) -> dict[str, list]:
+    """``measure()`` run ``repeats`` times (fresh processes each), its lists joined."""
+    joined: dict[str, list] = {}
+    for _ in range(repeats):
+        for key, values in measure().items():
+            joined.setdefault(key, []).extend(values)
+    return joined
+
+
+def median(values: list) -> float:
+    return statistics.median(values)
+
+
+def bandwidth_rows(numel: int, rounds: int, repeats: int) -> list[tuple[str, list, str]]:
+    """gloo all_reduce, then a parameter-server round over each path, 1 and 4 shards."""
+    megabytes = numel * 4 / 1e6
+    g = repeated(lambda: gloo_all_reduce(numel, rounds), repeats)
+    notes = f"{megabytes / median(g['round']) / 1e3:.2f} GB/s algbw"
+    rows = [("gloo all_reduce, 2 processes", g["round"], notes)]
+    for shared_memory in (False, True):
+        for shards in (1, 4):
+            r = repeated(lambda s=shards, m=shared_memory: ps_round(numel, s, rounds, m), repeats)
+            path = "shared memory" if shared_memory else "network"
+            name = f"parameter server, {shards} shard{'s' if shards > 1 else ''}, {path}"
+            ratio = median(r["round"]) / median(g["round"])
+            notes = (
+                f"push {median(r['push']) * 1e3:.0f} ms, pull {median(r['pull']) * 1e3:.0f} ms, "
+                f"{ratio:.2f}x gloo; each way: gRPC {median(r['wire']) / 2e6:.3g} MB, "
+                f"shm {median(r['shared']) / 2e6:.3g} MB"
+            )
+            rows.append((name, r["round"], notes))
+    return rows
+
+
+def latency_rows(rounds: int, repeats: int) -> list[tuple[str, list, str]]:
+    """A 4 KB shard's round trip as two calls and as one, and gRPC's floor beside them."""
+    s = repeated(lambda: small_round_trip(rounds), repeats)
+    notes = (
+        f"push {median(s['push']) * 1e3:.2f} ms, pull {median(s['pull']) * 1e3:.2f} ms, "
+        f"{tail(s['round'])} (goal <= 1 ms)"
+    )
+    rows = [("4 KB shard: push + pull (2 unary calls)", s["round"], notes)]
+    notes = f"push and pull in one unary call; {tail(s['push_pull'])} (goal <= 1 ms)"
+    rows.append(("4 KB shard: push_pull (1 unary call)", s["push_pull"], notes))
+    notes = "one unary call carrying no tensor: the per-call floor of gRPC Python here"
+    rows.append(("Status call (same server)", s["floor"], notes))
+    return rows
 
 
 def main() -> None:
@@ -184,40 +252,34 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--mb", type=float, default=100.0, help="vector size in MB (1e6 bytes)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement")
     parser.add_argument("--latency-rounds", type=int, default=1000)
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["bandwidth", "latency"],
+        default=["bandwidth", "latency"],
+        help="which measurements to run (default: both)",
+    )
     args = parser.parse_args()
     numel = int(args.mb * 1e6) // 4
-    megabytes = numel * 4 / 1e6
     print(
-        f"# {megabytes:.0f} MB float32 vector, {args.rounds} rounds; "
+        f"# {numel * 4 / 1e6:.0f} MB float32 vector; {args.repeats} repeats x {args.rounds} "
+        f"rounds, {args.repeats} x {args.latency_rounds} small rounds; "
         f"{os.cpu_count()} CPUs; torch {torch.__version__}"
     )
     rows = []
-    for shards in (1, 4):
-        r = ps_round(numel, shards, args.rounds)
-        name = f"parameter server, {shards} shard{'s' if shards > 1 else ''}: push + pull"
-        notes = (
-            f"push {r['push'] * 1e3:.0f} ms, pull {r['pull'] * 1e3:.0f} ms, "
-            f"{2 * megabytes / r['round'] / 1e3:.2f} GB/s, "
-            f"wire {r['wire_bytes'] / 1e6 / 2:.1f} MB each way"
-        )
-        rows.append((name, r["round"], r["best"], notes))
-    g = gloo_all_reduce(numel, args.rounds)
-    notes = f"{megabytes / g['round'] / 1e3:.2f} GB/s algbw"
-    rows.append(("gloo all_reduce, 2 processes", g["round"], g["best"], notes))
-    s = small_round_trip(args.latency_rounds)
-    notes = (
-        f"push {s['push'] * 1e3:.2f} ms, pull {s['pull'] * 1e3:.2f} ms, "
-        f"mean {s['mean'] * 1e3:.2f} ms, p99 {s['p99'] * 1e3:.2f} ms (goal <= 1 ms)"
-    )
-    rows.append(("4 KB shard: push + pull round trip", s["median"], s["best"], notes))
-    notes = "one unary call carrying no tensor: the per-call floor of gRPC Python here"
-    rows.append(("Status call (same server)", s["floor"], s["floor_best"], notes))
+    if "bandwidth" in args.parts:
+        rows += bandwidth_rows(numel, args.rounds, args.repeats)
+    if "latency" in args.parts:
+        rows += latency_rows(args.latency_rounds, args.repeats)
     width = max(len(row[0]) for row in rows)
     print(f"{'measurement':<{width}}  {'median':>10}  {'best':>10}  notes")
-    for name, median, best, notes in rows:
-        print(f"{name:<{width}}  {median * 1e3:>8.2f}ms  {best * 1e3:>8.2f}ms  {notes}")
+    for name, times, notes in rows:
+        print(
+            f"{name:<{width}}  {median(times) * 1e3:>8.2f}ms  {min(times) * 1e3:>8.2f}ms  {notes}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,14 +12,22 @@ from downpour.errors import DownpourError
 from downpour.metrics import TrainResult
 from downpour.optim import optim
 from downpour import strategies
+from downpour.strategies import Allreduce
 from downpour.strategies import Downpour
 from downpour.strategies import Faults
+from downpour.strategies import Hogwild
+from downpour.strategies import HotPotato
+from downpour.strategies import LocalSGD
 from downpour.strategies import Single
 from downpour.strategies import Sync
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Allreduce",
+    "Hogwild",
+    "HotPotato",
+    "LocalSGD",
     "Downpour",
     "DownpourError",
     "Faults",

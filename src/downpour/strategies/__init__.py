@@ -6,7 +6,11 @@ from typing import Any
 
 from downpour.errors import choose
 from downpour.strategies.base import Faults, Job, Strategy
+from downpour.strategies.allreduce import Allreduce
 from downpour.strategies.downpour import Downpour
+from downpour.strategies.hogwild import Hogwild
+from downpour.strategies.hot_potato import HotPotato
+from downpour.strategies.local_sgd import LocalSGD
 from downpour.strategies.single import Single
 from downpour.strategies.sync import Sync
 
@@ -22,6 +26,10 @@ def register(cls: type) -> type:
 register(Single)
 register(Downpour)
 register(Sync)
+register(Allreduce)
+register(LocalSGD)
+register(Hogwild)
+register(HotPotato)
 
 
 def get(name: str, **options: Any) -> Strategy:
@@ -30,4 +38,18 @@ def get(name: str, **options: Any) -> Strategy:
     return STRATEGIES[name](**options)
 
 
-__all__ = ["STRATEGIES", "Downpour", "Faults", "Job", "Single", "Strategy", "Sync", "get", "register"]
+__all__ = [
+    "STRATEGIES",
+    "Allreduce",
+    "Downpour",
+    "Faults",
+    "Hogwild",
+    "HotPotato",
+    "Job",
+    "LocalSGD",
+    "Single",
+    "Strategy",
+    "Sync",
+    "get",
+    "register",
+]

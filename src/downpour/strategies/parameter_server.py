@@ -47,8 +47,14 @@ class PSWorker(Worker):
     def counters(self) -> dict[str, Any]:
         if not hasattr(self, "client"):
             return super().counters()
-        return {"comm/bytes_sent": self.client.bytes_sent, "comm/bytes_received": self.client.bytes_received,
-                "comm/pushes": self.client.pushes, "comm/pulls": self.client.pulls, "comm/rounds": self.rounds}
+        # Bytes moved, whichever way they went: over gRPC, or (for roles on the
+        # same host) through shared memory with gRPC carrying only the header.
+        # Strategies compare on what they move; the shared part is also reported.
+        c = self.client
+        return {"comm/bytes_sent": c.bytes_sent + c.bytes_shared_sent,
+                "comm/bytes_received": c.bytes_received + c.bytes_shared_received,
+                "comm/bytes_shared": c.bytes_shared_sent + c.bytes_shared_received,
+                "comm/pushes": c.pushes, "comm/pulls": c.pulls, "comm/rounds": self.rounds}
 
     def pull(self, **kwargs: Any) -> list[int]:
         """Pull every shard into the model's parameters; returns the shards' versions.

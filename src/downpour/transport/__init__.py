@@ -1,11 +1,13 @@
 """The parameter-server transport: gRPC services, protobuf messages, chunked tensors.
 
 The only gRPC code in downpour. Tensors travel as raw little-endian bytes in
-chunks of about 1 MiB (client-streaming pushes, server-streaming pulls),
-every call carries the run's token, and every message is validated before it
-reaches a shard. Strategies and the cluster use :func:`serve_shard`,
-:class:`ShardClient`, :class:`ParameterClient` and :class:`Security`, and
-never see a gRPC type.
+chunks of about 1 MiB (client-streaming pushes, server-streaming pulls), or
+in one unary call when they fit in one chunk, or, between a client and a
+server on the same host, through a shared-memory segment with only headers
+on gRPC. Every call carries the run's token, and every message is validated
+before it reaches a shard, whichever way it came. Strategies and the cluster
+use :func:`serve_shard`, :class:`ShardClient`, :class:`ParameterClient` and
+:class:`Security`, and never see a gRPC type.
 
 Example:
     >>> import torch
@@ -36,6 +38,7 @@ from downpour.transport.security import Security
 from downpour.transport.service import ShardServer
 from downpour.transport.service import ShardService
 from downpour.transport.service import serve_shard
+from downpour.transport.shared import SHARED_MIN_BYTES
 
 
 def new_token() -> str:
@@ -46,6 +49,7 @@ def new_token() -> str:
 __all__ = [
     "CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
+    "SHARED_MIN_BYTES",
     "InvalidUpdate",
     "ParameterClient",
     "PushResult",

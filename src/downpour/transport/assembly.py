@@ -1,14 +1,18 @@
-"""Assembling a pushed update from its chunks, checking each as it arrives.
+"""Assembling a tensor from its chunks, checking each as it arrives, both ways.
 
-Nothing of a push reaches the shard until the whole of it has arrived and
-matched its header; a chunk that breaks the header's promises (order, count,
-length) is refused on arrival, so a forged stream never makes the server hold
-more than one shard's worth of bytes.
+On the server, :class:`PushAssembly`: nothing of a push reaches the shard
+until the whole of it has arrived and matched its header; a chunk that
+breaks the header's promises (order, count, length) is refused on arrival,
+so a forged stream never makes the server hold more than one shard's worth
+of bytes. On the client, :func:`read_pull` holds a pull's answer to the same
+promises before it returns a tensor.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -17,7 +21,7 @@ import torch
 from downpour.flat import SparseUpdate
 from downpour.transport import codec
 from downpour.transport import downpour_pb2 as pb
-from downpour.transport.codec import Malformed, PushFrame
+from downpour.transport.codec import Malformed, PushFrame, TensorFrame
 
 KINDS = {pb.GRADIENT: "gradient", pb.DELTA: "delta"}
 
@@ -75,6 +79,7 @@ class PushAssembly:
         self._pooled: np.ndarray | None = None
 
     def feed(self, frame: PushFrame | Malformed) -> None:
+        """Check and take the next chunk of a stream (or the only one of a unary push)."""
         if isinstance(frame, Malformed):
             raise Reject("MALFORMED", frame.reason)
         if self.header is None:
@@ -83,6 +88,30 @@ class PushAssembly:
             raise Reject(
                 "BAD_HEADER", f"chunk {frame.seq} carries a second header; only chunk 0 may"
             )
+        self._take(frame)
+
+    def feed_region(self, header: pb.PushHeader, region: memoryview) -> None:
+        """Take a whole push whose bytes lie in ``region`` (a shared-memory segment).
+
+        The header is checked as a stream's first chunk is, and decides how
+        many bytes to read: the values from the start of the region, the
+        indices (sparse) right after. Those bytes are copied before anything
+        checks them, so a peer that rewrites the segment meanwhile cannot slip
+        unchecked values past the shard.
+        """
+        self._start(PushFrame(0, header, region[:0], region[:0]))
+        assert self._values is not None
+        values = len(self._values)
+        indices = 0 if self._indices is None else len(self._indices)
+        if values + indices > len(region):
+            raise Reject(
+                "BAD_LENGTH",
+                f"the header announces {values + indices} bytes, "
+                f"the shared segment holds {len(region)}",
+            )
+        self._take(PushFrame(0, None, region[:values], region[values : values + indices]))
+
+    def _take(self, frame: PushFrame) -> None:
         header = self.header
         assert header is not None
         if self._received >= header.num_chunks:
@@ -202,3 +231,96 @@ class PushAssembly:
 def _as_float32(raw: np.ndarray, wire_dtype: int) -> torch.Tensor:
     values = torch.from_numpy(raw.view(codec.NUMPY_DTYPES[wire_dtype]))
     return values if wire_dtype == pb.FLOAT32 else values.to(torch.float32)
+
+
+# -- the client's side -------------------------------------------------------
+
+
+class Violation(Exception):
+    """An answer of the server's that breaks the protocol (the client raises a TransportError)."""
+
+
+def read_pull(
+    frames: Iterator[TensorFrame | Malformed],
+    out: torch.Tensor | None,
+    shard_id: int,
+    size: int | None = None,
+) -> tuple[int, torch.Tensor] | None:
+    """``(version, out)`` from a pull's chunks, or None for a "not newer" answer.
+
+    Checks the header (shard, dtype, a 1-D shape of ``size`` elements when
+    known) and every chunk (order, count, length) as :class:`PushAssembly`
+    does on the server; raises :class:`Violation` where they fail, and
+    ``ValueError`` for an ``out`` of the wrong kind.
+    """
+    first = next(frames, None)
+    header = _first_header(first, shard_id)
+    if header.not_newer:
+        return None
+    if header.dtype not in codec.VALUE_DTYPES or len(header.shape) != 1:
+        raise Violation(
+            f"a pull answered with {codec.dtype_name(header.dtype)}{list(header.shape)}"
+        )
+    numel = header.shape[0]
+    if numel < 0 or (size is not None and numel != size):
+        raise Violation(f"a pull answered with {numel} elements, the shard has {size}")
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.numel() != numel or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous float32 tensor of {numel} elements, "
+            f"got {out.dtype}[{out.numel()}] (contiguous: {out.is_contiguous()})"
+        )
+    staging = None
+    if header.dtype == pb.FLOAT32:
+        target = out.detach().numpy().reshape(-1).view(np.uint8)
+    else:
+        staging = np.empty(numel * codec.NUMPY_DTYPES[header.dtype].itemsize, dtype=np.uint8)
+        target = staging
+    at = 0
+    seq = 0
+    frame: Any = first
+    while frame is not None:
+        if isinstance(frame, Malformed):
+            raise Violation(frame.reason)
+        if frame.seq != seq or seq >= header.num_chunks:
+            raise Violation(f"chunk {frame.seq} arrived where {seq} of {header.num_chunks} was due")
+        end = at + len(frame.data)
+        if end > len(target):
+            raise Violation(f"a pull carried more than the {len(target)} bytes announced")
+        target[at:end] = np.frombuffer(frame.data, dtype=np.uint8)
+        at, seq = end, seq + 1
+        frame = next(frames, None)
+    if seq != header.num_chunks or at != len(target):
+        raise Violation(
+            f"a pull ended after {seq} of {header.num_chunks} chunks, {at} of {len(target)} bytes"
+        )
+    if staging is not None:
+        out.detach().copy_(torch.from_numpy(staging.view(codec.NUMPY_DTYPES[header.dtype])))
+    return header.version, out
+
+
+def _first_header(first: TensorFrame | Malformed | None, shard_id: int) -> pb.TensorHeader:
+    if first is None:
+        raise Violation("a pull answered with no chunks")
+    if isinstance(first, Malformed):
+        raise Violation(first.reason)
+    if first.header is None or first.seq != 0:
+        raise Violation("a pull's first chunk carried no header")
+    if first.header.shard_id != shard_id:
+        raise Violation(f"the server holds shard {first.header.shard_id}, not {shard_id}")
+    return first.header
+
+
+def region_frame(header: pb.TensorHeader, region: memoryview) -> TensorFrame:
+    """A shared-memory pull's answer as the one chunk :func:`read_pull` checks like any other.
+
+    The data is the part of ``region`` the header describes; when the header
+    is bad or asks for more than the region holds, a shorter slice, which
+    :func:`read_pull` then refuses.
+    """
+    dtype = codec.NUMPY_DTYPES.get(header.dtype)
+    size = 0
+    if dtype is not None and len(header.shape) == 1 and header.shape[0] > 0:
+        size = min(header.shape[0] * dtype.itemsize, len(region))
+    return TensorFrame(0, header, region[:size])

@@ -5,72 +5,46 @@ gRPC type crosses this boundary. A refused call raises
 :class:`~downpour.transport.Refused` (a ``TransportError``) with the server's
 message, or ``StaleUpdate`` when the policy finds the update too stale; a
 missed deadline raises ``PeerTimeout`` naming the address.
+
+A client picks the cheapest way for each call on its own. On its first call
+it asks the server's ``Hello`` for the shard's size and, when the server is on
+this host, for a shared-memory session. Then: a tensor of at least
+``SHARED_MIN_BYTES`` goes through the session's segment (gRPC carries only
+the header); one that fits in a chunk goes as one unary call; anything else
+as a stream of chunks. All three end in the same checks on both sides.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
-from typing import Any, Self, TypeVar
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, Self, TypeVar
 
 import grpc
 import numpy as np
 import torch
-from google.protobuf.message import DecodeError
 
-from downpour.errors import PeerTimeout, StaleUpdate, TransportError
+from downpour.errors import PeerTimeout, TransportError
 from downpour.flat import SparseUpdate
 from downpour.transport import codec
 from downpour.transport import downpour_pb2 as pb
-from downpour.transport.codec import Malformed, TensorFrame
-from downpour.transport.protocol import UPDATE_KINDS, PushResult, Refused, UpdateKind
+from downpour.transport.assembly import Violation, read_pull, region_frame
+from downpour.transport.channel import Stubs, reject_of, translate
+from downpour.transport.protocol import UPDATE_KINDS, PushResult, UpdateKind
 from downpour.transport.security import Security
+from downpour.transport.shared import SHARED_MIN_BYTES, ClientSession, Segment, is_loopback
+from downpour.transport.shared import available as shared_memory_available
 
 T = TypeVar("T")
+SharedMemory = bool | Literal["auto"]
+
+logger = logging.getLogger(__name__)
 
 _KINDS = {"gradient": pb.GRADIENT, "delta": pb.DELTA}
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
-    # Retries would buffer every request message; a failed push is the caller's to redo.
-    ("grpc.enable_retries", 0),
-    # Read server streams on the calling thread: about half the latency of a small pull.
-    ("SingleThreadedUnaryStream", 1),
-]
-
-
-class _Counters:
-    """Bytes and calls of one client; gRPC's threads update them, hence the lock."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.bytes_sent = self.bytes_received = self.pushes = self.pulls = 0
-
-    def sent(self, serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
-        def counted(message: Any) -> bytes:
-            data = serialize(message)
-            with self._lock:
-                self.bytes_sent += len(data)
-            return data
-
-        return counted
-
-    def received(self, parse: Callable[[bytes], T]) -> Callable[[bytes], T]:
-        def counted(data: bytes) -> T:
-            with self._lock:
-                self.bytes_received += len(data)
-            return parse(data)
-
-        return counted
-
-    def count(self, what: str) -> None:
-        with self._lock:
-            setattr(self, what, getattr(self, what) + 1)
-
-
-def _identity(data: bytes) -> bytes:
-    return data
+_GOODBYE_S = 2.0  # the longest close() waits for the server to end a shared-memory session
 
 
 class ShardClient:
@@ -83,6 +57,15 @@ class ShardClient:
         security: plaintext (default) or TLS; see :class:`Security`.
         timeout: default deadline of every call, in seconds.
         chunk_bytes: payload bytes per pushed chunk.
+        shared_memory: move tensors through shared memory when the server is
+            on this host. ``"auto"`` (default): when ``address`` is a loopback
+            address and the server offers it, else quietly the network.
+            ``True``: whatever the address (a same-host server reached by
+            another name), and a ``TransportError`` if the server offers a
+            segment this client cannot map (it is on another host).
+            ``False``: never. A server may decline (shard under
+            ``SHARED_MIN_BYTES``, sessions used up, or turned off); then the
+            network it is.
 
     Example:
         >>> client = ShardClient("127.0.0.1:50051", token, shard_id=0)  # doctest: +SKIP
@@ -100,6 +83,7 @@ class ShardClient:
         security: Security | None = None,
         timeout: float = 30.0,
         chunk_bytes: int = codec.CHUNK_BYTES,
+        shared_memory: SharedMemory = "auto",
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("token must be a non-empty string (the run's token)")
@@ -109,54 +93,60 @@ class ShardClient:
             raise ValueError(
                 f"chunk_bytes must be in [1, {codec.MAX_CHUNK_BYTES}], got {chunk_bytes}"
             )
+        if not (shared_memory is True or shared_memory is False or shared_memory == "auto"):
+            raise ValueError(f"shared_memory must be 'auto', True or False, got {shared_memory!r}")
+        if shared_memory is True and not shared_memory_available():
+            raise ValueError(
+                "shared_memory=True needs POSIX shared memory in /dev/shm (Linux); "
+                "pass shared_memory='auto' or False"
+            )
         self.address = address
         self.shard_id = shard_id
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self._metadata = ((codec.TOKEN_KEY, token),)
-        security = security or Security()
-        options = CHANNEL_OPTIONS + security.channel_options()
-        credentials = security.channel_credentials()
-        if credentials is None:
-            self._channel = grpc.insecure_channel(
-                address, options=options, compression=grpc.Compression.NoCompression
-            )
-        else:
-            self._channel = grpc.secure_channel(
-                address, credentials, options=options, compression=grpc.Compression.NoCompression
-            )
-        self._counters = counters = _Counters()
-        self._pull = self._channel.unary_stream(
-            codec.PULL,
-            request_serializer=counters.sent(pb.PullRequest.SerializeToString),
-            response_deserializer=counters.received(codec.parse_tensor_chunk),
+        self._require_shared = shared_memory is True
+        self._want_shared = self._require_shared or (
+            shared_memory == "auto" and is_loopback(address) and shared_memory_available()
         )
-        self._push = self._channel.stream_unary(
-            codec.PUSH,
-            request_serializer=counters.sent(_identity),
-            response_deserializer=counters.received(pb.PushReply.FromString),
-        )
-        self._status = self._channel.unary_unary(
-            codec.STATUS,
-            request_serializer=counters.sent(pb.StatusRequest.SerializeToString),
-            response_deserializer=counters.received(pb.StatusReply.FromString),
-        )
-        self._shutdown = self._channel.unary_unary(
-            codec.SHUTDOWN,
-            request_serializer=counters.sent(pb.ShutdownRequest.SerializeToString),
-            response_deserializer=counters.received(pb.ShutdownReply.FromString),
-        )
+        # What the server's Hello said; set once, on the first call (see _greet).
+        self._hello_lock = threading.Lock()
+        self._greeted = False
+        self._size: int | None = None
+        self._server_chunk_bytes = 0
+        self._session: ClientSession | None = None
+        self._rpc = Stubs(address, security or Security())
+        self._counters = self._rpc.counters
 
     # -- counters --------------------------------------------------------
 
     @property
     def bytes_sent(self) -> int:
-        """Serialized bytes of every message sent (what goes on the wire, before HTTP/2 framing)."""
+        """Serialized bytes of every message sent (what goes on the wire, before HTTP/2 framing).
+
+        Bytes that went through shared memory are not in it; see :attr:`bytes_shared_sent`.
+        """
         return self._counters.bytes_sent
 
     @property
     def bytes_received(self) -> int:
+        """Serialized bytes of every message received (shared memory not included)."""
         return self._counters.bytes_received
+
+    @property
+    def bytes_shared_sent(self) -> int:
+        """Tensor bytes pushed through shared memory instead of the network."""
+        return self._counters.bytes_shared_sent
+
+    @property
+    def bytes_shared_received(self) -> int:
+        """Tensor bytes pulled through shared memory instead of the network."""
+        return self._counters.bytes_shared_received
+
+    @property
+    def bytes_shared(self) -> int:
+        """Tensor bytes moved through shared memory, both ways."""
+        return self.bytes_shared_sent + self.bytes_shared_received
 
     @property
     def pushes(self) -> int:
@@ -166,13 +156,18 @@ class ShardClient:
     def pulls(self) -> int:
         return self._counters.pulls
 
+    @property
+    def uses_shared_memory(self) -> bool:
+        """Whether the client holds a shared-memory session (known after its first call)."""
+        return self._session is not None
+
     # -- calls -----------------------------------------------------------
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the server accepts connections (``PeerTimeout`` after ``timeout`` s)."""
         seconds = self.timeout if timeout is None else timeout
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=seconds)
+            grpc.channel_ready_future(self._rpc.channel).result(timeout=seconds)
         except grpc.FutureTimeoutError:
             raise PeerTimeout(self.address, seconds, "accept a connection") from None
 
@@ -199,83 +194,73 @@ class ShardClient:
             timeout: deadline in seconds (default: the client's).
         """
         seconds = self.timeout if timeout is None else timeout
-        request = pb.PullRequest(
-            shard_id=self.shard_id, average=average, dtype=pb.FLOAT16 if half else pb.FLOAT32
-        )
+        request = self._pull_request(newer_than, wait_version, average, half)
+        self._greet(seconds)
+        size = self._pull_bytes(request)
+        session = self._session
+        if session is not None and size >= SHARED_MIN_BYTES and session.lock.acquire(False):
+            result = self._pull_through(session, request, out, seconds)
+        elif 0 <= size <= self._server_chunk_bytes:
+            try:
+                frame = self._rpc.pull_small(request, timeout=seconds, metadata=self._metadata)
+            except grpc.RpcError as error:
+                raise self._error(error, "answer a pull", seconds) from None
+            result = self._receive(iter([frame]), out)
+        else:
+            stream = self._rpc.pull(request, timeout=seconds, metadata=self._metadata)
+            try:
+                result = self._receive(iter(stream), out)
+            except grpc.RpcError as error:
+                raise self._error(error, "answer a pull", seconds) from None
+            finally:
+                stream.cancel()  # a no-op once the stream has ended; frees it if we stopped early
+        self._counters.count("pulls")
+        return result
+
+    def _pull_request(
+        self, newer_than: int | None, wait_version: int | None, average: bool, half: bool
+    ) -> pb.PullRequest:
+        wire_dtype = pb.FLOAT16 if half else pb.FLOAT32
+        request = pb.PullRequest(shard_id=self.shard_id, average=average, dtype=wire_dtype)
         if newer_than is not None:
             request.newer_than = newer_than
         if wait_version is not None:
             request.wait_version = wait_version
-        stream = self._pull(request, timeout=seconds, metadata=self._metadata)
+        return request
+
+    def _pull_bytes(self, request: pb.PullRequest) -> int:
+        """The payload bytes a pull brings; -1 while the shard's size is unknown."""
+        if self._size is None:
+            return -1
+        return self._size * codec.NUMPY_DTYPES[request.dtype].itemsize
+
+    def _pull_through(
+        self,
+        session: ClientSession,
+        request: pb.PullRequest,
+        out: torch.Tensor | None,
+        seconds: float,
+    ) -> tuple[int, torch.Tensor] | None:
+        """A pull into the session's segment; ``session.lock`` is held, and released here."""
+        with self._shared_call(session, "answer a pull", seconds) as seq:
+            reply = self._rpc.pull_shared(
+                pb.SharedPullRequest(session=session.key, seq=seq, request=request),
+                timeout=seconds,
+                metadata=self._metadata,
+            )
+            if reply.seq != seq:
+                raise self._violation(f"a shared pull answered seq {reply.seq} to seq {seq}")
+            frame = region_frame(reply.header, session.segment.view)
+            result = self._receive(iter([frame]), out)
+            self._counters.count("bytes_shared_received", len(frame.data))
+            return result
+
+    def _receive(self, frames: Iterator, out: torch.Tensor | None):
+        """``read_pull`` of the answer; a broken promise of the server's is a TransportError."""
         try:
-            result = self._receive(iter(stream), out)
-        except grpc.RpcError as error:
-            raise self._error(error, "answer a pull", seconds) from None
-        finally:
-            stream.cancel()  # a no-op once the stream has ended; frees it if we stopped early
-        self._counters.count("pulls")
-        return result
-
-    def _receive(self, frames, out: torch.Tensor | None) -> tuple[int, torch.Tensor] | None:
-        first = next(frames, None)
-        header = self._first_header(first)
-        if header.not_newer:
-            return None
-        if header.dtype not in codec.VALUE_DTYPES or len(header.shape) != 1:
-            raise self._violation(
-                f"a pull answered with {codec.dtype_name(header.dtype)}{list(header.shape)}"
-            )
-        numel = header.shape[0]
-        if out is None:
-            out = torch.empty(numel, dtype=torch.float32)
-        elif out.dtype != torch.float32 or out.numel() != numel or not out.is_contiguous():
-            raise ValueError(
-                f"out must be a contiguous float32 tensor of {numel} elements, "
-                f"got {out.dtype}[{out.numel()}] (contiguous: {out.is_contiguous()})"
-            )
-        staging = None
-        if header.dtype == pb.FLOAT32:
-            target = out.detach().numpy().reshape(-1).view(np.uint8)
-        else:
-            staging = np.empty(numel * codec.NUMPY_DTYPES[header.dtype].itemsize, dtype=np.uint8)
-            target = staging
-        at = 0
-        seq = 0
-        frame: Any = first
-        while frame is not None:
-            if isinstance(frame, Malformed):
-                raise self._violation(frame.reason)
-            if frame.seq != seq or seq >= header.num_chunks:
-                raise self._violation(
-                    f"chunk {frame.seq} arrived where {seq} of {header.num_chunks} was due"
-                )
-            end = at + len(frame.data)
-            if end > len(target):
-                raise self._violation(f"a pull carried more than the {len(target)} bytes announced")
-            target[at:end] = np.frombuffer(frame.data, dtype=np.uint8)
-            at, seq = end, seq + 1
-            frame = next(frames, None)
-        if seq != header.num_chunks or at != len(target):
-            raise self._violation(
-                f"a pull ended after {seq} of {header.num_chunks} chunks, "
-                f"{at} of {len(target)} bytes"
-            )
-        if staging is not None:
-            out.detach().copy_(torch.from_numpy(staging.view(codec.NUMPY_DTYPES[header.dtype])))
-        return header.version, out
-
-    def _first_header(self, first: TensorFrame | Malformed | None) -> pb.TensorHeader:
-        if first is None:
-            raise self._violation("a pull answered with no chunks")
-        if isinstance(first, Malformed):
-            raise self._violation(first.reason)
-        if first.header is None or first.seq != 0:
-            raise self._violation("a pull's first chunk carried no header")
-        if first.header.shard_id != self.shard_id:
-            raise self._violation(
-                f"the server holds shard {first.header.shard_id}, not {self.shard_id}"
-            )
-        return first.header
+            return read_pull(frames, out, self.shard_id, self._size)
+        except Violation as violation:
+            raise self._violation(str(violation)) from None
 
     def push(
         self,
@@ -291,6 +276,94 @@ class ShardClient:
         A float16 tensor (or sparse values) travels as float16 and is
         widened on the server. Sparse indices travel as int32 when they fit.
         """
+        header, values, indices = self._encode_push(worker, version, update, kind)
+        size = values.nbytes + (0 if indices is None else indices.nbytes)
+        seconds = self.timeout if timeout is None else timeout
+        self._greet(seconds)
+        session = self._session
+        if (
+            session is not None
+            and SHARED_MIN_BYTES <= size <= session.size
+            and session.lock.acquire(False)
+        ):
+            reply = self._push_through(session, header, values, indices, seconds)
+        else:
+            frames = codec.push_frames(header, values, indices, self.chunk_bytes)
+            small = header.num_chunks == 1 and self._size is not None
+            try:
+                if small:
+                    reply = self._rpc.push_small(
+                        next(frames), timeout=seconds, metadata=self._metadata
+                    )
+                else:
+                    reply = self._rpc.push(frames, timeout=seconds, metadata=self._metadata)
+            except grpc.RpcError as error:
+                raise self._error(error, "answer a push", seconds) from None
+        self._counters.count("pushes")
+        return PushResult(reply.applied, reply.dropped, reply.staleness, reply.version)
+
+    def push_pull(
+        self,
+        worker: int,
+        version: int,
+        update: torch.Tensor | SparseUpdate,
+        *,
+        kind: UpdateKind = "gradient",
+        wait_version: int | None = None,
+        average: bool = False,
+        half: bool = False,
+        out: torch.Tensor | None = None,
+        timeout: float | None = None,
+    ) -> tuple[PushResult, int, torch.Tensor]:
+        """Push an update, then pull the shard as it is after it: ``(result, version, params)``.
+
+        What :meth:`push` then :meth:`pull` do, for the price of one call
+        when both tensors are small (each fits in one chunk and, on a
+        shared-memory session, stays under ``SHARED_MIN_BYTES``): a worker's
+        round trip is then bounded by one call of gRPC's, not two. Larger
+        tensors go as a push and a pull, each by its own cheapest way. The
+        pull is checked before the push is offered, so a refused call has
+        changed nothing; a refused push raises as :meth:`push` does.
+
+        Example:
+            >>> result, version, params = client.push_pull(0, version, grad)  # doctest: +SKIP
+        """
+        header, values, indices = self._encode_push(worker, version, update, kind)
+        seconds = self.timeout if timeout is None else timeout
+        request = self._pull_request(None, wait_version, average, half)
+        self._greet(seconds)
+        pushed = values.nbytes + (0 if indices is None else indices.nbytes)
+        pulled = self._pull_bytes(request)
+        small = 0 <= pulled <= self._server_chunk_bytes
+        if self._session is not None:
+            small = small and max(pushed, pulled) < SHARED_MIN_BYTES
+        frames = codec.push_frames(header, values, indices, self.chunk_bytes)
+        if not small or header.num_chunks != 1:
+            result = self.push(worker, version, update, kind=kind, timeout=timeout)
+            pulled_back = self.pull(
+                wait_version=wait_version, average=average, half=half, out=out, timeout=timeout
+            )
+            assert pulled_back is not None
+            return result, *pulled_back
+        message = codec.push_pull_request(next(frames), request)
+        try:
+            reply = self._rpc.push_pull(message, timeout=seconds, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise self._error(error, "answer a push-pull", seconds) from None
+        self._counters.count("pushes")
+        if not reply.HasField("pull"):
+            raise self._violation("a push-pull answered with no pull")
+        pulled_back = self._receive(iter([codec.tensor_frame_of(reply.pull)]), out)
+        if pulled_back is None:
+            raise self._violation("a push-pull answered 'not newer' to a plain pull")
+        self._counters.count("pulls")
+        push = reply.push
+        return PushResult(push.applied, push.dropped, push.staleness, push.version), *pulled_back
+
+    def _encode_push(
+        self, worker: int, version: int, update: torch.Tensor | SparseUpdate, kind: str
+    ) -> tuple[pb.PushHeader, np.ndarray, np.ndarray | None]:
+        """The header of a push and its values (and indices) as little-endian arrays."""
         if kind not in UPDATE_KINDS:
             raise ValueError(
                 f"unknown update kind {kind!r}; choose one of: {', '.join(UPDATE_KINDS)}"
@@ -302,21 +375,119 @@ class ShardClient:
         header = pb.PushHeader(
             shard_id=self.shard_id, worker=worker, version=version, kind=_KINDS[kind]
         )
-        values, indices = _wire_arrays(update, header)
-        frames = codec.push_frames(header, values, indices, self.chunk_bytes)
-        seconds = self.timeout if timeout is None else timeout
+        values, indices = codec.update_arrays(update, header)
+        return header, values, indices
+
+    def _push_through(
+        self,
+        session: ClientSession,
+        header: pb.PushHeader,
+        values: np.ndarray,
+        indices: np.ndarray | None,
+        seconds: float,
+    ) -> pb.PushReply:
+        """A push from the session's segment; ``session.lock`` is held, and released here."""
+        with self._shared_call(session, "answer a push", seconds) as seq:
+            size = session.write(values, indices)
+            header.num_chunks = 1
+            reply = self._rpc.push_shared(
+                pb.SharedPushRequest(session=session.key, seq=seq, header=header),
+                timeout=seconds,
+                metadata=self._metadata,
+            )
+            self._counters.count("bytes_shared_sent", size)
+            return reply
+
+    @contextmanager
+    def _shared_call(self, session: ClientSession, what: str, seconds: float) -> Iterator[int]:
+        """One call through ``session`` (whose lock the caller took): its seq; errors mapped.
+
+        A call that ends without the server's answer (deadline, cancellation,
+        lost connection) may still be reading or writing the segment on the
+        server, so the session is dropped (a later call asks for a fresh one)
+        rather than reused under the server's feet.
+        """
+        clean = True
         try:
-            reply = self._push(frames, timeout=seconds, metadata=self._metadata)
+            yield session.next_seq()
         except grpc.RpcError as error:
-            raise self._error(error, "answer a push", seconds) from None
-        self._counters.count("pushes")
-        return PushResult(reply.applied, reply.dropped, reply.staleness, reply.version)
+            clean = reject_of(error) is not None
+            raise self._error(error, what, seconds) from None
+        finally:
+            session.lock.release()
+            if not clean:
+                self._drop(session)
+
+    # -- the first call's Hello ------------------------------------------
+
+    def _greet(self, seconds: float) -> None:
+        """Ask the server's Hello for the shard's size and a shared-memory session, once."""
+        if self._greeted:
+            return
+        with self._hello_lock:
+            if self._greeted:
+                return
+            request = pb.HelloRequest(shard_id=self.shard_id, shared_memory=self._want_shared)
+            try:
+                reply = self._rpc.hello(request, timeout=seconds, metadata=self._metadata)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise self._error(error, "answer a hello", seconds) from None
+                reply = None  # a server older than Hello: streams only
+            if reply is not None:
+                if reply.shard_id != self.shard_id or reply.size < 1:
+                    raise self._violation(
+                        f"hello answered for shard {reply.shard_id} of {reply.size} elements"
+                    )
+                self._size, self._server_chunk_bytes = reply.size, reply.chunk_bytes
+                if reply.HasField("segment"):
+                    self._session = self._attach(reply.segment, seconds)
+            self._greeted = True
+
+    def _attach(self, offer: pb.SharedSegment, seconds: float) -> ClientSession | None:
+        assert self._size is not None
+        try:
+            if offer.size < self._size * 4:
+                raise ValueError(f"{offer.size} bytes cannot hold {self._size} float32 values")
+            segment = Segment.attach(offer.name, offer.size)
+        except (OSError, ValueError) as error:
+            self._say_goodbye(offer.session, seconds)
+            if self._require_shared:
+                raise TransportError(
+                    f"cannot map the shared memory of shard {self.shard_id} at {self.address} "
+                    f"({error}); is the server on another host? "
+                    "Pass shared_memory='auto' to use the network then"
+                ) from None
+            logger.info(
+                "no shared memory with shard %d at %s: %s", self.shard_id, self.address, error
+            )
+            return None
+        segment.unlink()  # mapped on both sides now; nothing needs the name
+        return ClientSession(offer.session, segment)
+
+    def _drop(self, session: ClientSession) -> None:
+        """Stop using ``session``; the next call asks Hello for a fresh one."""
+        with self._hello_lock:
+            if self._session is session:
+                self._session, self._greeted = None, False
+        self._say_goodbye(session.key, self.timeout)
+        session.close()
+
+    def _say_goodbye(self, key: bytes, seconds: float) -> None:
+        try:
+            self._rpc.goodbye(
+                pb.GoodbyeRequest(session=key),
+                timeout=min(seconds, _GOODBYE_S),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as error:  # the server ends every session when it stops anyway
+            logger.debug("shard %d at %s: goodbye failed: %s", self.shard_id, self.address, error)
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The shard's counters, as ``ServerShard.status()`` returns them."""
         seconds = self.timeout if timeout is None else timeout
         try:
-            reply = self._status(
+            reply = self._rpc.status(
                 pb.StatusRequest(shard_id=self.shard_id), timeout=seconds, metadata=self._metadata
             )
         except grpc.RpcError as error:
@@ -343,14 +514,20 @@ class ShardClient:
         """Ask the server's owner to shut it down (sets its ``shutdown_requested``)."""
         seconds = self.timeout if timeout is None else timeout
         try:
-            self._shutdown(
+            self._rpc.shutdown(
                 pb.ShutdownRequest(reason=reason), timeout=seconds, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error, "answer a shutdown request", seconds) from None
 
     def close(self) -> None:
-        self._channel.close()
+        """End the shared-memory session (if any) and close the channel."""
+        with self._hello_lock:
+            session, self._session = self._session, None
+        if session is not None:
+            self._say_goodbye(session.key, self.timeout)
+            session.close()
+        self._rpc.close()
 
     def __enter__(self) -> Self:
         return self
@@ -367,83 +544,6 @@ class ShardClient:
         return TransportError(f"shard {self.shard_id} at {self.address} broke the protocol: {what}")
 
     def _error(self, error: grpc.RpcError, what: str, seconds: float) -> Exception:
-        code = error.code() if hasattr(error, "code") else None
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return PeerTimeout(self.address, seconds, what)
-        reject = _reject_of(error)
-        if reject is not None:
-            reason = (
-                pb.RejectCode.Name(reject.code)
-                if reject.code in pb.RejectCode.values()
-                else str(reject.code)
-            )
-            if reason == "STALE":
-                return StaleUpdate(reject.message)
-            return Refused(
-                reason,
-                f"shard {self.shard_id} at {self.address}: {reject.message}",
-                code.name if code else "",
-            )
-        details = error.details() if hasattr(error, "details") else str(error)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return TransportError(
-                f"shard {self.shard_id} at {self.address} is unavailable: {details}"
-            )
-        name = code.name if code is not None else "UNKNOWN"
-        return TransportError(
-            f"shard {self.shard_id} at {self.address} did not {what}: {name}: {details}"
+        return translate(
+            error, self.address, f"shard {self.shard_id} at {self.address}", what, seconds
         )
-
-
-def _reject_of(error: grpc.RpcError) -> pb.Reject | None:
-    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key == codec.REJECT_KEY:
-            try:
-                return pb.Reject.FromString(value)
-            except DecodeError:  # a garbled detail is no reason to hide the error itself
-                return None
-    return None
-
-
-def _wire_arrays(
-    update: torch.Tensor | SparseUpdate, header: pb.PushHeader
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Fill the header's layout fields; return the values (and indices) as little-endian arrays."""
-    if isinstance(update, SparseUpdate):
-        values = _value_array(update.values)
-        indices = update.indices.detach().reshape(-1)
-        if indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"sparse indices must be int32 or int64, got {indices.dtype}")
-        if indices.numel() != values.size:
-            raise ValueError(
-                f"sparse update has {indices.numel()} indices but {values.size} values"
-            )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= update.size):
-            # Checked here too: narrowing to int32 below could wrap a bad index into range.
-            raise ValueError(f"sparse update has indices outside [0, {update.size})")
-        if update.size < 2**31 and indices.dtype == torch.int64:
-            indices = indices.to(torch.int32)  # half the index bytes
-        header.encoding = pb.SPARSE
-        header.dtype = codec.TORCH_TO_WIRE[update.values.dtype]
-        header.index_dtype = codec.TORCH_TO_WIRE[indices.dtype]
-        header.shape.append(update.size)
-        header.nnz = indices.numel()
-        return values, indices.cpu().contiguous().numpy()
-    if not isinstance(update, torch.Tensor):
-        raise TypeError(
-            f"update must be a torch.Tensor or SparseUpdate, got {type(update).__name__}"
-        )
-    values = _value_array(update)
-    header.encoding = pb.DENSE
-    header.dtype = codec.TORCH_TO_WIRE[update.dtype]
-    header.shape.append(values.size)
-    return values, None
-
-
-def _value_array(values: torch.Tensor) -> np.ndarray:
-    if values.dtype not in (torch.float32, torch.float16):
-        raise TypeError(f"update values must be float32 or float16, got {values.dtype}")
-    header_dtype = codec.TORCH_TO_WIRE[values.dtype]
-    array = values.detach().reshape(-1).cpu().contiguous().numpy()
-    return array.astype(codec.NUMPY_DTYPES[header_dtype], copy=False)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
+from downpour.flat import SparseUpdate
 from downpour.transport import downpour_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -39,6 +40,13 @@ REJECT_KEY = "downpour-reject-bin"
 SERVICE = "downpour.v1.ParameterServer"
 PULL = f"/{SERVICE}/Pull"
 PUSH = f"/{SERVICE}/Push"
+PULL_SMALL = f"/{SERVICE}/PullSmall"
+PUSH_SMALL = f"/{SERVICE}/PushSmall"
+PUSH_PULL = f"/{SERVICE}/PushPull"
+HELLO = f"/{SERVICE}/Hello"
+PULL_SHARED = f"/{SERVICE}/PullShared"
+PUSH_SHARED = f"/{SERVICE}/PushShared"
+GOODBYE = f"/{SERVICE}/Goodbye"
 STATUS = f"/{SERVICE}/Status"
 SHUTDOWN = f"/{SERVICE}/Shutdown"
 
@@ -74,8 +82,13 @@ def dtype_name(wire: int) -> str:
 # -- writing ---------------------------------------------------------------
 
 
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]  # tags, seqs, short lengths
+
+
 def varint(value: int) -> bytes:
     """Protobuf's base-128 varint of a non-negative int (negative: two's complement, 10 bytes)."""
+    if 0 <= value < 0x80:  # most of them, on the path of every small call
+        return _ONE_BYTE[value]
     value &= _U64
     out = bytearray()
     while value > 0x7F:
@@ -87,7 +100,7 @@ def varint(value: int) -> bytes:
 
 def _field(number: int, payload) -> list:
     """The parts of one length-delimited field: tag, length, payload."""
-    return [varint(number << 3 | _LEN), varint(len(payload)), payload]
+    return [_ONE_BYTE[number << 3 | _LEN], varint(len(payload)), payload]
 
 
 def _byte_view(array: np.ndarray) -> memoryview:
@@ -132,6 +145,16 @@ def not_newer_frame(shard_id: int, version: int) -> bytes:
     return pb.TensorChunk(seq=0, header=header).SerializeToString()
 
 
+def push_pull_request(frame: bytes, pull: pb.PullRequest) -> bytes:
+    """A serialized ``PushPullRequest`` of a serialized ``PushChunk`` and a pull request."""
+    return b"".join([*_field(1, frame), *_field(2, pull.SerializeToString())])
+
+
+def push_pull_reply(push: pb.PushReply, frame: bytes) -> bytes:
+    """A serialized ``PushPullReply`` of a push's reply and a serialized ``TensorChunk``."""
+    return b"".join([*_field(1, push.SerializeToString()), *_field(2, frame)])
+
+
 def push_frames(
     header: pb.PushHeader,
     values: np.ndarray,
@@ -170,6 +193,49 @@ def push_frames(
             yield b"".join(parts)
 
     return frames()
+
+
+def update_arrays(
+    update: torch.Tensor | SparseUpdate, header: pb.PushHeader
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fill the header's layout fields; return the values (and indices) as little-endian arrays."""
+    if isinstance(update, SparseUpdate):
+        values = _value_array(update.values)
+        indices = update.indices.detach().reshape(-1)
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"sparse indices must be int32 or int64, got {indices.dtype}")
+        if indices.numel() != values.size:
+            raise ValueError(
+                f"sparse update has {indices.numel()} indices but {values.size} values"
+            )
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= update.size):
+            # Checked here too: narrowing to int32 below could wrap a bad index into range.
+            raise ValueError(f"sparse update has indices outside [0, {update.size})")
+        if update.size < 2**31 and indices.dtype == torch.int64:
+            indices = indices.to(torch.int32)  # half the index bytes
+        header.encoding = pb.SPARSE
+        header.dtype = TORCH_TO_WIRE[update.values.dtype]
+        header.index_dtype = TORCH_TO_WIRE[indices.dtype]
+        header.shape.append(update.size)
+        header.nnz = indices.numel()
+        return values, indices.cpu().contiguous().numpy()
+    if not isinstance(update, torch.Tensor):
+        raise TypeError(
+            f"update must be a torch.Tensor or SparseUpdate, got {type(update).__name__}"
+        )
+    values = _value_array(update)
+    header.encoding = pb.DENSE
+    header.dtype = TORCH_TO_WIRE[update.dtype]
+    header.shape.append(values.size)
+    return values, None
+
+
+def _value_array(values: torch.Tensor) -> np.ndarray:
+    if values.dtype not in (torch.float32, torch.float16):
+        raise TypeError(f"update values must be float32 or float16, got {values.dtype}")
+    header_dtype = TORCH_TO_WIRE[values.dtype]
+    array = values.detach().reshape(-1).cpu().contiguous().numpy()
+    return array.astype(NUMPY_DTYPES[header_dtype], copy=False)
 
 
 # -- reading ---------------------------------------------------------------
@@ -286,6 +352,18 @@ def parse_push_chunk(data: bytes) -> PushFrame | Malformed:
     except _BadWire as error:
         return Malformed(f"PushChunk does not parse: {error}")
     return PushFrame(seq, header, blobs["values"], blobs["indices"])
+
+
+def push_frame_of(chunk: pb.PushChunk) -> PushFrame:
+    """A parsed ``PushChunk`` message as the frame the assembly takes."""
+    header = chunk.header if chunk.HasField("header") else None
+    return PushFrame(chunk.seq, header, memoryview(chunk.values), memoryview(chunk.indices))
+
+
+def tensor_frame_of(chunk: pb.TensorChunk) -> TensorFrame:
+    """A parsed ``TensorChunk`` message as the frame a client reads."""
+    header = chunk.header if chunk.HasField("header") else None
+    return TensorFrame(chunk.seq, header, memoryview(chunk.data))
 
 
 def tolerant(parse):

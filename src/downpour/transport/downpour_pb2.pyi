@@ -47,6 +47,7 @@ class RejectCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MALFORMED: _ClassVar[RejectCode]
     TIMEOUT: _ClassVar[RejectCode]
     SHUTTING_DOWN: _ClassVar[RejectCode]
+    BAD_SESSION: _ClassVar[RejectCode]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -76,6 +77,7 @@ BAD_REQUEST: RejectCode
 MALFORMED: RejectCode
 TIMEOUT: RejectCode
 SHUTTING_DOWN: RejectCode
+BAD_SESSION: RejectCode
 
 class Reject(_message.Message):
     __slots__ = ("code", "message")
@@ -219,6 +221,90 @@ class StatusReply(_message.Message):
     staleness: _containers.ScalarMap[int, int]
     has_average: bool
     def __init__(self, shard_id: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., version: _Optional[int] = ..., policy: _Optional[str] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., applied: _Optional[int] = ..., dropped: _Optional[int] = ..., refused: _Optional[int] = ..., folded: _Optional[int] = ..., pending: _Optional[int] = ..., updates: _Optional[int] = ..., staleness: _Optional[_Mapping[int, int]] = ..., has_average: _Optional[bool] = ...) -> None: ...
+
+class PushPullRequest(_message.Message):
+    __slots__ = ("push", "pull")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    push: PushChunk
+    pull: PullRequest
+    def __init__(self, push: _Optional[_Union[PushChunk, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+
+class PushPullReply(_message.Message):
+    __slots__ = ("push", "pull")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    push: PushReply
+    pull: TensorChunk
+    def __init__(self, push: _Optional[_Union[PushReply, _Mapping]] = ..., pull: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class HelloRequest(_message.Message):
+    __slots__ = ("shard_id", "shared_memory")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    shared_memory: bool
+    def __init__(self, shard_id: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
+class SharedSegment(_message.Message):
+    __slots__ = ("session", "name", "size")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    name: str
+    size: int
+    def __init__(self, session: _Optional[bytes] = ..., name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("shard_id", "size", "chunk_bytes", "segment")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    size: int
+    chunk_bytes: int
+    segment: SharedSegment
+    def __init__(self, shard_id: _Optional[int] = ..., size: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., segment: _Optional[_Union[SharedSegment, _Mapping]] = ...) -> None: ...
+
+class SharedPullRequest(_message.Message):
+    __slots__ = ("session", "seq", "request")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    seq: int
+    request: PullRequest
+    def __init__(self, session: _Optional[bytes] = ..., seq: _Optional[int] = ..., request: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+
+class SharedPullReply(_message.Message):
+    __slots__ = ("seq", "header")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    header: TensorHeader
+    def __init__(self, seq: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
+
+class SharedPushRequest(_message.Message):
+    __slots__ = ("session", "seq", "header")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    seq: int
+    header: PushHeader
+    def __init__(self, session: _Optional[bytes] = ..., seq: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ...) -> None: ...
+
+class GoodbyeRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    def __init__(self, session: _Optional[bytes] = ...) -> None: ...
+
+class GoodbyeReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)

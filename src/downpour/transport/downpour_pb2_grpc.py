@@ -44,6 +44,41 @@ class ParameterServerStub:
                 request_serializer=downpour_dot_transport_dot_downpour__pb2.PushChunk.SerializeToString,
                 response_deserializer=downpour_dot_transport_dot_downpour__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PullSmall = channel.unary_unary(
+                '/downpour.v1.ParameterServer/PullSmall',
+                request_serializer=downpour_dot_transport_dot_downpour__pb2.PullRequest.SerializeToString,
+                response_deserializer=downpour_dot_transport_dot_downpour__pb2.TensorChunk.FromString,
+                _registered_method=True)
+        self.PushSmall = channel.unary_unary(
+                '/downpour.v1.ParameterServer/PushSmall',
+                request_serializer=downpour_dot_transport_dot_downpour__pb2.PushChunk.SerializeToString,
+                response_deserializer=downpour_dot_transport_dot_downpour__pb2.PushReply.FromString,
+                _registered_method=True)
+        self.PushPull = channel.unary_unary(
+                '/downpour.v1.ParameterServer/PushPull',
+                request_serializer=downpour_dot_transport_dot_downpour__pb2.PushPullRequest.SerializeToString,
+                response_deserializer=downpour_dot_transport_dot_downpour__pb2.PushPullReply.FromString,
+                _registered_method=True)
+        self.Hello = channel.unary_unary(
+                '/downpour.v1.ParameterServer/Hello',
+                request_serializer=downpour_dot_transport_dot_downpour__pb2.HelloRequest.SerializeToString,
+                response_deserializer=downpour_dot_transport_dot_downpour__pb2.HelloReply.FromString,
+                _registered_method=True)
+        self.PullShared = channel.unary_unary(
+                '/downpour.v1.ParameterServer/PullShared',
+                request_serializer=downpour_dot_transport_dot_downpour__pb2.SharedPullRequest.SerializeToString,
+                response_deserializer=downpour_dot_transport_dot_downpour__pb2.SharedPullReply.FromString,
+                _registered_method=True)
+        self.PushShared = channel.unary_unary(
+                '/downpour.v1.ParameterServer/PushShared',
+                request_serializer=downpour_dot_transport_dot_downpour__pb2.SharedPushRequest.SerializeToString,
+                response_deserializer=downpour_dot_transport_dot_downpour__pb2.PushReply.FromString,
+                _registered_method=True)
+        self.Goodbye = channel.unary_unary(
+                '/downpour.v1.ParameterServer/Goodbye',
+                request_serializer=downpour_dot_transport_dot_downpour__pb2.GoodbyeRequest.SerializeToString,
+                response_deserializer=downpour_dot_transport_dot_downpour__pb2.GoodbyeReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/downpour.v1.ParameterServer/Status',
                 request_serializer=downpour_dot_transport_dot_downpour__pb2.StatusRequest.SerializeToString,
@@ -68,6 +103,55 @@ class ParameterServerServicer:
 
     def Push(self, request_iterator, context):
         """One update (gradient or delta, dense or sparse) as a stream of chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullSmall(self, request, context):
+        """Pull and Push for a tensor that fits in one chunk (num_chunks = 1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushSmall(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPull(self, request, context):
+        """Push, then pull the shard as it is after the push, in one unary call (both
+        tensors in one chunk): a worker's round for the price of one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Hello(self, request, context):
+        """What the server offers: the shard's size, its chunk size and, if asked
+        for and possible, a shared-memory session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullShared(self, request, context):
+        """Pull into, and push from, the session's segment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushShared(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Goodbye(self, request, context):
+        """Ends a shared-memory session and frees its segment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +182,41 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=downpour_dot_transport_dot_downpour__pb2.PushChunk.FromString,
                     response_serializer=downpour_dot_transport_dot_downpour__pb2.PushReply.SerializeToString,
+            ),
+            'PullSmall': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullSmall,
+                    request_deserializer=downpour_dot_transport_dot_downpour__pb2.PullRequest.FromString,
+                    response_serializer=downpour_dot_transport_dot_downpour__pb2.TensorChunk.SerializeToString,
+            ),
+            'PushSmall': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushSmall,
+                    request_deserializer=downpour_dot_transport_dot_downpour__pb2.PushChunk.FromString,
+                    response_serializer=downpour_dot_transport_dot_downpour__pb2.PushReply.SerializeToString,
+            ),
+            'PushPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPull,
+                    request_deserializer=downpour_dot_transport_dot_downpour__pb2.PushPullRequest.FromString,
+                    response_serializer=downpour_dot_transport_dot_downpour__pb2.PushPullReply.SerializeToString,
+            ),
+            'Hello': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hello,
+                    request_deserializer=downpour_dot_transport_dot_downpour__pb2.HelloRequest.FromString,
+                    response_serializer=downpour_dot_transport_dot_downpour__pb2.HelloReply.SerializeToString,
+            ),
+            'PullShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullShared,
+                    request_deserializer=downpour_dot_transport_dot_downpour__pb2.SharedPullRequest.FromString,
+                    response_serializer=downpour_dot_transport_dot_downpour__pb2.SharedPullReply.SerializeToString,
+            ),
+            'PushShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushShared,
+                    request_deserializer=downpour_dot_transport_dot_downpour__pb2.SharedPushRequest.FromString,
+                    response_serializer=downpour_dot_transport_dot_downpour__pb2.PushReply.SerializeToString,
+            ),
+            'Goodbye': grpc.unary_unary_rpc_method_handler(
+                    servicer.Goodbye,
+                    request_deserializer=downpour_dot_transport_dot_downpour__pb2.GoodbyeRequest.FromString,
+                    response_serializer=downpour_dot_transport_dot_downpour__pb2.GoodbyeReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -164,6 +283,195 @@ class ParameterServer:
             '/downpour.v1.ParameterServer/Push',
             downpour_dot_transport_dot_downpour__pb2.PushChunk.SerializeToString,
             downpour_dot_transport_dot_downpour__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullSmall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/PullSmall',
+            downpour_dot_transport_dot_downpour__pb2.PullRequest.SerializeToString,
+            downpour_dot_transport_dot_downpour__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushSmall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/PushSmall',
+            downpour_dot_transport_dot_downpour__pb2.PushChunk.SerializeToString,
+            downpour_dot_transport_dot_downpour__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/PushPull',
+            downpour_dot_transport_dot_downpour__pb2.PushPullRequest.SerializeToString,
+            downpour_dot_transport_dot_downpour__pb2.PushPullReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hello(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/Hello',
+            downpour_dot_transport_dot_downpour__pb2.HelloRequest.SerializeToString,
+            downpour_dot_transport_dot_downpour__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/PullShared',
+            downpour_dot_transport_dot_downpour__pb2.SharedPullRequest.SerializeToString,
+            downpour_dot_transport_dot_downpour__pb2.SharedPullReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/PushShared',
+            downpour_dot_transport_dot_downpour__pb2.SharedPushRequest.SerializeToString,
+            downpour_dot_transport_dot_downpour__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Goodbye(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/Goodbye',
+            downpour_dot_transport_dot_downpour__pb2.GoodbyeRequest.SerializeToString,
+            downpour_dot_transport_dot_downpour__pb2.GoodbyeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,7 +11,7 @@ import torch
 
 from downpour.flat import ShardRange, SparseUpdate
 from downpour.transport import codec
-from downpour.transport.client import ShardClient
+from downpour.transport.client import ShardClient, SharedMemory
 from downpour.transport.protocol import PushResult, UpdateKind
 from downpour.transport.security import Security
 
@@ -26,7 +26,8 @@ class ParameterClient:
         ranges: the shards' ranges (``downpour.flat.shard_ranges``), in order,
             contiguous from 0.
         token: the run's token.
-        security, timeout, chunk_bytes: as for :class:`ShardClient`.
+        security, timeout, chunk_bytes, shared_memory: as for :class:`ShardClient`
+            (by default shards on 127.0.0.1 move tensors through shared memory).
 
     Example:
         >>> params = ParameterClient(addresses, shard_ranges(numel, 2), token)  # doctest: +SKIP
@@ -43,6 +44,7 @@ class ParameterClient:
         security: Security | None = None,
         timeout: float = 30.0,
         chunk_bytes: int = codec.CHUNK_BYTES,
+        shared_memory: SharedMemory = "auto",
     ) -> None:
         if len(addresses) != len(ranges) or not ranges:
             raise ValueError(
@@ -65,6 +67,7 @@ class ParameterClient:
                 security=security,
                 timeout=timeout,
                 chunk_bytes=chunk_bytes,
+                shared_memory=shared_memory,
             )
             for address, shard in zip(addresses, ranges)
         ]
@@ -111,20 +114,11 @@ class ParameterClient:
         newer leaves its part of ``out`` as it was (so ``out`` is required)
         and reports the version given.
         """
-        if out is None:
-            if newer_than is not None:
-                raise ValueError(
-                    "newer_than needs out=, the vector that keeps the parts not pulled"
-                )
-            out = torch.empty(self.numel, dtype=torch.float32)
-        elif out.dtype != torch.float32 or out.numel() != self.numel or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 tensor of {self.numel} elements")
+        if out is None and newer_than is not None:
+            raise ValueError("newer_than needs out=, the vector that keeps the parts not pulled")
+        out = self._out(out)
         flat = out.detach().reshape(-1)
-        for name, given in (("wait_versions", wait_versions), ("newer_than", newer_than)):
-            if given is not None and len(given) != len(self.clients):
-                raise ValueError(
-                    f"{name} needs one version per shard ({len(self.clients)}), got {len(given)}"
-                )
+        self._check_versions(wait_versions=wait_versions, newer_than=newer_than)
 
         def pull(shard: int) -> int:
             part = self.ranges[shard]
@@ -157,21 +151,8 @@ class ParameterClient:
         A sparse update goes sparse to the shards where that is smaller than
         dense (below about half density) and dense to the others.
         """
-        if len(versions) != len(self.clients):
-            raise ValueError(
-                f"versions needs one version per shard ({len(self.clients)}), got {len(versions)}"
-            )
-        if isinstance(update, SparseUpdate):
-            parts = _split_sparse(update, self.ranges)
-        elif isinstance(update, torch.Tensor):
-            flat = update.detach().reshape(-1)
-            if flat.numel() != self.numel:
-                raise ValueError(f"update has {flat.numel()} elements, the parameters {self.numel}")
-            parts = [flat[r.start : r.stop] for r in self.ranges]
-        else:
-            raise TypeError(
-                f"update must be a torch.Tensor or SparseUpdate, got {type(update).__name__}"
-            )
+        self._check_versions(versions=versions)
+        parts = self._parts(update)
 
         def push(shard: int) -> PushResult:
             return self.clients[shard].push(
@@ -179,6 +160,73 @@ class ParameterClient:
             )
 
         return self._each(push)
+
+    def push_pull_all(
+        self,
+        worker: int,
+        versions: Sequence[int],
+        update: torch.Tensor | SparseUpdate,
+        *,
+        kind: UpdateKind = "gradient",
+        wait_versions: Sequence[int] | None = None,
+        average: bool = False,
+        half: bool = False,
+        out: torch.Tensor | None = None,
+        timeout: float | None = None,
+    ) -> tuple[list[PushResult], list[int], torch.Tensor]:
+        """:meth:`push_all`, then :meth:`pull_all`: ``(results, versions, vector)``.
+
+        Each shard pulls right after its own push, with :meth:`ShardClient.push_pull`:
+        one call per shard where the tensors are small.
+        """
+        self._check_versions(versions=versions, wait_versions=wait_versions)
+        parts = self._parts(update)
+        out = self._out(out)
+        flat = out.detach().reshape(-1)
+
+        def push_pull(shard: int) -> tuple[PushResult, int, torch.Tensor]:
+            part = self.ranges[shard]
+            return self.clients[shard].push_pull(
+                worker,
+                int(versions[shard]),
+                parts[shard],
+                kind=kind,
+                wait_version=None if wait_versions is None else wait_versions[shard],
+                average=average,
+                half=half,
+                out=flat[part.start : part.stop],
+                timeout=timeout,
+            )
+
+        trips = self._each(push_pull)
+        return [trip[0] for trip in trips], [trip[1] for trip in trips], out
+
+    def _out(self, out: torch.Tensor | None) -> torch.Tensor:
+        if out is None:
+            return torch.empty(self.numel, dtype=torch.float32)
+        if out.dtype != torch.float32 or out.numel() != self.numel or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of {self.numel} elements")
+        return out
+
+    def _check_versions(self, **given: Sequence[int] | None) -> None:
+        for name, versions in given.items():
+            if versions is not None and len(versions) != len(self.clients):
+                raise ValueError(
+                    f"{name} needs one version per shard ({len(self.clients)}), got {len(versions)}"
+                )
+
+    def _parts(self, update: torch.Tensor | SparseUpdate) -> list[torch.Tensor | SparseUpdate]:
+        """Each shard's part of ``update`` (sparse ones sparse only where that is smaller)."""
+        if isinstance(update, SparseUpdate):
+            return _split_sparse(update, self.ranges)
+        if isinstance(update, torch.Tensor):
+            flat = update.detach().reshape(-1)
+            if flat.numel() != self.numel:
+                raise ValueError(f"update has {flat.numel()} elements, the parameters {self.numel}")
+            return [flat[r.start : r.stop] for r in self.ranges]
+        raise TypeError(
+            f"update must be a torch.Tensor or SparseUpdate, got {type(update).__name__}"
+        )
 
     def status_all(self, timeout: float | None = None) -> list[dict[str, Any]]:
         return self._each(lambda shard: self.clients[shard].status(timeout))
@@ -196,6 +244,20 @@ class ParameterClient:
     @property
     def bytes_received(self) -> int:
         return sum(client.bytes_received for client in self.clients)
+
+    @property
+    def bytes_shared_sent(self) -> int:
+        """Tensor bytes pushed through shared memory (not in :attr:`bytes_sent`)."""
+        return sum(client.bytes_shared_sent for client in self.clients)
+
+    @property
+    def bytes_shared_received(self) -> int:
+        """Tensor bytes pulled through shared memory (not in :attr:`bytes_received`)."""
+        return sum(client.bytes_shared_received for client in self.clients)
+
+    @property
+    def bytes_shared(self) -> int:
+        return self.bytes_shared_sent + self.bytes_shared_received
 
     @property
     def pushes(self) -> int:

@@ -38,6 +38,7 @@ RejectReason = Literal[
     "MALFORMED",
     "TIMEOUT",
     "SHUTTING_DOWN",
+    "BAD_SESSION",
 ]
 
 T = TypeVar("T")

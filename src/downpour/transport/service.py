@@ -4,7 +4,10 @@ Every call is authenticated with the run's token and every message is
 checked before anything reaches the shard: a push is assembled and
 validated whole (header, chunk order and count, lengths, dtypes) and the
 shard then checks its contents (indices, finite values, version) before it
-changes anything. A refused call ends with INVALID_ARGUMENT (or
+changes anything. The three ways a push arrives (a stream of chunks, one
+chunk in a unary call, a header naming a shared-memory session) go through
+the same :class:`PushAssembly` and the same shard checks; the three ways a
+pull leaves go through the same request checks and snapshot. A refused call ends with INVALID_ARGUMENT (or
 UNAUTHENTICATED, FAILED_PRECONDITION for STALE, DEADLINE_EXCEEDED for a
 version not reached in time), details that start with the RejectCode name,
 and a serialized ``Reject`` in the trailing metadata.
@@ -16,9 +19,9 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 import torch
@@ -30,6 +33,15 @@ from downpour.transport.assembly import KINDS, BufferPool, PushAssembly, Reject
 from downpour.transport.codec import Malformed, PushFrame
 from downpour.transport.protocol import InvalidUpdate, Shard
 from downpour.transport.security import Security
+from downpour.transport.shared import (
+    MAX_SESSIONS,
+    SHARED_MIN_BYTES,
+    ServerSessions,
+    write_tensor,
+)
+from downpour.transport.shared import available as shared_memory_available
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +56,9 @@ class ShardService:
         token: the run's secret; every call must carry it.
         chunk_bytes: payload bytes per chunk of a pull.
         max_wait: the longest a ``wait_version`` pull waits, whatever its deadline.
+        shared_memory: offer shared-memory sessions to clients that ask
+            (only clients on this host can use them; Linux only).
+        max_sessions: how many shared-memory sessions may exist at once.
     """
 
     def __init__(
@@ -53,6 +68,8 @@ class ShardService:
         token: str,
         chunk_bytes: int = codec.CHUNK_BYTES,
         max_wait: float = 300.0,
+        shared_memory: bool = True,
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError(
@@ -66,13 +83,32 @@ class ShardService:
         self._token = token.encode()
         self._chunk_bytes = chunk_bytes
         self._max_wait = max_wait
+        if max_sessions < 0:
+            raise ValueError(f"max_sessions must be >= 0, got {max_sessions}")
         self._pool = BufferPool(shard.size)
+        segment_bytes = shard.size * 4  # room for a float32 copy of the shard
+        # A shard too small to send anything through a segment gets none.
+        self.sessions = (
+            ServerSessions(segment_bytes, max_sessions)
+            if shared_memory
+            and max_sessions
+            and segment_bytes >= SHARED_MIN_BYTES
+            and shared_memory_available()
+            else None
+        )
         self.shutdown_requested = threading.Event()
         self.stopping = threading.Event()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The method handlers, with the hand-written codecs of :mod:`codec` for bulk messages."""
         identity = None  # pre-serialized frames go out as they are
+
+        def unary(method, request: type, reply: type | None):
+            serialize = reply.SerializeToString if reply is not None else identity
+            return grpc.unary_unary_rpc_method_handler(
+                method, codec.tolerant(request.FromString), serialize
+            )
+
         handlers = {
             "Pull": grpc.unary_stream_rpc_method_handler(
                 self.Pull, codec.tolerant(pb.PullRequest.FromString), identity
@@ -80,18 +116,24 @@ class ShardService:
             "Push": grpc.stream_unary_rpc_method_handler(
                 self.Push, codec.parse_push_chunk, pb.PushReply.SerializeToString
             ),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                self.Status,
-                codec.tolerant(pb.StatusRequest.FromString),
-                pb.StatusReply.SerializeToString,
+            "PullSmall": unary(self.PullSmall, pb.PullRequest, None),
+            "PushSmall": grpc.unary_unary_rpc_method_handler(
+                self.PushSmall, codec.parse_push_chunk, pb.PushReply.SerializeToString
             ),
-            "Shutdown": grpc.unary_unary_rpc_method_handler(
-                self.Shutdown,
-                codec.tolerant(pb.ShutdownRequest.FromString),
-                pb.ShutdownReply.SerializeToString,
-            ),
+            "PushPull": unary(self.PushPull, pb.PushPullRequest, None),
+            "Hello": unary(self.Hello, pb.HelloRequest, pb.HelloReply),
+            "PullShared": unary(self.PullShared, pb.SharedPullRequest, pb.SharedPullReply),
+            "PushShared": unary(self.PushShared, pb.SharedPushRequest, pb.PushReply),
+            "Goodbye": unary(self.Goodbye, pb.GoodbyeRequest, pb.GoodbyeReply),
+            "Status": unary(self.Status, pb.StatusRequest, pb.StatusReply),
+            "Shutdown": unary(self.Shutdown, pb.ShutdownRequest, pb.ShutdownReply),
         }
         return grpc.method_handlers_generic_handler(codec.SERVICE, handlers)
+
+    def close(self) -> None:
+        """End every shared-memory session (their segments go with them)."""
+        if self.sessions is not None:
+            self.sessions.close_all()
 
     # -- checks ----------------------------------------------------------
 
@@ -144,25 +186,36 @@ class ShardService:
     def Pull(
         self, request: pb.PullRequest | Malformed, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        return self._guarded(context, lambda: iter(self._pull(request, context)))
+        return self._guarded(context, lambda: iter(self._pull_frames(request, context)))
+
+    def PullSmall(
+        self, request: pb.PullRequest | Malformed, context: grpc.ServicerContext
+    ) -> bytes:
+        return self._guarded(context, lambda: self._pull_small(request, context))
+
+    def PullShared(
+        self, request: pb.SharedPullRequest | Malformed, context: grpc.ServicerContext
+    ) -> pb.SharedPullReply:
+        return self._guarded(context, lambda: self._pull_shared(request, context))
 
     def _pull(
-        self, request: pb.PullRequest | Malformed, context: grpc.ServicerContext
-    ) -> list[bytes]:
-        if isinstance(request, Malformed):
-            raise Reject("MALFORMED", request.reason)
-        self._check_shard(request.shard_id)
-        wire_dtype = request.dtype or pb.FLOAT32
-        if wire_dtype not in codec.VALUE_DTYPES:
-            raise Reject(
-                "BAD_DTYPE", f"pulls come as FLOAT32 or FLOAT16, not {codec.dtype_name(wire_dtype)}"
-            )
+        self,
+        request: pb.PullRequest | Malformed,
+        context: grpc.ServicerContext,
+        encode: Callable[[int, torch.Tensor, int], T],
+        key: tuple | None = None,
+    ) -> T | None:
+        """``encode(version, view, wire_dtype)`` once the request is checked and any wait is
+        over, or None when the shard has nothing newer. ``key`` memoizes it (see ``snapshot``).
+        """
+        wire_dtype = self._check_pull(request)
+        assert not isinstance(request, Malformed)
         newer_than = request.newer_than if request.HasField("newer_than") else None
         wait_version = request.wait_version if request.HasField("wait_version") else None
-        shard_id, chunk_bytes = self.shard.shard_id, self._chunk_bytes
+        shard_id = self.shard.shard_id
 
-        def encode(version: int, view: torch.Tensor) -> list[bytes]:
-            return codec.tensor_frames(shard_id, version, view, wire_dtype, chunk_bytes)
+        def encode_as_asked(version: int, view: torch.Tensor) -> T:
+            return encode(version, view, wire_dtype)
 
         remaining = context.time_remaining()
         budget = self._max_wait if remaining is None else min(remaining, self._max_wait)
@@ -170,15 +223,14 @@ class ShardService:
         while True:
             left = max(0.0, deadline - time.monotonic())
             try:
-                frames = self.shard.snapshot(
-                    encode,
+                return self.shard.snapshot(
+                    encode_as_asked,
                     newer_than=newer_than,
                     wait_version=wait_version,
                     timeout=min(_WAIT_SLICE_S, left),
                     average=request.average,
-                    key=("frames", wire_dtype, chunk_bytes),
+                    key=None if key is None else (*key, wire_dtype),
                 )
-                break
             except TimeoutError:
                 if self.stopping.is_set():
                     raise Reject(
@@ -191,20 +243,131 @@ class ShardService:
                         f"within {budget:.3g} s",
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                     ) from None
+
+    def _pull_frames(
+        self, request: pb.PullRequest | Malformed, context: grpc.ServicerContext
+    ) -> list[bytes]:
+        shard_id, chunk_bytes = self.shard.shard_id, self._chunk_bytes
+
+        def encode(version: int, view: torch.Tensor, wire_dtype: int) -> list[bytes]:
+            return codec.tensor_frames(shard_id, version, view, wire_dtype, chunk_bytes)
+
+        frames = self._pull(request, context, encode, key=("frames", chunk_bytes))
         if frames is None:
-            return [codec.not_newer_frame(shard_id, newer_than if newer_than is not None else 0)]
+            assert not isinstance(request, Malformed)
+            return [codec.not_newer_frame(shard_id, _newer_than(request))]
         return frames
+
+    def _check_pull(self, request: pb.PullRequest | Malformed) -> int:
+        """The wire dtype of a well-formed pull request for this shard."""
+        if isinstance(request, Malformed):
+            raise Reject("MALFORMED", request.reason)
+        self._check_shard(request.shard_id)
+        wire_dtype = request.dtype or pb.FLOAT32
+        if wire_dtype not in codec.VALUE_DTYPES:
+            raise Reject(
+                "BAD_DTYPE", f"pulls come as FLOAT32 or FLOAT16, not {codec.dtype_name(wire_dtype)}"
+            )
+        return wire_dtype
+
+    def _check_small(self, wire_dtype: int) -> None:
+        size = self.shard.size * codec.NUMPY_DTYPES[wire_dtype].itemsize
+        if size > self._chunk_bytes:
+            raise Reject(
+                "BAD_LENGTH",
+                f"shard {self.shard.shard_id} of {self.shard.size} elements does not fit in "
+                f"one chunk of {self._chunk_bytes} bytes; use Pull",
+            )
+
+    def _pull_small(
+        self, request: pb.PullRequest | Malformed, context: grpc.ServicerContext
+    ) -> bytes:
+        self._check_small(self._check_pull(request))  # before the snapshot counts a pull
+        frames = self._pull_frames(request, context)
+        assert len(frames) == 1
+        return frames[0]
+
+    def _pull_shared(
+        self, request: pb.SharedPullRequest | Malformed, context: grpc.ServicerContext
+    ) -> pb.SharedPullReply:
+        if isinstance(request, Malformed):
+            raise Reject("MALFORMED", request.reason)
+        shard_id = self.shard.shard_id
+        with self._session(request.session, request.seq) as region:
+
+            def encode(version: int, view: torch.Tensor, wire_dtype: int) -> pb.TensorHeader:
+                write_tensor(region, view, wire_dtype)
+                return pb.TensorHeader(
+                    shard_id=shard_id,
+                    version=version,
+                    dtype=wire_dtype,
+                    shape=[view.numel()],
+                    num_chunks=1,
+                )
+
+            header = self._pull(request.request, context, encode)
+        if header is None:
+            header = pb.TensorHeader(
+                shard_id=shard_id,
+                version=_newer_than(request.request),
+                not_newer=True,
+                num_chunks=1,
+            )
+        return pb.SharedPullReply(seq=request.seq, header=header)
 
     def Push(
         self, frames: Iterable[PushFrame | Malformed], context: grpc.ServicerContext
     ) -> pb.PushReply:
-        return self._guarded(context, lambda: self._push(frames))
-
-    def _push(self, frames: Iterable[PushFrame | Malformed]) -> pb.PushReply:
-        assembly = PushAssembly(self.shard.shard_id, self.shard.size, self._pool)
-        try:
+        def feed_all(assembly: PushAssembly) -> None:
             for frame in frames:
                 assembly.feed(frame)
+
+        return self._guarded(context, lambda: self._push(feed_all))
+
+    def PushSmall(
+        self, frame: PushFrame | Malformed, context: grpc.ServicerContext
+    ) -> pb.PushReply:
+        return self._guarded(context, lambda: self._push(lambda assembly: assembly.feed(frame)))
+
+    def PushPull(
+        self, request: pb.PushPullRequest | Malformed, context: grpc.ServicerContext
+    ) -> bytes:
+        return self._guarded(context, lambda: self._push_pull(request, context))
+
+    def _push_pull(
+        self, request: pb.PushPullRequest | Malformed, context: grpc.ServicerContext
+    ) -> bytes:
+        if isinstance(request, Malformed):
+            raise Reject("MALFORMED", request.reason)
+        # Everything the pull could refuse is refused before the push changes the shard,
+        # so a refused call has changed nothing.
+        self._check_small(self._check_pull(request.pull))
+        if request.pull.average and not self.shard.status()["has_average"]:
+            raise Reject(
+                "BAD_REQUEST", f"shard {self.shard.shard_id} keeps no moving average to pull"
+            )
+        frame = codec.push_frame_of(request.push)
+        reply = self._push(lambda assembly: assembly.feed(frame))
+        return codec.push_pull_reply(reply, self._pull_small(request.pull, context))
+
+    def PushShared(
+        self, request: pb.SharedPushRequest | Malformed, context: grpc.ServicerContext
+    ) -> pb.PushReply:
+        return self._guarded(context, lambda: self._push_shared(request))
+
+    def _push_shared(self, request: pb.SharedPushRequest | Malformed) -> pb.PushReply:
+        if isinstance(request, Malformed):
+            raise Reject("MALFORMED", request.reason)
+        if not request.HasField("header"):
+            raise Reject("BAD_HEADER", "a shared-memory push carries no header")
+        with self._session(request.session, request.seq) as region:
+            return self._push(lambda assembly: assembly.feed_region(request.header, region))
+
+    def _push(self, feed: Callable[[PushAssembly], None]) -> pb.PushReply:
+        """Assemble a push with ``feed``, check it whole, then offer it to the shard."""
+        assembly = PushAssembly(self.shard.shard_id, self.shard.size, self._pool)
+        try:
+            feed(assembly)
             header, update = assembly.finish()
             result = self.shard.push(header.worker, header.version, update, kind=KINDS[header.kind])
         finally:
@@ -215,6 +378,44 @@ class ShardService:
             staleness=result.staleness,
             version=result.version,
         )
+
+    def _session(self, key: bytes, seq: int):
+        if self.sessions is None:
+            raise Reject("BAD_SESSION", "this server offers no shared memory")
+        return self.sessions.use(key, seq)
+
+    def Hello(
+        self, request: pb.HelloRequest | Malformed, context: grpc.ServicerContext
+    ) -> pb.HelloReply:
+        return self._guarded(context, lambda: self._hello(request))
+
+    def _hello(self, request: pb.HelloRequest | Malformed) -> pb.HelloReply:
+        if isinstance(request, Malformed):
+            raise Reject("MALFORMED", request.reason)
+        self._check_shard(request.shard_id)
+        reply = pb.HelloReply(
+            shard_id=self.shard.shard_id, size=self.shard.size, chunk_bytes=self._chunk_bytes
+        )
+        if request.shared_memory and self.sessions is not None:
+            opened = self.sessions.open()
+            if opened is not None:
+                key, segment = opened
+                reply.segment.CopyFrom(
+                    pb.SharedSegment(session=key, name=segment.name, size=segment.size)
+                )
+        return reply
+
+    def Goodbye(
+        self, request: pb.GoodbyeRequest | Malformed, context: grpc.ServicerContext
+    ) -> pb.GoodbyeReply:
+        return self._guarded(context, lambda: self._goodbye(request))
+
+    def _goodbye(self, request: pb.GoodbyeRequest | Malformed) -> pb.GoodbyeReply:
+        if isinstance(request, Malformed):
+            raise Reject("MALFORMED", request.reason)
+        if self.sessions is not None:
+            self.sessions.close(request.session)  # ending an ended session is no error
+        return pb.GoodbyeReply()
 
     def Status(
         self, request: pb.StatusRequest | Malformed, context: grpc.ServicerContext
@@ -259,10 +460,18 @@ class ShardService:
         return pb.ShutdownReply()
 
 
+def _newer_than(request: pb.PullRequest) -> int:
+    return request.newer_than if request.HasField("newer_than") else 0
+
+
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    # Let clients keep their connections alive with pings (see client.CHANNEL_OPTIONS),
+    # so a worker idle between rounds pays no reconnect and a dead peer is noticed.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
 
 
@@ -285,10 +494,19 @@ class ShardServer:
         max_workers: int = 16,
         chunk_bytes: int = codec.CHUNK_BYTES,
         max_wait: float = 300.0,
+        shared_memory: bool = True,
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-        self.service = ShardService(shard, token=token, chunk_bytes=chunk_bytes, max_wait=max_wait)
+        self.service = ShardService(
+            shard,
+            token=token,
+            chunk_bytes=chunk_bytes,
+            max_wait=max_wait,
+            shared_memory=shared_memory,
+            max_sessions=max_sessions,
+        )
         security = security or Security()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
@@ -306,8 +524,10 @@ class ShardServer:
             else:
                 self.port = self._server.add_secure_port(bind, credentials)
         except RuntimeError as error:
+            self.service.close()
             raise TransportError(f"cannot listen on {bind}: {error}") from None
         if self.port == 0:
+            self.service.close()
             raise TransportError(f"cannot listen on {bind}")
         self.host = host
         self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
@@ -322,9 +542,15 @@ class ShardServer:
         return self.service.shutdown_requested
 
     def stop(self, grace: float | None = 1.0) -> None:
-        """Stop: refuse new calls, end waiting pulls, cancel the rest after ``grace`` s."""
+        """Stop: refuse new calls, end waiting pulls, cancel the rest after ``grace`` s.
+
+        Then ends every shared-memory session, so no segment outlives the server.
+        """
         self.service.stopping.set()
-        self._server.stop(grace).wait()
+        try:
+            self._server.stop(grace).wait()
+        finally:
+            self.service.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (True) or ``timeout`` s pass (False)."""
@@ -352,12 +578,17 @@ def serve_shard(
     max_workers: int = 16,
     chunk_bytes: int = codec.CHUNK_BYTES,
     max_wait: float = 300.0,
+    shared_memory: bool = True,
+    max_sessions: int = MAX_SESSIONS,
 ) -> ShardServer:
     """Serve ``shard`` over gRPC on ``host:port`` (port 0: a free one, see ``.port``).
 
     Binds 127.0.0.1 unless told otherwise. ``max_workers`` bounds concurrent
     calls; each pull waiting for a version holds one, so give at least the
-    number of workers plus a few.
+    number of workers plus a few. With ``shared_memory`` (the default) a
+    client on this host may ask for a shared-memory session (at most
+    ``max_sessions`` at once), through which tensors skip the network stack;
+    every other client, and every client when it is off, uses gRPC alone.
 
     Example:
         >>> from downpour.server import ServerShard
@@ -375,4 +606,6 @@ def serve_shard(
         max_workers=max_workers,
         chunk_bytes=chunk_bytes,
         max_wait=max_wait,
+        shared_memory=shared_memory,
+        max_sessions=max_sessions,
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import grpc
 import pytest
 
 from downpour.server import ServerShard
-from downpour.transport import ShardClient, downpour_pb2_grpc, new_token, serve_shard
+from downpour.transport import ShardClient, downpour_pb2_grpc, new_token, serve_shard, shared
 
 
 @pytest.fixture
@@ -15,8 +17,11 @@ def token() -> str:
 
 
 @pytest.fixture
-def serve(token):
-    """``serve(shard, **kwargs) -> ShardServer``; every server is stopped at teardown."""
+def serve(token, segments):
+    """``serve(shard, **kwargs) -> ShardServer``; every server is stopped at teardown.
+
+    After which no shared-memory segment of theirs may be left (see ``segments``).
+    """
     servers = []
 
     def start(shard: ServerShard, **kwargs):
@@ -31,12 +36,19 @@ def serve(token):
 
 
 @pytest.fixture
-def connect(token):
+def shared_memory() -> bool:
+    """How ``connect``'s clients move tensors: the network, unless a module overrides this."""
+    return False
+
+
+@pytest.fixture
+def connect(token, shared_memory):
     """``connect(address, shard_id=0, **kwargs) -> ShardClient``; closed at teardown."""
     clients = []
 
     def open_client(address: str, shard_id: int = 0, **kwargs):
         kwargs.setdefault("timeout", 20.0)
+        kwargs.setdefault("shared_memory", shared_memory)
         client = ShardClient(address, kwargs.pop("token", token), shard_id, **kwargs)
         clients.append(client)
         return client
@@ -44,6 +56,26 @@ def connect(token):
     yield open_client
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def segments(monkeypatch):
+    """The names of the shared-memory segments made during the test; none may be left after it.
+
+    Recorded where they are made, so segments of other processes on this host do not count.
+    """
+    made: list[str] = []
+    create = shared.Segment.create.__func__
+
+    def recording(cls, size: int):
+        segment = create(cls, size)
+        made.append(segment.name)
+        return segment
+
+    monkeypatch.setattr(shared.Segment, "create", classmethod(recording))
+    yield made
+    left = [name for name in made if os.path.exists(os.path.join(shared.SHM_DIR, name))]
+    assert not left, f"segments left in {shared.SHM_DIR}: {left}"
 
 
 @pytest.fixture

@@ -57,8 +57,22 @@ def test_synchronous_rounds_with_three_workers_and_one_backup(serve, connect):
     assert torch.equal(shard.pull()[1], torch.full((numel,), -0.5 * rounds))
 
 
+@pytest.fixture(params=[False, True], ids=["network", "shared"])
+def shared_memory(request) -> bool:
+    return request.param
+
+
+def received(client) -> int:
+    """Tensor bytes in, whichever way they came (on the network path, ``bytes_received``)."""
+    return client.bytes_received + client.bytes_shared_received
+
+
+def sent(client) -> int:
+    return client.bytes_sent + client.bytes_shared_sent
+
+
 @pytest.fixture
-def two_shards(serve, token):
+def two_shards(serve, token, shared_memory):
     numel = 300_001
     initial = torch.randn(numel)
     ranges = shard_ranges(numel, 2)
@@ -67,8 +81,13 @@ def two_shards(serve, token):
         for r in ranges
     ]
     servers = [serve(shard) for shard in shards]
-    params = ParameterClient([s.address for s in servers], ranges, token, timeout=20)
+    params = ParameterClient(
+        [s.address for s in servers], ranges, token, timeout=20, shared_memory=shared_memory
+    )
     yield params, shards, initial
+    assert all(c.uses_shared_memory == shared_memory for c in params.clients)
+    if not shared_memory:
+        assert params.bytes_shared == 0
     params.close()
 
 
@@ -79,7 +98,7 @@ def test_parameter_client_pulls_the_full_vector(two_shards):
     assert versions == [0, 0]
     assert torch.equal(vector, initial)
     assert params.pulls == 2
-    assert params.bytes_received >= initial.numel() * 4
+    assert received(params) >= initial.numel() * 4
 
 
 @pytest.mark.timeout(60)
@@ -104,12 +123,12 @@ def test_parameter_client_sends_sparse_only_where_it_is_smaller(two_shards):
     values = torch.randn(indices.numel())
     shuffle = torch.randperm(indices.numel())  # unsorted input is fine
     update = SparseUpdate(indices[shuffle], values[shuffle], numel)
-    sent_before = [c.bytes_sent for c in params.clients]
+    before = [sent(c) for c in params.clients]
     params.push_all(worker=1, versions=[0, 0], update=update, kind="delta")
-    sent = [c.bytes_sent - b for c, b in zip(params.clients, sent_before)]
-    assert sent[0] < 200  # three (int32, float32) pairs
+    pushed = [sent(c) - b for c, b in zip(params.clients, before)]
+    assert pushed[0] < 200  # three (int32, float32) pairs
     assert (
-        (numel - boundary) * 4 <= sent[1] < (numel - boundary) * 4 + 4096
+        (numel - boundary) * 4 <= pushed[1] < (numel - boundary) * 4 + 4096
     )  # dense beats 80% sparse
     expected = initial.clone()
     expected[indices] += values
@@ -123,11 +142,11 @@ def test_parameter_client_newer_than_keeps_the_parts_not_pulled(two_shards):
     out = torch.empty(initial.numel())
     versions, _ = params.pull_all(out=out)
     shards[1].push(0, 0, torch.ones(shards[1].size))
-    received = params.bytes_received
+    before = received(params)
     versions, vector = params.pull_all(newer_than=versions, out=out)
     assert versions == [0, 1]
     assert vector is out
-    assert params.bytes_received - received < shards[1].size * 4 + 4096  # shard 0 sent nothing
+    assert received(params) - before < shards[1].size * 4 + 4096  # shard 0 sent nothing
     expected = initial.clone()
     expected[shards[1].start :] -= 1
     assert torch.equal(out, expected)

@@ -119,3 +119,22 @@ def test_tolerant_parse_turns_decode_errors_into_malformed():
         ).shard_id
         == 2
     )
+
+
+def test_push_pull_messages_parse_with_protobuf():
+    header = pb.PushHeader(shard_id=0, worker=1, version=2, kind=pb.DELTA, dtype=pb.FLOAT32)
+    values = np.arange(300, dtype="<f4")  # 1200 bytes: a two-byte length
+    frame = next(codec.push_frames(header, values))
+    pull = pb.PullRequest(shard_id=0, wait_version=3, dtype=pb.FLOAT16)
+    expected = pb.PushPullRequest(push=pb.PushChunk.FromString(frame), pull=pull)
+    assert pb.PushPullRequest.FromString(codec.push_pull_request(frame, pull)) == expected
+    (chunk,) = codec.tensor_frames(0, 7, torch.arange(5.0), pb.FLOAT32)
+    reply = pb.PushReply(applied=True, staleness=1, version=7)
+    parsed = pb.PushPullReply.FromString(codec.push_pull_reply(reply, chunk))
+    assert parsed.push == reply and parsed.pull == pb.TensorChunk.FromString(chunk)
+    ours = codec.tensor_frame_of(parsed.pull)
+    assert (ours.seq, ours.header.version, bytes(ours.data)) == (
+        0,
+        7,
+        torch.arange(5.0).numpy().tobytes(),
+    )

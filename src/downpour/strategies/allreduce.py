@@ -1,0 +1,119 @@
+"""``allreduce``: synchronous data parallelism with ``DistributedDataParallel``
+(Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel
+Training", VLDB 2020; the ring allreduce of Patarasuk and Yuan, "Bandwidth
+Optimal All-reduce Algorithms for Clusters of Workstations", JPDC 2009).
+
+Every worker holds a full replica and its own shard of the data. Each step it
+computes a gradient on its mini-batch; DDP averages the gradients across
+workers during the backward pass (bucketed allreduces overlapping the
+computation), and every worker applies the same averaged gradient with its own
+copy of the job's optimizer, so the replicas stay identical without a server.
+With W workers of batch b, a step is one step of SGD on a batch of W * b.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from downpour.errors import check_range
+from downpour.metrics import Metrics
+from downpour.models import FunctionModel
+from downpour.strategies.base import Job
+from downpour.strategies.collective import (
+    BACKENDS, Backend, CollectiveRun, CollectiveWorker, check_lockstep_optimizer, resolve_backend,
+)
+
+
+@dataclass(kw_only=True)
+class AllreduceWorker(CollectiveWorker):
+    """One replica: forward and backward through DDP (which averages the gradient), then a local optimizer step."""
+
+    bucket_cap_mb: float = 25.0
+    eval_every: int = 10
+
+    def connect(self) -> None:
+        super().connect()
+        replica = self.model
+        device_ids = [self.flat.params.device] if self.flat.params.device.type == "cuda" else None
+        # DDP starts by broadcasting rank 0's parameters and buffers; its gradient
+        # hooks write the averaged gradient into the existing .grad tensors, which
+        # stay views of the flat gradient buffer.
+        self.model = DistributedDataParallel(replica, device_ids=device_ids, process_group=self.group,
+                                             bucket_cap_mb=self.bucket_cap_mb)
+        regularization = getattr(replica, "regularization", None)
+        if regularization is not None:  # downpour.models.backward looks for it on the module it is given
+            self.model.regularization = regularization
+        self._buffer_bytes = sum(b.numel() * b.element_size() for b in replica.buffers())
+        self.count_broadcast(self.flat.numel * 4 + self._buffer_bytes)
+
+    def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        optimizer, scheduler = self.optimizer, self.scheduler
+        for x, y in stream:
+            # Workers stop together: at a fixed step, or at a step they all vote at.
+            if self.steps >= self.total_steps or (self.steps % self.log_every == 0 and self.vote_to_stop(ctx)):
+                break
+            self.gradient(x, y)
+            # DDP reduced the float32 gradient of every parameter and, before the
+            # forward pass, broadcast rank 0's buffers (batch-norm statistics).
+            self.count_allreduce(self.flat.numel * 4)
+            self.count_broadcast(self._buffer_bytes)
+            self.count_round()
+            optimizer.step()
+            scheduler.step()
+            if self.rank == 0 and self.steps % self.eval_every == 0:
+                self.snapshot()
+        if self.rank == 0:
+            self.snapshot(final=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Allreduce:
+    """Synchronous data parallelism's configuration.
+
+    The run is one pass over the data by all workers together: with W workers
+    of batch b, ``epochs * num_train / (W * b)`` steps per worker (each on W * b
+    examples), capped by ``max_steps``. Scale the learning rate for the
+    combined batch.
+
+    Args:
+        backend: ``"auto"`` (NCCL when every worker has a GPU, else gloo),
+            ``"gloo"`` or ``"nccl"``.
+        bucket_cap_mb: size of DDP's gradient buckets, in MiB: one allreduce
+            each, started as soon as its gradients are ready.
+        log_every: steps between a worker's progress events (and its votes on
+            whether to stop early).
+
+    Example:
+        >>> Allreduce(backend="gloo").backend
+        'gloo'
+    """
+
+    name: ClassVar[str] = "allreduce"
+    backend: Backend = "auto"
+    bucket_cap_mb: float = 25.0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        check_range("bucket_cap_mb", self.bucket_cap_mb, 0.0, low_open=True)
+        check_range("log_every", self.log_every, 1)
+
+    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+        check_lockstep_optimizer(job, self.name)
+        resolve_backend(self.backend, job.device, job.workers)
+        if isinstance(replace(job, device="cpu").build_model(), FunctionModel):
+            raise TypeError("allreduce averages gradients inside autograd (DistributedDataParallel), which a "
+                            "FunctionModel bypasses; use strategy local-sgd with average_every=1 instead")
+        steps = job.total_steps(job.data.num_train // job.workers)
+        worker = partial(AllreduceWorker, total_steps=steps, bucket_cap_mb=self.bucket_cap_mb,
+                         log_every=self.log_every, eval_every=job.eval_interval(steps))
+        return CollectiveRun(make_worker=worker, global_steps=steps * job.workers,
+                             backend=self.backend).run(job, metrics)

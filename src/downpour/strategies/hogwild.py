@@ -1,0 +1,343 @@
+"""``hogwild``: lock-free parallel SGD on one machine (Niu, Recht, Ré, Wright, "HOGWILD!: A Lock-Free
+Approach to Parallelizing Stochastic Gradient Descent", NIPS 2011).
+
+The coordinator puts the model's flat parameter vector in shared memory
+(``Tensor.share_memory_()``) and hands it to W worker processes of one
+thread each. Every worker reads the parameters, computes a gradient on its
+own shard and writes the update straight into the shared vector, without a
+lock: writes of different workers may interleave, and on sparse problems
+they rarely touch the same coordinates. A linear model on sparse CSR inputs
+(a sparse SVM or logistic regression on w8a, as in the paper) updates only
+the coordinates of the batch's features (:mod:`downpour.strategies.sparse_linear`);
+any other model takes its optimizer's dense step, each worker with its own
+optimizer over the shared parameters, as PyTorch's ``mnist_hogwild`` does.
+
+The paper's comparators are options: ``lock`` takes one lock around every
+update, ``round_robin`` makes the workers write in turn, in rank order
+(Langford, Smola, Zinkevich, "Slow learners are fast", NIPS 2009). Gradients
+are computed in parallel in every mode; only the writes are serialized.
+
+Hogwild is single-machine by construction: the parameters live in this
+host's shared memory, so there is no host or address option, and a GPU
+model (``device="cuda"``) is refused. Nothing goes over a wire (0 bytes);
+``comm/rounds`` counts the updates written to the shared vector.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from downpour.cluster import LocalCluster
+from downpour.errors import PeerTimeout, check_range
+from downpour.flat import FlatParams, apply_sparse_
+from downpour.metrics import Metrics
+from downpour.strategies.base import Evaluator, Job, log_end, log_start
+from downpour.strategies.sparse_linear import SparseLinearGradient, supports_sparse_updates
+from downpour.strategies.worker import Progress, Worker, shard_job
+
+Mode = Literal["hogwild", "lock", "round_robin"]
+
+# How long a worker waiting for the lock or its turn sleeps between looks at the stop flag.
+_WAIT_SLICE_SECONDS = 0.05
+
+
+@dataclass
+class UpdateGate:
+    """Who may write the shared parameters when: anyone (``hogwild``), one at a
+    time (``lock``), or each worker in turn in rank order (``round_robin``).
+
+    Built by the coordinator from the spawn context and passed to the workers
+    in their role (multiprocessing objects travel only while a process is
+    spawned). ``holder`` is the rank holding the lock or the turn (-1: none),
+    kept so the coordinator can free what a killed worker held (a worker
+    killed between taking the lock and recording it leaves the others to
+    time out with a PeerTimeout instead).
+
+    Round robin: ``holder`` is the truth about whose turn it is; each rank's
+    semaphore only wakes it up, so a stale wake-up is harmless. A worker
+    leaves the ring (``retire``) while holding the turn, so the turn is never
+    passed to a worker that has gone.
+
+    Example:
+        >>> gate = UpdateGate.create("lock", 2)
+        >>> gate.enter(0, lambda: False, timeout=1.0), gate.holder.value
+        (True, 0)
+        >>> gate.leave(0)
+    """
+
+    mode: Mode
+    num_workers: int
+    lock: Any = None
+    holder: Any = None
+    active: Any = None
+    wakeups: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, mode: Mode, num_workers: int) -> UpdateGate:
+        context = multiprocessing.get_context("spawn")  # LocalCluster spawns its roles
+        gate = cls(mode, num_workers, holder=context.RawValue("i", -1))
+        if mode == "lock":
+            gate.lock = context.Lock()
+        elif mode == "round_robin":
+            gate.holder.value = 0
+            gate.active = context.RawArray("b", [1] * num_workers)
+            # Semaphores, not a Condition: Condition.notify waits for every
+            # sleeper to wake, and a SIGKILLed sleeper never does.
+            gate.wakeups = [context.Semaphore(0) for _ in range(num_workers)]
+        return gate
+
+    def enter(self, rank: int, should_stop: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``rank`` may write; False if the run is stopping instead."""
+        if self.mode == "hogwild":
+            return True
+        deadline = time.monotonic() + timeout
+        if self.mode == "lock":
+            while not self.lock.acquire(timeout=_WAIT_SLICE_SECONDS):
+                if should_stop():
+                    return False
+                if time.monotonic() > deadline:
+                    raise PeerTimeout(f"worker {self.holder.value}", timeout, "release the hogwild lock")
+            self.holder.value = rank
+            return True
+        while self.holder.value != rank:
+            self.wakeups[rank].acquire(timeout=_WAIT_SLICE_SECONDS)
+            if should_stop():
+                return False
+            if time.monotonic() > deadline:
+                raise PeerTimeout(f"worker {self.holder.value}", timeout, "pass the round-robin turn")
+        return True
+
+    def leave(self, rank: int) -> None:
+        """``rank`` has written: release the lock or pass the turn on."""
+        if self.mode == "lock":
+            self.holder.value = -1
+            self.lock.release()
+        elif self.mode == "round_robin":
+            self._pass_turn(rank)
+
+    def retire(self, rank: int, should_stop: Callable[[], bool], timeout: float) -> None:
+        """``rank`` takes no more turns (round robin); it leaves on its own turn."""
+        if self.mode == "round_robin" and self.enter(rank, should_stop, timeout):
+            self.active[rank] = 0
+            self._pass_turn(rank)
+
+    def free_dead_(self, rank: int) -> None:
+        """The coordinator's cleanup after worker ``rank`` died: free what it held. Idempotent."""
+        if self.mode == "lock" and self.holder.value == rank:
+            self.holder.value = -1
+            self.lock.release()  # a multiprocessing Lock may be released by any process
+        elif self.mode == "round_robin":
+            self.active[rank] = 0
+            # Checked on every poll: a live worker may pass the turn to the
+            # dead one just after the flag above was read.
+            if self.holder.value == rank:
+                self._pass_turn(rank)
+
+    def _pass_turn(self, rank: int) -> None:
+        for step in range(1, self.num_workers + 1):
+            following = (rank + step) % self.num_workers
+            if self.active[following]:
+                self.holder.value = following
+                self.wakeups[following].release()
+                return
+        self.holder.value = -1
+
+
+def bind_shared_(flat: FlatParams, vector: torch.Tensor) -> None:
+    """Make ``flat``'s module parameters views of ``vector`` (e.g. a shared one) instead of its own buffer.
+
+    Gradients stay in ``flat.grads``, private to the process.
+    """
+    if vector.numel() != flat.numel or vector.dtype != torch.float32:
+        raise ValueError(f"expected a float32 vector of {flat.numel} elements, got {vector.dtype} {vector.numel()}")
+    offset = 0
+    for p in flat.parameters:
+        p.data = vector[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    flat.params = vector
+
+
+@dataclass(kw_only=True)
+class HogwildWorker(Worker):
+    """Compute a gradient on the shared parameters, write the update into them through the gate."""
+
+    shared: torch.Tensor = field(repr=False)
+    gate: UpdateGate = field(repr=False)
+    sparse: bool = False
+
+    def connect(self) -> None:
+        if not self.shared.is_shared():
+            raise RuntimeError("the shared parameters arrived as a private copy; hogwild needs shared memory")
+        bind_shared_(self.flat, self.shared)
+        self.wait_seconds = 0.0
+        self.optimizer = self.job.optimizer.build(self.model.parameters())
+        self.scheduler = self.job.optimizer.build_scheduler(self.optimizer, self.total_steps)
+        if self.sparse:
+            self.sparse_gradient = SparseLinearGradient(self.flat, self.job.loss, self.job.data.x_train)
+
+    def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for x, y in stream:
+            if self.steps >= self.total_steps or ctx.should_stop():
+                break
+            if self.sparse:
+                lr = self.optimizer.param_groups[0]["lr"]
+                update = self._sparse_gradient(x, y, lr)
+                written = self._write(partial(apply_sparse_, self.flat.params, update, alpha=-lr))
+                with warnings.catch_warnings():
+                    # The optimizer only carries the schedule's lr here; it never steps.
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                    self.scheduler.step()
+            else:
+                self.gradient(x, y)
+                written = self._write(self.optimizer.step)
+                self.scheduler.step()
+            if not written:
+                break
+        self.gate.retire(self.rank, ctx.should_stop, self.timeout)
+
+    def _sparse_gradient(self, x: torch.Tensor, y: torch.Tensor, lr: float):
+        # Worker.gradient's pacing and counting around a sparse step instead of autograd.
+        now = time.perf_counter()
+        if self.slow_factor > 1 and self._step_started is not None:
+            time.sleep((self.slow_factor - 1) * (now - self._step_started))
+            now = time.perf_counter()
+        self._step_started = now
+        step = self.sparse_gradient(x, y, lr=lr)
+        self.steps += 1
+        self.samples += len(y)
+        if self.steps % self.log_every == 0:
+            self.report(loss=step.loss)
+        return step.update
+
+    def _write(self, apply: Callable[[], Any]) -> bool:
+        if self.gate.mode == "hogwild":
+            apply()
+        else:
+            waiting = time.perf_counter()
+            if not self.gate.enter(self.rank, self.ctx.should_stop, self.timeout):
+                return False
+            self.wait_seconds += time.perf_counter() - waiting
+            try:
+                apply()
+            finally:
+                self.gate.leave(self.rank)
+        # Shared memory: no bytes cross a wire; each update is one push, one round through memory.
+        self.pushes += 1
+        self.rounds += 1
+        return True
+
+    def counters(self) -> dict[str, Any]:
+        return {**super().counters(), "hogwild/wait_seconds": getattr(self, "wait_seconds", 0.0)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hogwild:
+    """Hogwild!'s configuration.
+
+    Args:
+        lock: take one lock around every update (the paper's locking comparator).
+        round_robin: write updates in turn, in rank order (the paper's "RR").
+        sparse_updates: ``"auto"`` writes only the touched coordinates when
+            the model is linear, the inputs sparse CSR and the optimizer plain
+            SGD; ``"on"`` requires that; ``"off"`` always takes dense steps.
+
+    Example:
+        >>> Hogwild(round_robin=True).mode
+        'round_robin'
+    """
+
+    name: ClassVar[str] = "hogwild"
+    lock: bool = False
+    round_robin: bool = False
+    sparse_updates: Literal["auto", "on", "off"] = "auto"
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.lock and self.round_robin:
+            raise ValueError("lock and round_robin are alternative ways to serialize updates; "
+                             "set at most one of them (got lock=True and round_robin=True)")
+        if self.sparse_updates not in ("auto", "on", "off"):
+            raise ValueError(f"sparse_updates must be 'auto', 'on' or 'off', got {self.sparse_updates!r}")
+        check_range("log_every", self.log_every, 1)
+
+    @property
+    def mode(self) -> Mode:
+        return "lock" if self.lock else "round_robin" if self.round_robin else "hogwild"
+
+    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+        if torch.device(job.device).type != "cpu":
+            raise ValueError(f"hogwild shares parameters through this host's shared memory and runs on the "
+                             f"CPU only; got device={job.device!r}, use device='cpu'")
+        model = job.build_model()
+        sparse = self._sparse(job, model)
+        flat = FlatParams(model)
+        # In place: the model's parameters are views of this storage, so the
+        # coordinator evaluates exactly what the workers write, without copies.
+        flat.params.share_memory_()
+        gate = UpdateGate.create(self.mode, job.workers)
+        per_worker = job.total_steps(job.data.num_train // job.workers)
+        interval = job.eval_interval(per_worker * job.workers)
+        progress = Progress()
+        metrics.sinks.append(progress)
+        evaluator = Evaluator(job, metrics)
+        with LocalCluster(metrics, tolerate_worker_deaths=True) as cluster:
+            workers = cluster.start([
+                HogwildWorker(rank=rank, num_workers=job.workers, job=shard_job(job, rank), total_steps=per_worker,
+                              slow_factor=job.faults.slow.get(rank, 1.0), log_every=self.log_every,
+                              shared=flat.params, gate=gate, sparse=sparse)
+                for rank in range(job.workers)
+            ])
+            cluster.start_together(workers, timeout=600.0)
+            log_start(metrics, evaluator)
+            started = time.perf_counter()
+            for rank, seconds in job.faults.kill.items():
+                cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
+            next_eval = interval
+
+            def watch() -> None:
+                nonlocal next_eval
+                for handle in cluster.dead("worker"):
+                    gate.free_dead_(handle.rank)
+                if evaluator.out_of_time:
+                    cluster.request_stop()
+                if progress.total_steps >= next_eval and not evaluator.reached:
+                    evaluator(model, progress.total_steps)  # the shared parameters, read in place
+                    next_eval = progress.total_steps + interval
+                    metrics.log(progress.total_steps, {"progress/step": progress.total_steps})
+                    if evaluator.reached:
+                        cluster.request_stop()
+
+            cluster.wait_all("worker", timeout=24 * 3600, watch=watch)
+            evaluator(model, progress.total_steps)
+            seconds = time.perf_counter() - started
+        metrics.sinks.remove(progress)
+        log_end(metrics, steps=progress.total_steps, samples=progress.total_samples, seconds=seconds,
+                eval_seconds=evaluator.seconds)
+        # Hand back a model in private memory, not a view of the shared segment.
+        trained = job.build_model()
+        FlatParams(trained).load_(flat.params)
+        return trained
+
+    def _sparse(self, job: Job, model: nn.Module) -> bool:
+        """Whether workers take sparse steps; a ValueError when ``"on"`` cannot be honoured."""
+        if self.sparse_updates == "off":
+            return False
+        linear = supports_sparse_updates(model, job.data.sparse)
+        spec = job.optimizer
+        plain_sgd = spec.name == "sgd" and not any(
+            spec.kwargs.get(key) for key in ("momentum", "weight_decay", "maximize"))
+        if self.sparse_updates == "on" and not (linear and plain_sgd):
+            raise ValueError(
+                "sparse_updates='on' needs a linear model (svm, logistic, ...) on sparse CSR data and the plain "
+                f"'sgd' optimizer; got {type(model).__name__} on {'sparse' if job.data.sparse else 'dense'} "
+                f"data with optimizer {spec.name!r} {dict(spec.options)}; use sparse_updates='auto' or 'off'")
+        return linear and plain_sgd
