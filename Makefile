@@ -19,7 +19,7 @@ DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 demo: $(STAMP)
 	$(VENV)/bin/downpour train --strategy downpour --workers 4 --servers 2 --dataset mnist $(DATA_FLAG) \
-		--model mlp --server-optimizer adagrad --lr 0.03 --epochs 1
+		--model mlp --optimizer momentum --lr 0.02 --epochs 1
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -7,7 +7,7 @@ loop over the shard, timed between two barriers. downpour's samples/s is the
 run's own (training time, evaluation excluded). Both run in this invocation,
 alternating, best of ``--repeats``. Prints a table.
 
-    .venv/bin/python benchmarks/allreduce.py [--workers 4] [--steps 200] [--repeats 3]
+    .venv/bin/python benchmarks/allreduce.py [--workers 4] [--steps 500] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -44,9 +44,7 @@ def _plain_worker(rank: int, workers: int, port: int, model_name: str, batch_siz
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         loss_fn = default_loss(model_name)
         generator = torch.Generator().manual_seed(rank)
-        optimizer.zero_grad()
-        loss_fn(model(data.x_train[:batch_size]), data.y_train[:batch_size]).backward()  # warm up, untimed
-        dist.barrier()
+        dist.barrier()  # timed from here, like downpour's run from its start signal: first step included
         started = time.perf_counter()
         done = 0
         while done < steps:
@@ -81,7 +79,7 @@ def downpour_allreduce(data, workers: int, model_name: str, batch_size: int, ste
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="4", help="comma-separated worker counts")
-    parser.add_argument("--steps", type=int, default=200, help="steps per worker")
+    parser.add_argument("--steps", type=int, default=500, help="steps per worker")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs each")
     parser.add_argument("--models", default="mlp")
     parser.add_argument("--batch-sizes", default="64")
@@ -109,7 +107,7 @@ def main() -> None:
     for workers, model_name, batch_size, steps, plain, ours, overhead in rows:
         table.add_row(str(workers), model_name, str(batch_size), str(steps), f"{plain:,.0f}", f"{ours:,.0f}",
                       f"{overhead:+.1f}%")
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":

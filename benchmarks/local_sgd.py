@@ -58,7 +58,7 @@ def main() -> None:
     for label, rounds, samples, sent, per_epoch, accuracy, speed in rows:
         table.add_row(label, str(rounds), f"{samples:,}", f"{sent / 2**20:,.1f} MiB", f"{per_epoch / 2**20:,.1f} MiB",
                       f"{baseline / per_epoch:.2f}x fewer", f"{accuracy:.4f}", f"{speed:,.0f}")
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,12 @@ from downpour.metrics import Metrics
 from downpour.models import FunctionModel
 from downpour.strategies.base import Job
 from downpour.strategies.collective import (
-    BACKENDS, Backend, CollectiveRun, CollectiveWorker, check_lockstep_optimizer, resolve_backend,
+    BACKENDS,
+    Backend,
+    CollectiveRun,
+    CollectiveWorker,
+    check_lockstep_optimizer,
+    resolve_backend,
 )
 
 
@@ -42,9 +47,10 @@ class AllreduceWorker(CollectiveWorker):
         super().connect()
         replica = self.model
         device_ids = [self.flat.params.device] if self.flat.params.device.type == "cuda" else None
-        # DDP starts by broadcasting rank 0's parameters and buffers; its gradient
-        # hooks write the averaged gradient into the existing .grad tensors, which
-        # stay views of the flat gradient buffer.
+        # Worker.gradient runs the forward pass through self.model, so that is the
+        # DDP wrapper from here on. DDP starts by broadcasting rank 0's parameters
+        # and buffers; its gradient hooks write the averaged gradient into the
+        # existing .grad tensors, which stay views of the flat gradient buffer.
         self.model = DistributedDataParallel(replica, device_ids=device_ids, process_group=self.group,
                                              bucket_cap_mb=self.bucket_cap_mb)
         regularization = getattr(replica, "regularization", None)

@@ -120,7 +120,15 @@ class CollectiveWorker(Worker):
         self.scheduler = self.job.optimizer.build_scheduler(self.optimizer, self.total_steps)
 
     def disconnect(self) -> None:
-        if dist.is_initialized():
+        if not dist.is_initialized():
+            return
+        vote = getattr(self, "_vote", None)
+        try:
+            if vote is not None:  # every worker cast it: let it land, leave nothing in flight
+                vote[0].wait(datetime.timedelta(seconds=self.timeout))
+        except RuntimeError:  # a peer is gone; the coordinator ends the run
+            pass
+        finally:
             dist.destroy_process_group(self.group)
 
     def count_round(self) -> None:
@@ -158,10 +166,22 @@ class CollectiveWorker(Worker):
         return torch.cat(parts)
 
     def vote_to_stop(self, ctx: Any) -> bool:
-        """Whether any worker was told to stop; all learn it at the same step, so none is left in a collective."""
-        flag = torch.tensor([1.0 if ctx.should_stop() else 0.0], device=self.comm_device)
-        return bool(self.allreduce_(flag, op=dist.ReduceOp.MAX).item())
+        """Whether any worker was told to stop, as of the previous vote: all learn it at the same step.
 
+        The vote is a 1-element allreduce (MAX) started now and read at the
+        next vote, so it never holds up a step: a collective of its own would
+        be one more point where every worker waits for the slowest to be
+        scheduled. Every worker votes at the same steps, so none is left
+        waiting in a collective when the others stop.
+        """
+        flag = torch.tensor([1.0 if ctx.should_stop() else 0.0], device=self.comm_device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.count_allreduce(flag.numel() * flag.element_size())
+        previous, self._vote = getattr(self, "_vote", None), (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item())
 
 def _rank_device(device: str, rank: int) -> str:
     """Spread workers on ``cuda`` over the visible GPUs; keep an explicit index or the host as given."""

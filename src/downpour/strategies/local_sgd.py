@@ -50,7 +50,12 @@ from downpour.errors import check_range, choose
 from downpour.metrics import Metrics, evaluate
 from downpour.strategies.base import Job
 from downpour.strategies.collective import (
-    BACKENDS, Backend, CollectiveRun, CollectiveWorker, check_lockstep_optimizer, resolve_backend,
+    BACKENDS,
+    Backend,
+    CollectiveRun,
+    CollectiveWorker,
+    check_lockstep_optimizer,
+    resolve_backend,
 )
 from downpour.strategies.worker import Progress
 

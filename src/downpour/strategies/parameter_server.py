@@ -118,7 +118,7 @@ class ParameterServerRun:
                            ema_decay=self.ema_decay)
                 for r in ranges
             ])
-            addresses = [cluster.wait_published(h, "address", timeout=self.timeout) for h in servers]
+            addresses = [cluster.wait_published(h, "address", timeout=10 * self.timeout) for h in servers]
             workers = cluster.start([
                 self.make_worker(
                     rank=rank, num_workers=job.workers, addresses=addresses, ranges=ranges, token=token,

@@ -41,7 +41,8 @@ def _numel(data, model: str) -> int:
 def test_hogwild_4_workers_reach_96_percent_on_mnist_in_one_epoch(mnist):
     # The coordinator gets no parameters from the workers but the shared
     # memory it evaluates: the accuracy is proof the writes reached it.
-    result = dp.train(model="mlp", data=mnist, strategy=Hogwild(), optimizer=dp.optim("sgd", lr=0.2),
+    result = dp.train(model="mlp", data=mnist, strategy=Hogwild(),
+                      optimizer=dp.optim("momentum", lr=0.05, schedule="cosine"),
                       workers=4, epochs=1, eval_every=400, save=False)
     s = result.summary
     assert s["accuracy"] >= 0.96, s
@@ -52,7 +53,8 @@ def test_hogwild_4_workers_reach_96_percent_on_mnist_in_one_epoch(mnist):
 
 @pytest.mark.slow
 def test_hot_potato_4_workers_reach_96_percent_on_mnist_in_one_epoch(mnist):
-    result = dp.train(model="mlp", data=mnist, strategy=HotPotato(), optimizer=dp.optim("sgd", lr=0.2),
+    result = dp.train(model="mlp", data=mnist, strategy=HotPotato(),
+                      optimizer=dp.optim("momentum", lr=0.05, schedule="cosine"),
                       workers=4, epochs=1, eval_every=400, save=False)
     s = result.summary
     assert s["accuracy"] >= 0.96, s
