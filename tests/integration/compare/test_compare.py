@@ -128,8 +128,9 @@ def test_sync_with_a_backup_ignores_a_straggler(mnist_half, tmp_path):
 
 
 def test_downpour_completes_when_a_worker_dies_and_the_report_marks_it(mnist_half, tmp_path):
-    result = compare(strategies=[dp.Downpour()], out_dir=tmp_path / "killed", faults=dp.Faults(kill={2: 1.0}),
-                     **mnist_half)
+    # The victim is slow too, so that it is surely still training when the kill comes.
+    result = compare(strategies=[dp.Downpour()], out_dir=tmp_path / "killed",
+                     faults=dp.Faults(slow={2: 20.0}, kill={2: 1.0}), **mnist_half)
     events = [json.loads(line) for line in (result.path / "downpour-w4" / "events.jsonl").open()]
     assert any(e.get("fault/died") == "worker:2" for e in events)
     assert result.row("downpour")["accuracy"] > 0.8
