@@ -25,6 +25,7 @@ model (``device="cuda"``) is refused. Nothing goes over a wire (0 bytes);
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 import warnings
@@ -41,8 +42,11 @@ from downpour.errors import PeerTimeout, check_range
 from downpour.flat import FlatParams, apply_sparse_
 from downpour.metrics import Metrics
 from downpour.strategies.base import Evaluator, Job, log_end, log_start
+from downpour.strategies.collective import check_lockstep_optimizer
 from downpour.strategies.sparse_linear import SparseLinearGradient, supports_sparse_updates
 from downpour.strategies.worker import Progress, Worker, shard_job
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["hogwild", "lock", "round_robin"]
 
@@ -152,8 +156,9 @@ class UpdateGate:
         self.holder.value = -1
 
 
-def bind_shared_(flat: FlatParams, vector: torch.Tensor) -> None:
-    """Make ``flat``'s module parameters views of ``vector`` (e.g. a shared one) instead of its own buffer.
+def bind_shared_(flat: FlatParams, vector: torch.Tensor, buffers: list[torch.Tensor] = ()) -> None:
+    """Make ``flat``'s module parameters views of ``vector`` (e.g. a shared one) instead of its own buffer,
+    and its buffers (batch-norm statistics) the tensors ``buffers``, in ``module.buffers()`` order.
 
     Gradients stay in ``flat.grads``, private to the process.
     """
@@ -164,6 +169,8 @@ def bind_shared_(flat: FlatParams, vector: torch.Tensor) -> None:
         p.data = vector[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
     flat.params = vector
+    for own, shared in zip(flat.module.buffers(), buffers, strict=True):
+        own.data = shared
 
 
 @dataclass(kw_only=True)
@@ -171,13 +178,14 @@ class HogwildWorker(Worker):
     """Compute a gradient on the shared parameters, write the update into them through the gate."""
 
     shared: torch.Tensor = field(repr=False)
+    shared_buffers: list[torch.Tensor] = field(repr=False, default_factory=list)
     gate: UpdateGate = field(repr=False)
     sparse: bool = False
 
     def connect(self) -> None:
-        if not self.shared.is_shared():
+        if not all(t.is_shared() for t in (self.shared, *self.shared_buffers)):
             raise RuntimeError("the shared parameters arrived as a private copy; hogwild needs shared memory")
-        bind_shared_(self.flat, self.shared)
+        bind_shared_(self.flat, self.shared, self.shared_buffers)
         self.wait_seconds = 0.0
         self.optimizer = self.job.optimizer.build(self.model.parameters())
         self.scheduler = self.job.optimizer.build_scheduler(self.optimizer, self.total_steps)
@@ -277,12 +285,15 @@ class Hogwild:
         if torch.device(job.device).type != "cpu":
             raise ValueError(f"hogwild shares parameters through this host's shared memory and runs on the "
                              f"CPU only; got device={job.device!r}, use device='cpu'")
+        check_lockstep_optimizer(job, self.name)
         model = job.build_model()
         sparse = self._sparse(job, model)
         flat = FlatParams(model)
         # In place: the model's parameters are views of this storage, so the
         # coordinator evaluates exactly what the workers write, without copies.
         flat.params.share_memory_()
+        # Buffers too (batch-norm statistics), as model.share_memory() would: the workers update them in place.
+        buffers = [b.share_memory_() for b in model.buffers()]
         gate = UpdateGate.create(self.mode, job.workers)
         per_worker = job.total_steps(job.data.num_train // job.workers)
         interval = job.eval_interval(per_worker * job.workers)
@@ -293,7 +304,7 @@ class Hogwild:
             workers = cluster.start([
                 HogwildWorker(rank=rank, num_workers=job.workers, job=shard_job(job, rank), total_steps=per_worker,
                               slow_factor=job.faults.slow.get(rank, 1.0), log_every=self.log_every,
-                              shared=flat.params, gate=gate, sparse=sparse)
+                              shared=flat.params, shared_buffers=buffers, gate=gate, sparse=sparse)
                 for rank in range(job.workers)
             ])
             cluster.start_together(workers, timeout=600.0)
@@ -325,6 +336,8 @@ class Hogwild:
         # Hand back a model in private memory, not a view of the shared segment.
         trained = job.build_model()
         FlatParams(trained).load_(flat.params)
+        for private, shared in zip(trained.buffers(), buffers, strict=True):
+            private.copy_(shared)
         return trained
 
     def _sparse(self, job: Job, model: nn.Module) -> bool:
@@ -340,4 +353,6 @@ class Hogwild:
                 "sparse_updates='on' needs a linear model (svm, logistic, ...) on sparse CSR data and the plain "
                 f"'sgd' optimizer; got {type(model).__name__} on {'sparse' if job.data.sparse else 'dense'} "
                 f"data with optimizer {spec.name!r} {dict(spec.options)}; use sparse_updates='auto' or 'off'")
+        if linear and not plain_sgd:
+            log.info("hogwild takes dense steps: sparse updates need the plain 'sgd' optimizer, got %r", spec.name)
         return linear and plain_sgd

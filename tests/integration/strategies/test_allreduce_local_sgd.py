@@ -129,6 +129,7 @@ def test_workers_stop_together_once_the_target_is_reached(digits, strategy):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # 10 worker processes: 100 s on 2 idle cores, nearer 200 s on busy ones
 def test_federated_averaging_on_dirichlet_shards_reaches_95_percent(mnist):
     # 10 clients on Dir(0.1) label skew, 5 sampled per round, 10 local steps each: 150 rounds
     # (8 epochs' worth of samples) with plain SGD on a cosine schedule.
