@@ -315,3 +315,70 @@ class ShutdownRequest(_message.Message):
 class ShutdownReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Compressed(_message.Message):
+    __slots__ = ("dense", "sparse", "signs", "onebit")
+    class Dense(_message.Message):
+        __slots__ = ("dtype", "values")
+        DTYPE_FIELD_NUMBER: _ClassVar[int]
+        VALUES_FIELD_NUMBER: _ClassVar[int]
+        dtype: DType
+        values: bytes
+        def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., values: _Optional[bytes] = ...) -> None: ...
+    class Indices(_message.Message):
+        __slots__ = ("raw", "deflated")
+        RAW_FIELD_NUMBER: _ClassVar[int]
+        DEFLATED_FIELD_NUMBER: _ClassVar[int]
+        raw: bytes
+        deflated: bytes
+        def __init__(self, raw: _Optional[bytes] = ..., deflated: _Optional[bytes] = ...) -> None: ...
+    class Sparse(_message.Message):
+        __slots__ = ("size", "nnz", "dtype", "indices", "values")
+        SIZE_FIELD_NUMBER: _ClassVar[int]
+        NNZ_FIELD_NUMBER: _ClassVar[int]
+        DTYPE_FIELD_NUMBER: _ClassVar[int]
+        INDICES_FIELD_NUMBER: _ClassVar[int]
+        VALUES_FIELD_NUMBER: _ClassVar[int]
+        size: int
+        nnz: int
+        dtype: DType
+        indices: Compressed.Indices
+        values: bytes
+        def __init__(self, size: _Optional[int] = ..., nnz: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., indices: _Optional[_Union[Compressed.Indices, _Mapping]] = ..., values: _Optional[bytes] = ...) -> None: ...
+    class Signs(_message.Message):
+        __slots__ = ("size", "nnz", "tau", "indices", "negative")
+        SIZE_FIELD_NUMBER: _ClassVar[int]
+        NNZ_FIELD_NUMBER: _ClassVar[int]
+        TAU_FIELD_NUMBER: _ClassVar[int]
+        INDICES_FIELD_NUMBER: _ClassVar[int]
+        NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+        size: int
+        nnz: int
+        tau: float
+        indices: Compressed.Indices
+        negative: bytes
+        def __init__(self, size: _Optional[int] = ..., nnz: _Optional[int] = ..., tau: _Optional[float] = ..., indices: _Optional[_Union[Compressed.Indices, _Mapping]] = ..., negative: _Optional[bytes] = ...) -> None: ...
+    class OneBit(_message.Message):
+        __slots__ = ("size", "chunk", "dtype", "bits", "positive", "negative")
+        SIZE_FIELD_NUMBER: _ClassVar[int]
+        CHUNK_FIELD_NUMBER: _ClassVar[int]
+        DTYPE_FIELD_NUMBER: _ClassVar[int]
+        BITS_FIELD_NUMBER: _ClassVar[int]
+        POSITIVE_FIELD_NUMBER: _ClassVar[int]
+        NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+        size: int
+        chunk: int
+        dtype: DType
+        bits: bytes
+        positive: bytes
+        negative: bytes
+        def __init__(self, size: _Optional[int] = ..., chunk: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., bits: _Optional[bytes] = ..., positive: _Optional[bytes] = ..., negative: _Optional[bytes] = ...) -> None: ...
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    SIGNS_FIELD_NUMBER: _ClassVar[int]
+    ONEBIT_FIELD_NUMBER: _ClassVar[int]
+    dense: Compressed.Dense
+    sparse: Compressed.Sparse
+    signs: Compressed.Signs
+    onebit: Compressed.OneBit
+    def __init__(self, dense: _Optional[_Union[Compressed.Dense, _Mapping]] = ..., sparse: _Optional[_Union[Compressed.Sparse, _Mapping]] = ..., signs: _Optional[_Union[Compressed.Signs, _Mapping]] = ..., onebit: _Optional[_Union[Compressed.OneBit, _Mapping]] = ...) -> None: ...
