@@ -18,10 +18,12 @@ import grpc
 import numpy as np
 import torch
 
+from downpour.compress import MalformedPayload
 from downpour.flat import SparseUpdate
 from downpour.transport import codec
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.codec import Malformed, PushFrame, TensorFrame
+from downpour.transport.payload import as_update, from_bytes, max_payload_bytes
 
 KINDS = {pb.GRADIENT: "gradient", pb.DELTA: "delta"}
 
@@ -154,10 +156,14 @@ class PushAssembly:
             )
         if header.kind not in KINDS:
             raise Reject("BAD_KIND", f"unknown update kind {header.kind}; send GRADIENT or DELTA")
-        if header.encoding not in (pb.DENSE, pb.SPARSE):
+        if header.encoding not in (pb.DENSE, pb.SPARSE, pb.COMPRESSED):
             raise Reject(
-                "BAD_ENCODING", f"unknown encoding {header.encoding}; send DENSE or SPARSE"
+                "BAD_ENCODING",
+                f"unknown encoding {header.encoding}; send DENSE, SPARSE or COMPRESSED",
             )
+        if header.encoding == pb.COMPRESSED:
+            self._start_compressed(header)
+            return
         if header.dtype not in codec.VALUE_DTYPES:
             raise Reject(
                 "BAD_DTYPE",
@@ -211,6 +217,8 @@ class PushAssembly:
                 "BAD_LENGTH",
                 f"values carried {self._values_at} of the {len(self._values)} bytes announced",
             )
+        if header.encoding == pb.COMPRESSED:
+            return header, self._decompress()
         values = _as_float32(self._values, header.dtype)
         if self._indices is None:
             return header, values
@@ -221,6 +229,34 @@ class PushAssembly:
             )
         indices = torch.from_numpy(self._indices.view(codec.NUMPY_DTYPES[header.index_dtype]))
         return header, SparseUpdate(indices.to(torch.int64), values, self._size)
+
+    def _start_compressed(self, header: pb.PushHeader) -> None:
+        """A compressed push: ``payload_bytes`` of a ``Compressed`` message in the values."""
+        if list(header.shape) != [self._size]:
+            raise Reject(
+                "BAD_LENGTH",
+                f"update shape {list(header.shape)} does not match shard {self._shard_id} of "
+                f"{self._size} elements",
+            )
+        limit = max_payload_bytes(self._size)
+        if not 0 < header.payload_bytes <= limit:
+            raise Reject(
+                "BAD_LENGTH",
+                f"a compressed push of {header.payload_bytes} bytes; a payload for "
+                f"{self._size} elements takes 1 to {limit}",
+            )
+        if header.num_chunks < 1:
+            raise Reject("BAD_CHUNK_COUNT", "the header announces no chunks; send at least one")
+        self._values = np.empty(header.payload_bytes, dtype=np.uint8)
+        self.header = header
+
+    def _decompress(self) -> torch.Tensor | SparseUpdate:
+        assert self._values is not None
+        try:
+            payload = from_bytes(self._values.tobytes(), expected_size=self._size)
+        except MalformedPayload as error:
+            raise Reject("BAD_PAYLOAD", str(error)) from None
+        return as_update(payload)
 
     def release(self) -> None:
         if self._pooled is not None:

@@ -26,11 +26,13 @@ import grpc
 import numpy as np
 import torch
 
+from downpour.compress import PAYLOADS, Payload
 from downpour.errors import PeerTimeout, TransportError
 from downpour.flat import SparseUpdate
 from downpour.transport import codec
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.assembly import Violation, read_pull, region_frame
+from downpour.transport.payload import to_bytes
 from downpour.transport.channel import Stubs, reject_of, translate
 from downpour.transport.protocol import UPDATE_KINDS, PushResult, UpdateKind
 from downpour.transport.security import Security
@@ -266,7 +268,7 @@ class ShardClient:
         self,
         worker: int,
         version: int,
-        update: torch.Tensor | SparseUpdate,
+        update: torch.Tensor | SparseUpdate | Payload,
         *,
         kind: UpdateKind = "gradient",
         timeout: float | None = None,
@@ -275,6 +277,8 @@ class ShardClient:
 
         A float16 tensor (or sparse values) travels as float16 and is
         widened on the server. Sparse indices travel as int32 when they fit.
+        A compressed payload (:mod:`downpour.compress`, made for this shard's
+        slice) travels as its ``Compressed`` message, ``payload.nbytes`` long.
         """
         header, values, indices = self._encode_push(worker, version, update, kind)
         size = values.nbytes + (0 if indices is None else indices.nbytes)
@@ -306,7 +310,7 @@ class ShardClient:
         self,
         worker: int,
         version: int,
-        update: torch.Tensor | SparseUpdate,
+        update: torch.Tensor | SparseUpdate | Payload,
         *,
         kind: UpdateKind = "gradient",
         wait_version: int | None = None,
@@ -361,7 +365,7 @@ class ShardClient:
         return PushResult(push.applied, push.dropped, push.staleness, push.version), *pulled_back
 
     def _encode_push(
-        self, worker: int, version: int, update: torch.Tensor | SparseUpdate, kind: str
+        self, worker: int, version: int, update: torch.Tensor | SparseUpdate | Payload, kind: str
     ) -> tuple[pb.PushHeader, np.ndarray, np.ndarray | None]:
         """The header of a push and its values (and indices) as little-endian arrays."""
         if kind not in UPDATE_KINDS:
@@ -375,6 +379,12 @@ class ShardClient:
         header = pb.PushHeader(
             shard_id=self.shard_id, worker=worker, version=version, kind=_KINDS[kind]
         )
+        if isinstance(update, PAYLOADS):
+            values = np.frombuffer(to_bytes(update), dtype=np.uint8)
+            header.encoding = pb.COMPRESSED
+            header.shape.append(update.size)
+            header.payload_bytes = values.size
+            return header, values, None
         values, indices = codec.update_arrays(update, header)
         return header, values, indices
 

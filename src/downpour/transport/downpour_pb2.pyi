@@ -26,6 +26,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_UNSPECIFIED: _ClassVar[Encoding]
     DENSE: _ClassVar[Encoding]
     SPARSE: _ClassVar[Encoding]
+    COMPRESSED: _ClassVar[Encoding]
 
 class RejectCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -48,6 +49,7 @@ class RejectCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIMEOUT: _ClassVar[RejectCode]
     SHUTTING_DOWN: _ClassVar[RejectCode]
     BAD_SESSION: _ClassVar[RejectCode]
+    BAD_PAYLOAD: _ClassVar[RejectCode]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -59,6 +61,7 @@ DELTA: UpdateKind
 ENCODING_UNSPECIFIED: Encoding
 DENSE: Encoding
 SPARSE: Encoding
+COMPRESSED: Encoding
 REJECT_CODE_UNSPECIFIED: RejectCode
 BAD_TOKEN: RejectCode
 BAD_SHARD: RejectCode
@@ -78,6 +81,7 @@ MALFORMED: RejectCode
 TIMEOUT: RejectCode
 SHUTTING_DOWN: RejectCode
 BAD_SESSION: RejectCode
+BAD_PAYLOAD: RejectCode
 
 class Reject(_message.Message):
     __slots__ = ("code", "message")
@@ -128,7 +132,7 @@ class TensorChunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("shard_id", "worker", "version", "kind", "encoding", "dtype", "index_dtype", "shape", "nnz", "num_chunks")
+    __slots__ = ("shard_id", "worker", "version", "kind", "encoding", "dtype", "index_dtype", "shape", "nnz", "num_chunks", "payload_bytes")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +143,7 @@ class PushHeader(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NNZ_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     worker: int
     version: int
@@ -149,7 +154,8 @@ class PushHeader(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     nnz: int
     num_chunks: int
-    def __init__(self, shard_id: _Optional[int] = ..., worker: _Optional[int] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[UpdateKind, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., index_dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nnz: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    payload_bytes: int
+    def __init__(self, shard_id: _Optional[int] = ..., worker: _Optional[int] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[UpdateKind, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., index_dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nnz: _Optional[int] = ..., num_chunks: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("seq", "header", "values", "indices")

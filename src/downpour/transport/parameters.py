@@ -141,7 +141,7 @@ class ParameterClient:
         self,
         worker: int,
         versions: Sequence[int],
-        update: torch.Tensor | SparseUpdate,
+        update: torch.Tensor | SparseUpdate | list,
         *,
         kind: UpdateKind = "gradient",
         timeout: float | None = None,
@@ -165,7 +165,7 @@ class ParameterClient:
         self,
         worker: int,
         versions: Sequence[int],
-        update: torch.Tensor | SparseUpdate,
+        update: torch.Tensor | SparseUpdate | list,
         *,
         kind: UpdateKind = "gradient",
         wait_versions: Sequence[int] | None = None,
@@ -215,8 +215,18 @@ class ParameterClient:
                     f"{name} needs one version per shard ({len(self.clients)}), got {len(versions)}"
                 )
 
-    def _parts(self, update: torch.Tensor | SparseUpdate) -> list[torch.Tensor | SparseUpdate]:
-        """Each shard's part of ``update`` (sparse ones sparse only where that is smaller)."""
+    def _parts(self, update: torch.Tensor | SparseUpdate | list) -> list:
+        """Each shard's part of ``update`` (sparse ones sparse only where that is smaller).
+
+        A list is taken as the parts themselves, one per shard: compressed
+        payloads are made per shard, each by that shard's compressor state.
+        """
+        if isinstance(update, list):
+            if len(update) != len(self.ranges):
+                raise ValueError(
+                    f"update parts must be one per shard ({len(self.ranges)}), got {len(update)}"
+                )
+            return update
         if isinstance(update, SparseUpdate):
             return _split_sparse(update, self.ranges)
         if isinstance(update, torch.Tensor):

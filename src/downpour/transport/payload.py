@@ -35,7 +35,8 @@ from google.protobuf.message import DecodeError
 
 from downpour.compress import CodedIndices, Dense, MalformedPayload, OneBit, Payload, Signs, Sparse
 from downpour.compress import decode_indices
-from downpour.compress.payloads import check_size
+from downpour.compress.payloads import check_size, unpack_bits
+from downpour.flat import SparseUpdate
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.codec import NUMPY_DTYPES, TORCH_TO_WIRE, VALUE_DTYPES, dtype_name
 
@@ -189,3 +190,32 @@ def from_bytes(data: bytes, *, expected_size: int) -> Payload:
             f"malformed payload: bytes do not parse as a Compressed message ({error})"
         ) from None
     return payload_from_proto(message, expected_size=expected_size)
+
+
+# -- applying ----------------------------------------------------------------
+
+
+def as_update(payload: Payload) -> torch.Tensor | SparseUpdate:
+    """What a shard applies for a checked ``payload``: indexed kinds stay sparse, float32 values.
+
+    Example:
+        >>> from downpour import compress
+        >>> as_update(compress.Dense(torch.ones(2)))
+        tensor([1., 1.])
+    """
+    if isinstance(payload, Sparse):
+        return SparseUpdate(payload.positions.long(), payload.values.float(), payload.size)
+    if isinstance(payload, Signs):
+        negative = unpack_bits(payload.negative, payload.nnz)
+        values = torch.where(negative, -payload.tau, payload.tau).float()
+        return SparseUpdate(payload.positions.long(), values, payload.size)
+    return payload.to_dense().float()
+
+
+def max_payload_bytes(size: int) -> int:
+    """An upper bound on the serialized payload of any kind for a vector of ``size`` elements.
+
+    The largest honest one is sparse float32 with raw indices and every entry
+    chosen: 8 bytes an element and a few dozen of field headers.
+    """
+    return 8 * size + 64

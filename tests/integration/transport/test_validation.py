@@ -116,7 +116,7 @@ FORGED = {
     "inf": (with_inf(), "NON_FINITE", "1 NaN or infinite"),
     "bad-shard": (dense(shard_id=3), "BAD_SHARD", "holds shard 0, the push is for shard 3"),
     "bad-kind": (dense(kind=pb.UPDATE_KIND_UNSPECIFIED), "BAD_KIND", "GRADIENT or DELTA"),
-    "bad-encoding": (dense(encoding=7), "BAD_ENCODING", "DENSE or SPARSE"),
+    "bad-encoding": (dense(encoding=7), "BAD_ENCODING", "DENSE, SPARSE or COMPRESSED"),
     "future-version": (dense(version=5), "BAD_VERSION", "only at version 0"),
     "negative-version": (dense(version=-1), "BAD_VERSION", "got -1"),
     "no-chunks-announced": (dense(num_chunks=0), "BAD_CHUNK_COUNT", "announces no chunks"),
