@@ -16,6 +16,7 @@ from downpour.strategies import Allreduce
 from downpour.strategies import Downpour
 from downpour.strategies import Faults
 from downpour.strategies import Hogwild
+from downpour.strategies import Decentralized
 from downpour.strategies import HotPotato
 from downpour.strategies import LocalSGD
 from downpour.strategies import Single
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Allreduce",
     "Hogwild",
+    "Decentralized",
     "HotPotato",
     "LocalSGD",
     "Downpour",

@@ -73,6 +73,7 @@ def _sinks(args: argparse.Namespace) -> list[Any]:
 
 
 def _server(args: argparse.Namespace) -> int:
+    from downpour import compress
     from downpour.cluster.role import StandaloneContext
     from downpour.flat import FlatParams, shard_ranges
     from downpour.server import ApplyAtOnce, BoundedStaleness, Synchronous
@@ -124,8 +125,10 @@ def _worker(args: argparse.Namespace) -> int:
     flat = FlatParams(model)
     ranges = shard_ranges(flat.numel, len(addresses))
     mine = replace(job, data=job.data.shard(args.rank, args.of, seed=job.seed).train_only())
+    if args.compress is not None:
+        compress.parse(args.compress)  # a bad spec fails before anything connects
     common = dict(rank=args.rank, num_workers=args.of, job=mine, addresses=addresses, ranges=ranges, token=token,
-                  timeout=args.timeout)
+                  timeout=args.timeout, compress=args.compress)
     if args.strategy == "sync":
         required = args.of - args.backup
         worker = SyncWorker(total_steps=job.total_steps(job.data.num_train // required), **common)
@@ -185,6 +188,7 @@ def add_role_commands(sub) -> None:
     worker.add_argument("--backup", type=int, default=0, help="sync: backup workers b")
     worker.add_argument("--fetch-every", type=int, default=1, help="downpour: n_fetch")
     worker.add_argument("--push-every", type=int, default=1, help="downpour: n_push")
+    worker.add_argument("--compress", metavar="SPEC", help="compress pushes, e.g. threshold:tau=0.003,entropy")
     worker.add_argument("--batch-size", type=int, default=64)
     worker.add_argument("--epochs", type=float, default=1.0)
     worker.add_argument("--timeout", type=float, default=60.0, help="seconds any server may take to answer")

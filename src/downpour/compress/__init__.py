@@ -27,6 +27,7 @@ Example:
 from downpour.compress.base import Compressor
 from downpour.compress.base import EmptyState
 from downpour.compress.base import ErrorFeedbackState
+from downpour.compress.base import Stream
 from downpour.compress.base import Transform
 from downpour.compress.base import chain
 from downpour.compress.base import error_feedback
@@ -67,6 +68,7 @@ __all__ = [
     "Payload",
     "Signs",
     "Sparse",
+    "Stream",
     "ThresholdState",
     "Transform",
     "chain",

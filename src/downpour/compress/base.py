@@ -189,3 +189,35 @@ def residual_of(state: Any) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+class Stream:
+    """A compressor and its state: what a sender keeps for one receiver (a shard, a peer).
+
+    Counts the raw and encoded bytes of what it sent, for the run's metrics.
+
+    Example:
+        >>> from downpour.compress import parse
+        >>> stream = Stream(parse("threshold:tau=1"))
+        >>> stream.encode(torch.tensor([0.5, 1.5])).to_dense()
+        tensor([0., 1.])
+        >>> stream.encode(torch.tensor([0.5, 0.0])).to_dense()  # the residual 0.5 + 0.5 crosses tau
+        tensor([1., 0.])
+        >>> stream.raw_bytes, stream.messages
+        (16, 2)
+    """
+
+    def __init__(self, compressor: Compressor) -> None:
+        self.compressor = compressor
+        self.state: Any = None
+        self.raw_bytes = self.encoded_bytes = self.messages = 0
+
+    def encode(self, x: torch.Tensor) -> Payload:
+        """The payload to send for ``x`` (a 1-D float32 vector on the host)."""
+        if self.state is None:
+            self.state = self.compressor.init(x)
+        payload, self.state = self.compressor.encode(x, self.state)
+        self.raw_bytes += payload.raw_nbytes
+        self.encoded_bytes += payload.nbytes
+        self.messages += 1
+        return payload

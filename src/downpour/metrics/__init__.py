@@ -18,7 +18,7 @@ from downpour.metrics.sinks import (
     TensorBoardSink,
     read_events,
 )
-from downpour.metrics.summary import SUMMARY_KEYS, TrainResult, summarize
+from downpour.metrics.summary import SUMMARY_KEYS, TrainResult, compression_counters, summarize
 
 __all__ = [
     "SUMMARY_KEYS",
@@ -34,5 +34,6 @@ __all__ = [
     "new_run_id",
     "plot_run",
     "read_events",
+    "compression_counters",
     "summarize",
 ]

@@ -41,6 +41,9 @@ SUMMARY_KEYS = (
     "staleness_max",
     "dropped_gradients",
     "rounds",
+    "bytes_raw",
+    "bytes_encoded",
+    "compression_ratio",
     "run_dir",
 )
 
@@ -51,7 +54,17 @@ _CUMULATIVE = {
     "pushes": "comm/pushes",
     "pulls": "comm/pulls",
     "dropped_gradients": "worker/dropped",  # a worker gradient any shard dropped
+    # Compressed messages only: their size uncompressed (4 bytes an element) and on the wire.
+    "bytes_raw": "comm/raw_bytes",
+    "bytes_encoded": "comm/encoded_bytes",
 }
+
+
+def compression_counters(streams) -> dict[str, int]:
+    """A role's cumulative ``comm/*`` counters of its compressed messages (``compress.Stream``)."""
+    return {"comm/raw_bytes": sum(s.raw_bytes for s in streams),
+            "comm/encoded_bytes": sum(s.encoded_bytes for s in streams),
+            "comm/compressed_messages": sum(s.messages for s in streams)}
 
 
 def _last_per_role(events: list[Event], key: str) -> float:
@@ -123,6 +136,9 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     # allreduce, a hand-over); the run's count is the most any worker took.
     rounds = [e["comm/rounds"] for e in events if e.get("comm/rounds") is not None]
     summary["rounds"] = int(max(rounds)) if rounds else 0
+    # How many times smaller the compressed messages were than the same messages uncompressed.
+    encoded = summary["bytes_encoded"]
+    summary["compression_ratio"] = summary["bytes_raw"] / encoded if encoded else None
     return {key: summary[key] for key in SUMMARY_KEYS}
 
 

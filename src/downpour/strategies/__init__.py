@@ -7,6 +7,7 @@ from typing import Any
 from downpour.errors import choose
 from downpour.strategies.base import Faults, Job, Strategy
 from downpour.strategies.allreduce import Allreduce
+from downpour.strategies.decentralized import Decentralized
 from downpour.strategies.downpour import Downpour
 from downpour.strategies.hogwild import Hogwild
 from downpour.strategies.hot_potato import HotPotato
@@ -30,6 +31,7 @@ register(Allreduce)
 register(LocalSGD)
 register(Hogwild)
 register(HotPotato)
+register(Decentralized)
 
 
 def get(name: str, **options: Any) -> Strategy:
@@ -41,6 +43,7 @@ def get(name: str, **options: Any) -> Strategy:
 __all__ = [
     "STRATEGIES",
     "Allreduce",
+    "Decentralized",
     "Downpour",
     "Faults",
     "Hogwild",

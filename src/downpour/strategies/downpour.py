@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from downpour.compress import parse
 from downpour.errors import StaleUpdate, check_range
 from downpour.flat import sparsify
 from downpour.metrics import Metrics
@@ -60,7 +61,7 @@ class DownpourWorker(PSWorker):
     def _push(self, versions: list[int], update: torch.Tensor, samples: int) -> None:
         # "Only send parameters updated": models with sparse inputs touch few
         # coordinates per batch, and then (index, value) pairs are smaller.
-        payload = (sparsify(update.cpu()) if self.sparse_push else None) or update
+        payload = (sparsify(update.cpu()) if self.sparse_push and not self.streams else None) or update
         try:
             results = self.push(versions, payload)
         except StaleUpdate:
@@ -88,6 +89,8 @@ class Downpour:
         server_optimizer: overrides the job optimizer's name on the shards
             (keeping its learning rate), e.g. ``"adagrad"`` as in DistBelief.
         sparse_push: send only nonzero entries when that is smaller.
+        compress: compress each push (a :func:`downpour.compress.parse` spec,
+            e.g. ``"threshold:tau=0.01,entropy"``), one compressor state per shard.
 
     Example:
         >>> Downpour(fetch_every=4, push_every=4, staleness="scale-lr").push_every
@@ -102,9 +105,12 @@ class Downpour:
     max_staleness: int | None = None
     server_optimizer: str | None = None
     sparse_push: bool = True
+    compress: str | None = None
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        if self.compress is not None:
+            parse(self.compress)  # a bad spec fails here, naming the problem
         check_range("fetch_every", self.fetch_every, 1)
         check_range("push_every", self.push_every, 1)
         if self.staleness not in ("none", "scale-lr"):
@@ -121,6 +127,7 @@ class Downpour:
             optimizer = optim(self.server_optimizer, lr=job.optimizer.lr)
         per_worker = job.total_steps(job.data.num_train // job.workers)
         worker = partial(DownpourWorker, fetch_every=self.fetch_every, push_every=self.push_every,
-                         sparse_push=self.sparse_push, log_every=self.log_every, total_steps=per_worker)
+                         sparse_push=self.sparse_push, compress=self.compress, log_every=self.log_every,
+                         total_steps=per_worker)
         return ParameterServerRun(policy=policy, make_worker=worker, server_optimizer=optimizer,
                                   global_steps=per_worker * job.workers).run(job, metrics)

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from downpour.cluster import LocalCluster
+from downpour.compress import Stream, parse
 from downpour.flat import FlatParams, ShardRange, shard_ranges
-from downpour.metrics import Metrics
+from downpour.metrics import Metrics, compression_counters
 from downpour.optim import OptimSpec
 from downpour.server import UpdatePolicy
 from downpour.server.role import ServerRole
@@ -35,8 +36,10 @@ class PSWorker(Worker):
     addresses: list[str]
     ranges: list[ShardRange]
     token: str = field(repr=False)
+    compress: str | None = None  # a compress.parse spec for pushes; one stream per shard
 
     def connect(self) -> None:
+        self.streams = [] if self.compress is None else [Stream(parse(self.compress)) for _ in self.ranges]
         self.client = ParameterClient(self.addresses, self.ranges, self.token, timeout=self.timeout)
         self.client.wait_ready(timeout=self.timeout)
 
@@ -51,10 +54,13 @@ class PSWorker(Worker):
         # same host) through shared memory with gRPC carrying only the header.
         # Strategies compare on what they move; the shared part is also reported.
         c = self.client
-        return {"comm/bytes_sent": c.bytes_sent + c.bytes_shared_sent,
-                "comm/bytes_received": c.bytes_received + c.bytes_shared_received,
-                "comm/bytes_shared": c.bytes_shared_sent + c.bytes_shared_received,
-                "comm/pushes": c.pushes, "comm/pulls": c.pulls, "comm/rounds": self.rounds}
+        counters = {"comm/bytes_sent": c.bytes_sent + c.bytes_shared_sent,
+                    "comm/bytes_received": c.bytes_received + c.bytes_shared_received,
+                    "comm/bytes_shared": c.bytes_shared_sent + c.bytes_shared_received,
+                    "comm/pushes": c.pushes, "comm/pulls": c.pulls, "comm/rounds": self.rounds}
+        if self.streams:
+            counters |= compression_counters(self.streams)
+        return counters
 
     def pull(self, **kwargs: Any) -> list[int]:
         """Pull every shard into the model's parameters; returns the shards' versions.
@@ -75,6 +81,9 @@ class PSWorker(Worker):
         """Push ``update`` (dense or sparse) to every shard; device tensors go through the host."""
         if isinstance(update, torch.Tensor) and update.device.type != "cpu":
             update = update.cpu()
+        if self.streams and isinstance(update, torch.Tensor):
+            flat = update.reshape(-1)
+            update = [stream.encode(flat[r.start : r.stop]) for stream, r in zip(self.streams, self.ranges)]
         self.rounds += 1
         return self.client.push_all(self.rank, versions, update)
 

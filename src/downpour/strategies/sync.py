@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from downpour.compress import parse
 from downpour.errors import TransportError, WorkerFailed, check_range
 from downpour.metrics import Metrics
 from downpour.server import Synchronous
@@ -80,6 +81,8 @@ class Sync:
         late: what happens to a gradient that arrives after its round closed.
         ema_decay: decay of the parameters' moving average kept on the shards.
         evaluate_average: evaluate the moving average instead of the parameters.
+        compress: compress each pushed gradient (a :func:`downpour.compress.parse`
+            spec), one compressor state per shard.
 
     Example:
         >>> Sync(backup=1).backup
@@ -92,9 +95,12 @@ class Sync:
     late: Literal["drop", "fold"] = "drop"
     ema_decay: float = 0.99
     evaluate_average: bool = False
+    compress: str | None = None
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        if self.compress is not None:
+            parse(self.compress)  # a bad spec fails here, naming the problem
         check_range("backup", self.backup, 0)
         check_range("ema_decay", self.ema_decay, 0.0, 1.0, low_open=True)
 
@@ -115,7 +121,7 @@ class Sync:
                                    f"{victim.failed}; sync needs {required} live workers per round and "
                                    f"has {self.backup} backup(s), so the run cannot go on")
 
-        worker = partial(SyncWorker, log_every=self.log_every, total_steps=rounds)
+        worker = partial(SyncWorker, compress=self.compress, log_every=self.log_every, total_steps=rounds)
         return ParameterServerRun(
             policy=Synchronous(num_required=required, late=self.late), make_worker=worker,
             server_optimizer=job.optimizer, global_steps=rounds * job.workers, ema_decay=self.ema_decay,

@@ -201,6 +201,10 @@ class WorkerGroupRun:
         global_steps: steps of all workers together that make the run.
         tolerate_deaths: whether the run goes on when a worker dies.
         partition: keyword arguments for ``Dataset.shard`` (scheme, alpha...).
+        watch: called at every poll with the workers' handles and the steps so far.
+        combine: given every final snapshot ``{rank: payload}``, the model, its
+            flat parameters and the steps, loads the parameters to evaluate
+            (instead of ``final_rank``'s).
     """
 
     make_worker: Callable[..., Worker]
@@ -208,6 +212,8 @@ class WorkerGroupRun:
     tolerate_deaths: bool = True
     final_rank: int = 0
     partition: dict[str, Any] = field(default_factory=dict)
+    watch: Callable[[list[Any], int], None] | None = None
+    combine: Callable[[dict[int, bytes], nn.Module, FlatParams, int], None] | None = None
     timeout: float = 60.0
 
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
@@ -232,6 +238,8 @@ class WorkerGroupRun:
             def watch() -> None:
                 if evaluator.out_of_time:
                     cluster.request_stop()
+                if self.watch is not None:
+                    self.watch(workers, progress.total_steps)
                 for handle in workers:
                     snapshot = handle.published.get("params")
                     if snapshot is None or id(snapshot) in evaluated or evaluator.reached:
@@ -244,11 +252,13 @@ class WorkerGroupRun:
                         cluster.request_stop()
 
             cluster.wait_all("worker", timeout=24 * 3600, watch=watch)
-            final = workers[self.final_rank].published.get("final") or next(
-                (h.published["final"] for h in workers if "final" in h.published), None)
-            if final is None:
+            finals = {h.rank: h.published["final"][1] for h in workers if "final" in h.published}
+            if not finals:
                 raise RuntimeError("no worker published its final parameters")
-            decode_params_(final[1], flat.params)
+            if self.combine is not None:
+                self.combine(finals, model, flat, progress.total_steps)
+            else:
+                decode_params_(finals.get(self.final_rank) or next(iter(finals.values())), flat.params)
             evaluator(model, progress.total_steps)
             seconds = time.perf_counter() - started
         metrics.sinks.remove(progress)
