@@ -45,9 +45,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from downpour.compress import Stream, parse
 from downpour.data.partition import SCHEMES
 from downpour.errors import check_range, choose
-from downpour.metrics import Metrics, evaluate
+from downpour.metrics import Metrics, compression_counters, evaluate
 from downpour.strategies.base import Job
 from downpour.strategies.collective import (
     BACKENDS,
@@ -58,6 +59,7 @@ from downpour.strategies.collective import (
     resolve_backend,
 )
 from downpour.strategies.worker import Progress
+from downpour.transport.payload import from_bytes, to_bytes
 
 
 class Ensemble(nn.Module):
@@ -137,6 +139,13 @@ class LocalSGDWorker(CollectiveWorker):
     clients_per_round: int | None = None
     ensemble: bool = False
     eval_every: int = 10
+    compress: str | None = None
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.compress is not None:
+            self.stream = Stream(parse(self.compress))
+            self.anchor = self.flat.params.detach().clone()
 
     def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
         optimizer, scheduler = self.optimizer, self.scheduler
@@ -159,7 +168,10 @@ class LocalSGDWorker(CollectiveWorker):
             if last and self.ensemble:
                 break
             weight = float(self.job.data.num_train) if federated else 1.0
-            stop = self.average_(weight if sampled else 0.0, ctx)
+            if self.compress is not None:
+                stop = self.average_compressed_(ctx)
+            else:
+                stop = self.average_(weight if sampled else 0.0, ctx)
             if stop or last:
                 break
             # An ensemble's members are evaluated together, at the end.
@@ -185,6 +197,38 @@ class LocalSGDWorker(CollectiveWorker):
         self.count_round()
         self.flat.params.copy_(buffer[:n].div_(buffer[n]))
         return bool(buffer[n + 1] > 0)
+
+
+    def counters(self) -> dict[str, Any]:
+        counters = super().counters()
+        if self.compress is not None and hasattr(self, "stream"):
+            counters |= compression_counters([self.stream])
+        return counters
+
+    def average_compressed_(self, ctx: Any) -> bool:
+        """Move every replica to the last average plus the mean of the workers' compressed changes.
+
+        Each worker compresses the change it made since the last average
+        (what its compressor holds back stays in its residual for the next
+        round); the payloads are all-gathered as bytes, so every worker
+        decodes the same W payloads and lands on the same parameters. The
+        payloads travel padded to the longest one, and are counted so.
+        """
+        n = self.flat.numel
+        payload = self.stream.encode((self.flat.params.detach() - self.anchor).cpu())
+        data = torch.frombuffer(bytearray(to_bytes(payload)), dtype=torch.uint8)
+        heads = self.all_gather(torch.tensor([data.numel(), int(ctx.should_stop())], dtype=torch.int64))
+        lengths, stops = heads[0::2].tolist(), heads[1::2]
+        padded = torch.zeros(max(lengths), dtype=torch.uint8)
+        padded[: data.numel()] = data
+        gathered = self.all_gather(padded).view(self.num_workers, -1).cpu()
+        self.count_round()
+        mean = torch.zeros(n)
+        for row, length in zip(gathered, lengths):
+            from_bytes(row[:length].numpy().tobytes(), expected_size=n).add_to_(mean)
+        self.anchor.add_(mean.div_(self.num_workers).to(self.anchor.device))
+        self.flat.params.copy_(self.anchor)
+        return bool(stops.any())
 
 
 def _advance(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> None:
@@ -215,6 +259,9 @@ class LocalSGD:
         partition: how the training set is split among workers.
         alpha: Dirichlet concentration for ``partition="dirichlet"`` (small: skewed).
         backend: ``"auto"`` (NCCL when every worker has a GPU, else gloo), ``"gloo"`` or ``"nccl"``.
+        compress: compress each worker's change between averages (a
+            :func:`downpour.compress.parse` spec, with its residual kept for
+            the next round); the changes are combined by all-gather.
         log_every: steps between a worker's progress events.
 
     Example:
@@ -230,10 +277,16 @@ class LocalSGD:
     partition: Literal["iid", "label", "dirichlet"] = "iid"
     alpha: float = 0.5
     backend: Backend = "auto"
+    compress: str | None = None
     log_every: int = 10
 
     def __post_init__(self) -> None:
         check_range("average_every", self.average_every, 0)
+        if self.compress is not None:
+            parse(self.compress)  # a bad spec fails here, naming the problem
+            if self.clients_per_round is not None or self.ensemble:
+                raise ValueError("compress averages every worker's change with equal weight; it does not "
+                                 "combine with clients_per_round (federated averaging) or ensemble")
         check_range("sync_warmup_steps", self.sync_warmup_steps, 0)
         if self.clients_per_round is not None:
             check_range("clients_per_round", self.clients_per_round, 1)
@@ -270,7 +323,7 @@ class LocalSGD:
         if self.partition == "dirichlet":
             partition["alpha"] = self.alpha
         worker = partial(LocalSGDWorker, plan=tuple(plan), total_steps=sum(plan), log_every=self.log_every,
-                         clients_per_round=self.clients_per_round, ensemble=self.ensemble,
+                         clients_per_round=self.clients_per_round, ensemble=self.ensemble, compress=self.compress,
                          eval_every=job.eval_interval(sum(plan)))
         run = CollectiveRun(make_worker=worker, global_steps=sum(plan) * job.workers, backend=self.backend,
                             partition=partition)

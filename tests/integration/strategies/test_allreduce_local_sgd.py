@@ -118,6 +118,19 @@ def test_one_shot_averaging_and_the_ensemble_report_their_accuracy(digits):
     assert torch.allclose(probabilities.sum(dim=1), torch.ones(5), atol=1e-5)
 
 
+def test_local_sgd_averages_compressed_changes(digits):
+    common = {"model": "logistic", "data": digits, "optimizer": dp.optim("sgd", lr=0.5), "workers": 3,
+              "batch_size": 16, "epochs": 5, "save": False}
+    plain = dp.train(strategy=LocalSGD(average_every=4), **common)
+    compressed = dp.train(strategy=LocalSGD(average_every=4, compress="topk:0.05,fp16,entropy"), **common)
+    p, c = plain.summary, compressed.summary
+    assert c["rounds"] == p["rounds"] and c["compression_ratio"] > 20, c
+    assert c["bytes_sent"] * 10 < p["bytes_sent"]
+    assert c["accuracy"] >= p["accuracy"] - 0.03, (p["accuracy"], c["accuracy"])
+    with pytest.raises(ValueError, match="does not combine with clients_per_round"):
+        LocalSGD(compress="fp16", clients_per_round=2)
+
+
 @pytest.mark.parametrize("strategy", [Allreduce(log_every=2), LocalSGD(average_every=2)], ids=["allreduce", "local-sgd"])
 def test_workers_stop_together_once_the_target_is_reached(digits, strategy):
     result = dp.train(model="logistic", data=digits, strategy=strategy, optimizer=dp.optim("sgd", lr=0.5),

@@ -32,14 +32,14 @@ def digits():
 
 @pytest.mark.slow
 def test_downpour_4_workers_2_servers_trains_mnist_in_one_epoch(mnist, tmp_path):
-    # The issue asks for 96%; with the 512-256 MLP this recipe reached 95.75% once on a loaded machine
-    # and higher learning rates diverged, so the bar here is 94% until the recipe is tuned.
+    # Adam on the shards copes with the staleness of four replicas (about 2 on average); batch 32
+    # gives the one epoch enough steps. Measured: 96.2-96.4%.
     result = dp.train(model="mlp", data=mnist, strategy=dp.Downpour(),
-                      optimizer=dp.optim("momentum", lr=0.02), workers=4, servers=2, epochs=1,
+                      optimizer=dp.optim("adam", lr=0.001), workers=4, servers=2, epochs=1, batch_size=32,
                       run_dir=tmp_path / "run")
     s = result.summary
-    assert s["accuracy"] >= 0.94, s
-    assert s["samples"] <= mnist.num_train + 4 * 64  # one epoch's worth, split among the workers
+    assert s["accuracy"] >= 0.96, s
+    assert s["samples"] <= mnist.num_train + 4 * 32  # one epoch's worth, split among the workers
     assert s["pushes"] > 0 and s["bytes_sent"] > 0 and s["bytes_received"] > 0
     assert s["staleness_max"] is not None
     for key in ("bytes_sent", "bytes_received", "pushes", "pulls", "staleness_mean", "staleness_p95",
