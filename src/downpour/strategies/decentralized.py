@@ -16,6 +16,11 @@ in flight or in residuals; the coordinator reports the largest distance
 between two replicas as the run goes, and evaluates the average replica and
 one replica at the end.
 
+Every replica moves by the sum of all peers' changes, so W peers take W
+times a single process's step: a learning rate of about 1/W of the single
+process's is the place to start (compression, which holds large changes
+back in the residual, tolerates more).
+
 Each peer serves its replica with the parameter server's own shard and
 service (a ``DELTA`` push adds a change as is), so authentication, message
 checks and compressed payloads are those of :mod:`downpour.transport`.

@@ -89,6 +89,8 @@ class Downpour:
         server_optimizer: overrides the job optimizer's name on the shards
             (keeping its learning rate), e.g. ``"adagrad"`` as in DistBelief.
         sparse_push: send only nonzero entries when that is smaller.
+        ema_decay: if set, the shards keep a moving average of the parameters with this decay.
+        evaluate_average: evaluate (and return) that moving average instead of the parameters.
         compress: compress each push (a :func:`downpour.compress.parse` spec,
             e.g. ``"threshold:tau=0.01,entropy"``), one compressor state per shard.
 
@@ -105,6 +107,8 @@ class Downpour:
     max_staleness: int | None = None
     server_optimizer: str | None = None
     sparse_push: bool = True
+    ema_decay: float | None = None
+    evaluate_average: bool = False
     compress: str | None = None
     log_every: int = 10
 
@@ -117,6 +121,10 @@ class Downpour:
             raise ValueError(f"staleness must be 'none' or 'scale-lr', got {self.staleness!r}")
         if self.max_staleness is not None:
             check_range("max_staleness", self.max_staleness, 0)
+        if self.ema_decay is not None:
+            check_range("ema_decay", self.ema_decay, 0.0, 1.0, low_open=True)
+        elif self.evaluate_average:
+            raise ValueError("evaluate_average needs a moving average: set ema_decay (e.g. 0.99)")
 
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
         scale = self.staleness == "scale-lr"
@@ -130,4 +138,5 @@ class Downpour:
                          sparse_push=self.sparse_push, compress=self.compress, log_every=self.log_every,
                          total_steps=per_worker)
         return ParameterServerRun(policy=policy, make_worker=worker, server_optimizer=optimizer,
-                                  global_steps=per_worker * job.workers).run(job, metrics)
+                                  global_steps=per_worker * job.workers, ema_decay=self.ema_decay,
+                                  evaluate_average=self.evaluate_average).run(job, metrics)
