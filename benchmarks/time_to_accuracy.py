@@ -22,7 +22,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def configurations(workers: list[int]):
     yield "single", 1, dp.Single(), dp.optim("momentum", lr=0.05)
     for w in workers:
-        yield "downpour", w, dp.Downpour(server_optimizer="adagrad"), dp.optim("sgd", lr=0.03)
+        yield "downpour", w, dp.Downpour(ema_decay=0.99, evaluate_average=True), dp.optim("adam", lr=0.001)
         yield "sync", w, dp.Sync(backup=1 if w > 2 else 0), dp.optim("momentum", lr=0.1)
 
 

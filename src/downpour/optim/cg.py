@@ -96,6 +96,9 @@ class ConjugateGradient(Optimizer):
         [1.0, -2.0]
     """
 
+    # Training loops give a closure to optimizers that re-evaluate the loss (see strategies.base.sgd_step).
+    requires_closure = True
+
     def __init__(
         self,
         params: Iterable[torch.Tensor],
