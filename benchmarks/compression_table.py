@@ -11,7 +11,7 @@ test accuracy after those steps. ``tau`` is in gradient units, so the
 seed's tau = 2 (set for its own network and loss) is shown beside a tau
 matched to this model's gradient scale.
 
-    .venv/bin/python benchmarks/compression_table.py [--steps 150] [--specs none,fp16,...]
+    .venv/bin/python benchmarks/compression_table.py [--steps 150] [--specs 'none;fp16;...']
 """
 
 from __future__ import annotations
@@ -25,29 +25,15 @@ from downpour import models
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HIDDEN = (4096, 2770)
-SPECS = "none,fp16,threshold:tau=2,entropy,threshold:tau=0.002,entropy,topk:0.001,fp16,entropy,onebit"
+SPECS = "none;fp16;threshold:tau=2,entropy;threshold:tau=0.002,entropy;topk:0.001,fp16,entropy;onebit"
 SEED = {"none": "58.4 MB", "fp16": "29.2 MB", "threshold:tau=2,entropy": "0.21 MB (99.6% less)"}
-
-
-def split_specs(text: str) -> list[str]:
-    """Specs separated by commas where a new compressor name begins a new spec."""
-    names = set(dp.compress.COMPRESSORS)
-    specs: list[list[str]] = []
-    for part in text.split(","):
-        head = part.split(":")[0]
-        starts = head in names and head not in ("fp16", "entropy") or not specs
-        if starts:
-            specs.append([part])
-        else:
-            specs[-1].append(part)
-    return [",".join(s) for s in specs]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="steps per worker")
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--specs", default=SPECS)
+    parser.add_argument("--specs", default=SPECS, help="compress specs, separated by semicolons")
     parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args()
 
@@ -57,7 +43,7 @@ def main() -> None:
     print(f"model: MLP 784-{HIDDEN[0]}-{HIDDEN[1]}-10, {numel / 1e6:.1f}M parameters, "
           f"{4 * numel / 1e6:.1f} MB in float32; {args.workers} workers x {args.steps} steps, batch 32")
     rows = []
-    for spec in split_specs(args.specs):
+    for spec in args.specs.split(";"):
         result = dp.train(model=factory, data=mnist, workers=args.workers, servers=2, batch_size=32,
                           max_steps=args.steps * args.workers, save=False,
                           strategy=dp.Downpour(compress=None if spec == "none" else spec, sparse_push=False),
