@@ -216,11 +216,9 @@ class Decentralized:
                        fanout=self.fanout, send_every=self.send_every, snapshot_every=self.snapshot_every,
                        log_every=self.log_every, total_steps=per_peer)
         replicas = Replicas(job, metrics)
-        try:
-            return WorkerGroupRun(make_worker=peer, global_steps=per_peer * job.workers,
-                                  watch=replicas.watch, combine=replicas.combine).run(job, metrics)
-        finally:
-            del directory  # the peers have ended: nobody looks anyone up any more
+        # ``directory`` serves the peers' look-ups until the run returns.
+        return WorkerGroupRun(make_worker=peer, global_steps=per_peer * job.workers,
+                              watch=replicas.watch, combine=replicas.combine).run(job, metrics)
 
 
 class Replicas:

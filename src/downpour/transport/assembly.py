@@ -161,6 +161,14 @@ class PushAssembly:
                 "BAD_ENCODING",
                 f"unknown encoding {header.encoding}; send DENSE, SPARSE or COMPRESSED",
             )
+        if list(header.shape) != [self._size]:
+            raise Reject(
+                "BAD_LENGTH",
+                f"update shape {list(header.shape)} does not match shard {self._shard_id} of "
+                f"{self._size} elements",
+            )
+        if header.num_chunks < 1:
+            raise Reject("BAD_CHUNK_COUNT", "the header announces no chunks; send at least one")
         if header.encoding == pb.COMPRESSED:
             self._start_compressed(header)
             return
@@ -176,18 +184,10 @@ class PushAssembly:
                 "sparse indices must be INT32 or INT64, "
                 f"got {codec.dtype_name(header.index_dtype)}",
             )
-        if list(header.shape) != [self._size]:
-            raise Reject(
-                "BAD_LENGTH",
-                f"update shape {list(header.shape)} does not match shard {self._shard_id} of "
-                f"{self._size} elements",
-            )
         if sparse and header.nnz > self._size:
             raise Reject(
                 "BAD_LENGTH", f"nnz {header.nnz} exceeds the shard's {self._size} elements"
             )
-        if header.num_chunks < 1:
-            raise Reject("BAD_CHUNK_COUNT", "the header announces no chunks; send at least one")
         count = header.nnz if sparse else self._size
         value_size = codec.NUMPY_DTYPES[header.dtype].itemsize
         if not sparse and header.dtype == pb.FLOAT32:
@@ -232,12 +232,6 @@ class PushAssembly:
 
     def _start_compressed(self, header: pb.PushHeader) -> None:
         """A compressed push: ``payload_bytes`` of a ``Compressed`` message in the values."""
-        if list(header.shape) != [self._size]:
-            raise Reject(
-                "BAD_LENGTH",
-                f"update shape {list(header.shape)} does not match shard {self._shard_id} of "
-                f"{self._size} elements",
-            )
         limit = max_payload_bytes(self._size)
         if not 0 < header.payload_bytes <= limit:
             raise Reject(
@@ -245,8 +239,6 @@ class PushAssembly:
                 f"a compressed push of {header.payload_bytes} bytes; a payload for "
                 f"{self._size} elements takes 1 to {limit}",
             )
-        if header.num_chunks < 1:
-            raise Reject("BAD_CHUNK_COUNT", "the header announces no chunks; send at least one")
         self._values = np.empty(header.payload_bytes, dtype=np.uint8)
         self.header = header
 

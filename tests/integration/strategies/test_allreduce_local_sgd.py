@@ -22,16 +22,6 @@ MNIST_RUN = {"optimizer": dp.optim("nesterov", lr=0.15, schedule="cosine"), "wor
 
 
 @pytest.fixture(scope="module")
-def mnist(shared_data):
-    return dp.data.load("mnist", data_dir=shared_data)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return dp.data.load("digits")
-
-
-@pytest.fixture(scope="module")
 def allreduce_mnist(mnist):
     return dp.train(model="mlp", data=mnist, strategy=Allreduce(), **MNIST_RUN)
 

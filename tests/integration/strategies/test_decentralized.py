@@ -9,11 +9,6 @@ import downpour as dp
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return dp.data.load("digits")
-
-
 def events(result) -> list[dict]:
     with open(f"{result.summary['run_dir']}/events.jsonl") as f:
         return [json.loads(line) for line in f]
@@ -55,8 +50,7 @@ def test_bad_configurations_say_what_is_wrong(digits):
 
 
 @pytest.mark.slow
-def test_four_peers_reach_96_percent_on_mnist(shared_data):
-    mnist = dp.data.load("mnist", data_dir=shared_data)
+def test_four_peers_reach_96_percent_on_mnist(mnist):
     result = dp.train(model="mlp", data=mnist, workers=4, epochs=1, batch_size=32,
                       strategy=dp.Decentralized(compress="threshold:tau=0.002,entropy"),
                       optimizer=dp.optim("momentum", lr=0.02))

@@ -23,11 +23,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def mnist(shared_data):
-    return dp.data.load("mnist", data_dir=shared_data)
-
-
-@pytest.fixture(scope="module")
 def w8a(shared_data):
     return dp.data.load("w8a", data_dir=shared_data)
 

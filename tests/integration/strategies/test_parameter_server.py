@@ -20,16 +20,6 @@ from tests.processes import child_processes
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def mnist(shared_data):
-    return dp.data.load("mnist", data_dir=shared_data)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return dp.data.load("digits")
-
-
 @pytest.mark.slow
 def test_downpour_4_workers_2_servers_trains_mnist_in_one_epoch(mnist, tmp_path):
     # Adam on the shards copes with the staleness of four replicas (about 2 on average); batch 32
