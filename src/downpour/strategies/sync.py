@@ -32,6 +32,21 @@ from downpour.strategies.parameter_server import ParameterServerRun, PSWorker
 _WAIT_SLICE_S = 1.0
 
 
+def next_round(versions: list[int], total_rounds: int) -> list[int]:
+    """The shard versions a worker waits for after pushing on ``versions``.
+
+    Each shard closes its rounds on its own, so a worker can see shards one
+    version apart (it pulled just as one of them closed a round). The last
+    round is the run's end: waiting for a shard to pass ``total_rounds``
+    would wait for pushes that never come, since workers stop there.
+
+    Example:
+        >>> next_round([7, 8], total_rounds=8)
+        [8, 8]
+    """
+    return [min(v + 1, total_rounds) for v in versions]
+
+
 @dataclass(kw_only=True)
 class SyncWorker(PSWorker):
     """Pull the current version, push one gradient on it, wait for the next version."""
@@ -59,7 +74,7 @@ class SyncWorker(PSWorker):
         When the coordinator stops the run (target reached) the other workers
         stop pushing and this round may never close: return None then.
         """
-        wanted = [v + 1 for v in versions]
+        wanted = next_round(versions, self.total_steps)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
