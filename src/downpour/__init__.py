@@ -19,6 +19,7 @@ from downpour.strategies import Hogwild
 from downpour.strategies import Decentralized
 from downpour.strategies import HotPotato
 from downpour.strategies import LocalSGD
+from downpour.strategies import Sandblaster
 from downpour.strategies import Single
 from downpour.strategies import Sync
 
@@ -30,6 +31,7 @@ __all__ = [
     "Decentralized",
     "HotPotato",
     "LocalSGD",
+    "Sandblaster",
     "Downpour",
     "DownpourError",
     "Faults",

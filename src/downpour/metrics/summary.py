@@ -41,6 +41,7 @@ SUMMARY_KEYS = (
     "staleness_max",
     "dropped_gradients",
     "rounds",
+    "iterations",
     "bytes_raw",
     "bytes_encoded",
     "compression_ratio",
@@ -136,6 +137,8 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     # allreduce, a hand-over); the run's count is the most any worker took.
     rounds = [e["comm/rounds"] for e in events if e.get("comm/rounds") is not None]
     summary["rounds"] = int(max(rounds)) if rounds else 0
+    # Outer iterations of a batch or example-selection method (sandblaster, dane, boost); None for SGD.
+    summary["iterations"] = end.get("run/iterations")
     # How many times smaller the compressed messages were than the same messages uncompressed.
     encoded = summary["bytes_encoded"]
     summary["compression_ratio"] = summary["bytes_raw"] / encoded if encoded else None

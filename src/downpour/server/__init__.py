@@ -2,7 +2,8 @@
 
 One :class:`ServerShard` serves every strategy; the :class:`UpdatePolicy`
 decides whether pushes are applied at once (Downpour), in synchronous rounds
-of N of N+b (sync SGD with backup workers) or within a staleness bound (SSP).
+of N of N+b (sync SGD with backup workers) or within a staleness bound (SSP), or summed into Sandblaster's batch
+gradient, which the coordinator then works on with vector ops.
 No gRPC here: ``downpour.transport.serve_shard`` puts a shard on the network.
 """
 
@@ -10,6 +11,7 @@ from downpour.server.policy import ApplyAtOnce
 from downpour.server.policy import BoundedStaleness
 from downpour.server.policy import Push
 from downpour.server.policy import Step
+from downpour.server.policy import SumPortions
 from downpour.server.policy import Synchronous
 from downpour.server.policy import UpdatePolicy
 from downpour.server.policy import Verdict
@@ -27,6 +29,7 @@ __all__ = [
     "PushResult",
     "ServerShard",
     "Step",
+    "SumPortions",
     "Synchronous",
     "UpdatePolicy",
     "Verdict",

@@ -15,6 +15,9 @@ many shards.
   "Revisiting Distributed Synchronous SGD", 2016): average the first
   ``num_required`` gradients computed on the current version, apply them
   once, drop the rest.
+- :class:`SumPortions`: Sandblaster's batch gradient (Dean et al. 2012):
+  sum the partial gradients of one pass, each portion once, and apply
+  nothing; the coordinator moves the parameters with vector ops.
 - :class:`BoundedStaleness`: stale synchronous parallel (Ho et al., "More
   Effective Distributed ML via a Stale Synchronous Parallel Parameter
   Server", NIPS 2013): apply at once, refuse what is too stale.
@@ -43,6 +46,7 @@ class Push(NamedTuple):
     staleness: int  # the shard's version at arrival minus ``version``
     update: Update
     kind: UpdateKind
+    portion: int | None = None  # Sandblaster: the part of the batch a partial gradient covers
 
 
 class Step(NamedTuple):
@@ -255,3 +259,58 @@ class Synchronous:
 
     def pending(self, state: _Round) -> int:
         return state.count + len(state.folded)
+
+
+@dataclass
+class _Sum:
+    """The batch gradient of the current pass: the sum of its portions' partial gradients."""
+
+    total: torch.Tensor
+    portions: set[int] = field(default_factory=set)
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.portions.clear()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SumPortions:
+    """Sandblaster's batch gradient: sum each portion's partial gradient once, apply nothing.
+
+    A gradient pass evaluates the parameters of one version, split into
+    portions the workers take as they become free; near the end of a pass an
+    outstanding portion is also handed to an idle worker (a backup), and the
+    first answer counts: a second push of a portion is dropped, as is a push
+    computed on another version (a pass the coordinator has moved past). The
+    sum is the shard's vector ``"g"``; writing the parameters (``"x"``) with
+    a vector op starts a new version and clears it.
+
+    Example:
+        >>> SumPortions().pending(SumPortions().init(3))
+        0
+    """
+
+    scale_lr_by_staleness: bool = False
+
+    def init(self, numel: int) -> _Sum:
+        return _Sum(total=torch.zeros(numel, dtype=torch.float32))
+
+    def offer(self, push: Push, state: _Sum) -> Verdict:
+        if push.portion is None:
+            raise InvalidUpdate("BAD_REQUEST", f"worker {push.worker} pushed a partial gradient with no "
+                                "portion; a Sandblaster shard sums portions of a pass")
+        if push.kind != "gradient":
+            raise InvalidUpdate("BAD_KIND", f"a Sandblaster shard sums gradients; worker {push.worker} "
+                                f"pushed a {push.kind}")
+        if push.staleness or push.portion in state.portions:
+            return Verdict("dropped")
+        update = push.update
+        if isinstance(update, SparseUpdate):
+            state.total.index_add_(0, update.indices, update.values)
+        else:
+            state.total.add_(update.reshape(-1))
+        state.portions.add(push.portion)
+        return Verdict("pending")
+
+    def pending(self, state: _Sum) -> int:
+        return len(state.portions)

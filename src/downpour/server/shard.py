@@ -14,7 +14,8 @@ import torch
 
 from downpour.errors import StaleUpdate, check_range
 from downpour.flat import ShardRange, SparseUpdate
-from downpour.server.policy import ApplyAtOnce, Push, Step, UpdatePolicy
+from downpour.server import vectors
+from downpour.server.policy import ApplyAtOnce, Push, Step, SumPortions, UpdatePolicy
 from downpour.transport.protocol import UPDATE_KINDS, InvalidUpdate, PushResult, UpdateKind
 
 T = TypeVar("T")
@@ -87,6 +88,7 @@ class ServerShard:
         self._cond = threading.Condition(threading.Lock())
         self._version = 0
         self._memo: dict[Hashable, Any] = {}
+        self._vectors: dict[str, torch.Tensor] = {}  # the coordinator's (Sandblaster)
         self._pushes = self._pulls = self._applied = self._dropped = 0
         self._refused = self._folded = self._updates = 0
         self._staleness: collections.Counter[int] = collections.Counter()
@@ -206,8 +208,11 @@ class ServerShard:
         update: torch.Tensor | SparseUpdate,
         *,
         kind: UpdateKind = "gradient",
+        portion: int | None = None,
     ) -> PushResult:
         """Offer an update computed on ``version``; the policy decides what happens to it.
+
+        ``portion`` names the part of a Sandblaster pass a partial gradient covers.
 
         Raises:
             InvalidUpdate: (a ``ValueError``) wrong length, dtype, index,
@@ -224,7 +229,7 @@ class ServerShard:
                     f"but shard {self.shard_id} is only at version {self._version}",
                 )
             staleness = self._version - version
-            push = Push(worker, version, staleness, update, kind)
+            push = Push(worker, version, staleness, update, kind, portion)
             try:
                 verdict = self._policy.offer(push, self._policy_state)
             except StaleUpdate:
@@ -244,6 +249,49 @@ class ServerShard:
                 staleness=staleness,
                 version=self._version,
             )
+
+    def vector_ops(self, ops: list[vectors.Op]) -> tuple[list[float], int]:
+        """Run Sandblaster's vector ops (see :mod:`downpour.server.vectors`) atomically.
+
+        Returns this shard's part of each dot product, in order, and the
+        version after the call. Writing ``"x"`` (the parameters) advances the
+        version, wakes waiting pulls and, under :class:`SumPortions`, clears
+        the batch gradient ``"g"`` for the next pass, once the call's ops have run.
+
+        Raises:
+            InvalidUpdate: a bad op, name or value; nothing is changed.
+
+        Example:
+            >>> shard = ServerShard(torch.ones(3), policy=SumPortions())
+            >>> shard.vector_ops([vectors.copy("d", "x"), vectors.scale("d", 2.0), vectors.dot("d", "x")])
+            ([6.0], 0)
+        """
+        with self._cond:
+            known = {vectors.PARAMS, *self._vectors} | ({vectors.GRADIENT} if self._sums else set())
+            writes_params = vectors.check_ops(ops, known)
+            values = vectors.run_ops(ops, self._vectors, self.size, self._vector)
+            if writes_params:
+                self._version += 1
+                self._updates += 1
+                if self._sums:
+                    self._policy_state.reset()
+                if self._average is not None:
+                    assert self._ema_decay is not None
+                    self._average.lerp_(self._param.detach(), 1.0 - self._ema_decay)
+                self._memo.clear()
+                self._cond.notify_all()
+            return values, self._version
+
+    @property
+    def _sums(self) -> bool:
+        return isinstance(self._policy, SumPortions)
+
+    def _vector(self, name: str) -> torch.Tensor:
+        if name == vectors.PARAMS:
+            return self._param.detach()
+        if name == vectors.GRADIENT and self._sums:
+            return self._policy_state.total
+        return self._vectors[name]
 
     def _check(
         self, worker: int, version: int, update: torch.Tensor | SparseUpdate, kind: str

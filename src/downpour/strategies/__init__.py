@@ -12,6 +12,7 @@ from downpour.strategies.downpour import Downpour
 from downpour.strategies.hogwild import Hogwild
 from downpour.strategies.hot_potato import HotPotato
 from downpour.strategies.local_sgd import LocalSGD
+from downpour.strategies.sandblaster import Sandblaster
 from downpour.strategies.single import Single
 from downpour.strategies.sync import Sync
 
@@ -32,6 +33,7 @@ register(LocalSGD)
 register(Hogwild)
 register(HotPotato)
 register(Decentralized)
+register(Sandblaster)
 
 
 def get(name: str, **options: Any) -> Strategy:
@@ -50,6 +52,7 @@ __all__ = [
     "HotPotato",
     "Job",
     "LocalSGD",
+    "Sandblaster",
     "Single",
     "Strategy",
     "Sync",

@@ -130,6 +130,10 @@ class Stubs:
             codec.SHUTDOWN, pb.ShutdownRequest.SerializeToString, pb.ShutdownReply.FromString
         )
 
+        self.vector_ops = unary(
+            codec.VECTOR_OPS, pb.VectorOpsRequest.SerializeToString, pb.VectorOpsReply.FromString
+        )
+
     def close(self) -> None:
         self.channel.close()
 

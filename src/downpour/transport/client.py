@@ -271,6 +271,7 @@ class ShardClient:
         update: torch.Tensor | SparseUpdate | Payload,
         *,
         kind: UpdateKind = "gradient",
+        portion: int | None = None,
         timeout: float | None = None,
     ) -> PushResult:
         """Push an update computed on ``version``: dense (float32 or float16) or sparse.
@@ -281,6 +282,8 @@ class ShardClient:
         slice) travels as its ``Compressed`` message, ``payload.nbytes`` long.
         """
         header, values, indices = self._encode_push(worker, version, update, kind)
+        if portion is not None:
+            header.portion = portion
         size = values.nbytes + (0 if indices is None else indices.nbytes)
         seconds = self.timeout if timeout is None else timeout
         self._greet(seconds)
@@ -520,6 +523,19 @@ class ShardClient:
             "has_average": reply.has_average,
         }
 
+    def vector_ops(self, ops: list[tuple], timeout: float | None = None) -> tuple[list[float], int]:
+        """Run Sandblaster's vector ops on the shard (see :mod:`downpour.server.vectors`).
+
+        Returns this shard's part of each dot product and its version after the call.
+        """
+        seconds = self.timeout if timeout is None else timeout
+        request = pb.VectorOpsRequest(shard_id=self.shard_id, ops=[_vector_op(op) for op in ops])
+        try:
+            reply = self._rpc.vector_ops(request, timeout=seconds, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise self._error(error, "run vector ops", seconds) from None
+        return list(reply.values), reply.version
+
     def shutdown(self, reason: str = "", timeout: float | None = None) -> None:
         """Ask the server's owner to shut it down (sets its ``shutdown_requested``)."""
         seconds = self.timeout if timeout is None else timeout
@@ -557,3 +573,19 @@ class ShardClient:
         return translate(
             error, self.address, f"shard {self.shard_id} at {self.address}", what, seconds
         )
+
+
+def _vector_op(op: tuple) -> pb.VectorOp:
+    """An op tuple of :mod:`downpour.server.vectors` as its message."""
+    code, *args = op
+    message = pb.VectorOp(code=pb.VectorOp.Code.Value(code.upper()))
+    if code == "dot":
+        message.a, message.b = args
+    else:
+        message.dst = args[0]
+        for arg in args[1:]:
+            if isinstance(arg, float):
+                message.alpha = arg
+            else:
+                message.a = arg
+    return message

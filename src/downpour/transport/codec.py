@@ -49,6 +49,7 @@ PUSH_SHARED = f"/{SERVICE}/PushShared"
 GOODBYE = f"/{SERVICE}/Goodbye"
 STATUS = f"/{SERVICE}/Status"
 SHUTDOWN = f"/{SERVICE}/Shutdown"
+VECTOR_OPS = f"/{SERVICE}/VectorOps"
 
 # Wire dtype -> little-endian numpy dtype, and the torch dtypes they carry.
 NUMPY_DTYPES: dict[int, np.dtype] = {

@@ -132,7 +132,7 @@ class TensorChunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("shard_id", "worker", "version", "kind", "encoding", "dtype", "index_dtype", "shape", "nnz", "num_chunks", "payload_bytes")
+    __slots__ = ("shard_id", "worker", "version", "kind", "encoding", "dtype", "index_dtype", "shape", "nnz", "num_chunks", "payload_bytes", "portion")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class PushHeader(_message.Message):
     NNZ_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PORTION_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     worker: int
     version: int
@@ -155,7 +156,8 @@ class PushHeader(_message.Message):
     nnz: int
     num_chunks: int
     payload_bytes: int
-    def __init__(self, shard_id: _Optional[int] = ..., worker: _Optional[int] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[UpdateKind, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., index_dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nnz: _Optional[int] = ..., num_chunks: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    portion: int
+    def __init__(self, shard_id: _Optional[int] = ..., worker: _Optional[int] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[UpdateKind, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., index_dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nnz: _Optional[int] = ..., num_chunks: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., portion: _Optional[int] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("seq", "header", "values", "indices")
@@ -388,3 +390,49 @@ class Compressed(_message.Message):
     signs: Compressed.Signs
     onebit: Compressed.OneBit
     def __init__(self, dense: _Optional[_Union[Compressed.Dense, _Mapping]] = ..., sparse: _Optional[_Union[Compressed.Sparse, _Mapping]] = ..., signs: _Optional[_Union[Compressed.Signs, _Mapping]] = ..., onebit: _Optional[_Union[Compressed.OneBit, _Mapping]] = ...) -> None: ...
+
+class VectorOp(_message.Message):
+    __slots__ = ("code", "dst", "a", "b", "alpha")
+    class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CODE_UNSPECIFIED: _ClassVar[VectorOp.Code]
+        ZERO: _ClassVar[VectorOp.Code]
+        COPY: _ClassVar[VectorOp.Code]
+        SCALE: _ClassVar[VectorOp.Code]
+        AXPY: _ClassVar[VectorOp.Code]
+        DOT: _ClassVar[VectorOp.Code]
+        DROP: _ClassVar[VectorOp.Code]
+    CODE_UNSPECIFIED: VectorOp.Code
+    ZERO: VectorOp.Code
+    COPY: VectorOp.Code
+    SCALE: VectorOp.Code
+    AXPY: VectorOp.Code
+    DOT: VectorOp.Code
+    DROP: VectorOp.Code
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    code: VectorOp.Code
+    dst: str
+    a: str
+    b: str
+    alpha: float
+    def __init__(self, code: _Optional[_Union[VectorOp.Code, str]] = ..., dst: _Optional[str] = ..., a: _Optional[str] = ..., b: _Optional[str] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class VectorOpsRequest(_message.Message):
+    __slots__ = ("shard_id", "ops")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    ops: _containers.RepeatedCompositeFieldContainer[VectorOp]
+    def __init__(self, shard_id: _Optional[int] = ..., ops: _Optional[_Iterable[_Union[VectorOp, _Mapping]]] = ...) -> None: ...
+
+class VectorOpsReply(_message.Message):
+    __slots__ = ("values", "version")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    version: int
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., version: _Optional[int] = ...) -> None: ...

@@ -89,6 +89,11 @@ class ParameterServerStub:
                 request_serializer=downpour_dot_transport_dot_downpour__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=downpour_dot_transport_dot_downpour__pb2.ShutdownReply.FromString,
                 _registered_method=True)
+        self.VectorOps = channel.unary_unary(
+                '/downpour.v1.ParameterServer/VectorOps',
+                request_serializer=downpour_dot_transport_dot_downpour__pb2.VectorOpsRequest.SerializeToString,
+                response_deserializer=downpour_dot_transport_dot_downpour__pb2.VectorOpsReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -170,6 +175,15 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VectorOps(self, request, context):
+        """Sandblaster: arithmetic on the shard's named vectors (the parameters "x",
+        the summed batch gradient "g", and vectors the coordinator makes), run
+        in order under the shard's lock, all or nothing. Only scalars come back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +241,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=downpour_dot_transport_dot_downpour__pb2.ShutdownRequest.FromString,
                     response_serializer=downpour_dot_transport_dot_downpour__pb2.ShutdownReply.SerializeToString,
+            ),
+            'VectorOps': grpc.unary_unary_rpc_method_handler(
+                    servicer.VectorOps,
+                    request_deserializer=downpour_dot_transport_dot_downpour__pb2.VectorOpsRequest.FromString,
+                    response_serializer=downpour_dot_transport_dot_downpour__pb2.VectorOpsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -526,6 +545,33 @@ class ParameterServer:
             '/downpour.v1.ParameterServer/Shutdown',
             downpour_dot_transport_dot_downpour__pb2.ShutdownRequest.SerializeToString,
             downpour_dot_transport_dot_downpour__pb2.ShutdownReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VectorOps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/VectorOps',
+            downpour_dot_transport_dot_downpour__pb2.VectorOpsRequest.SerializeToString,
+            downpour_dot_transport_dot_downpour__pb2.VectorOpsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -144,19 +144,22 @@ class ParameterClient:
         update: torch.Tensor | SparseUpdate | list,
         *,
         kind: UpdateKind = "gradient",
+        portion: int | None = None,
         timeout: float | None = None,
     ) -> list[PushResult]:
         """Push each shard its slice of ``update`` concurrently; ``versions`` as pulled.
 
         A sparse update goes sparse to the shards where that is smaller than
-        dense (below about half density) and dense to the others.
+        dense (below about half density) and dense to the others. ``portion``
+        names the part of a Sandblaster pass a partial gradient covers.
         """
         self._check_versions(versions=versions)
         parts = self._parts(update)
 
         def push(shard: int) -> PushResult:
             return self.clients[shard].push(
-                worker, int(versions[shard]), parts[shard], kind=kind, timeout=timeout
+                worker, int(versions[shard]), parts[shard], kind=kind, portion=portion,
+                timeout=timeout,
             )
 
         return self._each(push)
@@ -237,6 +240,12 @@ class ParameterClient:
         raise TypeError(
             f"update must be a torch.Tensor or SparseUpdate, got {type(update).__name__}"
         )
+
+    def vector_ops_all(self, ops: list[tuple], timeout: float | None = None) -> tuple[list[float], list[int]]:
+        """Run vector ops on every shard concurrently: the dot products summed over shards, and the versions."""
+        replies = self._each(lambda shard: self.clients[shard].vector_ops(ops, timeout=timeout))
+        values = [sum(parts) for parts in zip(*(r[0] for r in replies))]
+        return values, [r[1] for r in replies]
 
     def status_all(self, timeout: float | None = None) -> list[dict[str, Any]]:
         return self._each(lambda shard: self.clients[shard].status(timeout))

@@ -127,6 +127,7 @@ class Shard(Protocol):
         update: torch.Tensor | SparseUpdate,
         *,
         kind: UpdateKind = "gradient",
+        portion: int | None = None,
     ) -> PushResult:
         """Offer an update; raises :class:`InvalidUpdate` or ``StaleUpdate``.
 

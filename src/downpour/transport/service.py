@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 import torch
@@ -127,6 +127,7 @@ class ShardService:
             "Goodbye": unary(self.Goodbye, pb.GoodbyeRequest, pb.GoodbyeReply),
             "Status": unary(self.Status, pb.StatusRequest, pb.StatusReply),
             "Shutdown": unary(self.Shutdown, pb.ShutdownRequest, pb.ShutdownReply),
+            "VectorOps": unary(self.VectorOps, pb.VectorOpsRequest, pb.VectorOpsReply),
         }
         return grpc.method_handlers_generic_handler(codec.SERVICE, handlers)
 
@@ -369,7 +370,10 @@ class ShardService:
         try:
             feed(assembly)
             header, update = assembly.finish()
-            result = self.shard.push(header.worker, header.version, update, kind=KINDS[header.kind])
+            portion = header.portion if header.HasField("portion") else None
+            result = self.shard.push(
+                header.worker, header.version, update, kind=KINDS[header.kind], portion=portion
+            )
         finally:
             assembly.release()
         return pb.PushReply(
@@ -450,6 +454,21 @@ class ShardService:
     ) -> pb.ShutdownReply:
         return self._guarded(context, lambda: self._shutdown(request))
 
+    def VectorOps(
+        self, request: pb.VectorOpsRequest | Malformed, context: grpc.ServicerContext
+    ) -> pb.VectorOpsReply:
+        return self._guarded(context, lambda: self._vector_ops(request))
+
+    def _vector_ops(self, request: pb.VectorOpsRequest | Malformed) -> pb.VectorOpsReply:
+        if isinstance(request, Malformed):
+            raise Reject("MALFORMED", request.reason)
+        self._check_shard(request.shard_id)
+        run = getattr(self.shard, "vector_ops", None)
+        if run is None:
+            raise Reject("BAD_REQUEST", f"shard {self.shard.shard_id} keeps no vectors")
+        values, version = run([_vector_op(op) for op in request.ops])
+        return pb.VectorOpsReply(values=values, version=version)
+
     def _shutdown(self, request: pb.ShutdownRequest | Malformed) -> pb.ShutdownReply:
         if isinstance(request, Malformed):
             raise Reject("MALFORMED", request.reason)
@@ -458,6 +477,22 @@ class ShardService:
         )
         self.shutdown_requested.set()
         return pb.ShutdownReply()
+
+
+def _vector_op(op: pb.VectorOp) -> tuple[Any, ...]:
+    """A ``VectorOp`` message as the tuple :mod:`downpour.server.vectors` checks and runs."""
+    code = pb.VectorOp.Code.Name(op.code) if op.code in pb.VectorOp.Code.values() else str(op.code)
+    operands = {
+        "ZERO": (op.dst,),
+        "COPY": (op.dst, op.a),
+        "SCALE": (op.dst, op.alpha),
+        "AXPY": (op.dst, op.alpha, op.a),
+        "DOT": (op.a, op.b),
+        "DROP": (op.dst,),
+    }.get(code)
+    if operands is None:
+        raise Reject("BAD_REQUEST", f"unknown vector op code {code}")
+    return (code.lower(), *operands)
 
 
 def _newer_than(request: pb.PullRequest) -> int:
