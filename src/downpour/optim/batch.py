@@ -64,7 +64,8 @@ class Result:
     history: list[float] = field(default_factory=list)  # the objective after each iteration
 
 
-Callback = Callable[[Result], None]
+#: Called after every iteration; a true answer stops the method (a target reached, say).
+Callback = Callable[[Result], bool | None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,8 +192,8 @@ def lbfgs(space: Space, *, memory: int = 10, stop: Stopping = Stopping(), callba
             slot = (slot + 1) % (memory + 1)
         done = _descent(result, f, point.loss, gg, stop)
         f = point.loss
-        if callback is not None:
-            callback(result)
+        if callback is not None and callback(result):
+            done = True
         if done:
             break
     return result
@@ -236,8 +237,8 @@ def agd(space: Space, *, step: float | None = None, stop: Stopping = Stopping(),
             following = (1.0 + math.sqrt(1.0 + 4.0 * theta * theta)) / 2.0
             theta, beta = following, (theta - 1.0) / following
         done = _descent(result, result.objective, f_x, gg_x, stop)
-        if callback is not None:
-            callback(result)
+        if callback is not None and callback(result):
+            done = True
         if done:
             space.ops(copy("xk", "x"))
             break
@@ -298,8 +299,8 @@ def cg(space: Space, *, beta: str = "fr", stop: Stopping = Stopping(), callback:
         gg, g_g0, d_g, d_g0 = space.ops(dot("g", "g"), dot("g", "g0"), dot("d", "g"), dot("d", "g0"))
         done = _descent(result, f, point.loss, gg, stop)
         f = point.loss
-        if callback is not None:
-            callback(result)
+        if callback is not None and callback(result):
+            done = True
         if done:
             break
         b = 0.0 if abs(g_g0) >= 0.2 * gg else cg_beta(beta, gg, gg_old, g_g0, d_g, d_g0)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from downpour.errors import choose
-from downpour.strategies.base import Faults, Job, Strategy
 from downpour.strategies.allreduce import Allreduce
+from downpour.strategies.base import Faults, Job, Strategy
+from downpour.strategies.dane import Dane
 from downpour.strategies.decentralized import Decentralized
 from downpour.strategies.downpour import Downpour
 from downpour.strategies.hogwild import Hogwild
@@ -34,6 +35,7 @@ register(Hogwild)
 register(HotPotato)
 register(Decentralized)
 register(Sandblaster)
+register(Dane)
 
 
 def get(name: str, **options: Any) -> Strategy:
@@ -45,6 +47,7 @@ def get(name: str, **options: Any) -> Strategy:
 __all__ = [
     "STRATEGIES",
     "Allreduce",
+    "Dane",
     "Decentralized",
     "Downpour",
     "Faults",

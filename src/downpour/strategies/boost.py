@@ -6,9 +6,10 @@ sample goes back to every worker. No shard ever travels whole.
 
 - ``boost``: distributed boosting. AdaBoost (Freund and Schapire, "A
   decision-theoretic generalization of on-line learning and an application
-  to boosting", JCSS 1997) run with sampled examples, as in Shalev-Shwartz's
-  distributed-learning lecture and Balcan, Blum, Fine and Mansour,
-  "Distributed Learning, Communication Complexity and Privacy", COLT 2012.
+  to boosting", JCSS 1997) run on sampled examples, after Shalev-Shwartz's
+  outline of distributed boosting (the issue's seed) and Balcan, Blum, Fine
+  and Mansour, "Distributed Learning, Communication Complexity and Privacy",
+  COLT 2012.
   Multiclass labels use SAMME (Zhu, Zou, Rosset and Hastie, "Multi-class
   AdaBoost", Statistics and Its Interface 2009). Every example starts with
   weight q_i = 1. In each of c rounds, k examples are drawn from the
@@ -261,7 +262,8 @@ class Vote(nn.Module):
     @torch.no_grad()
     def set_member_(self, index: int, vector: torch.Tensor, weight: float) -> None:
         """Load member ``index``'s parameters from a flat vector (``FlatParams`` order) and set its weight."""
-        unflatten_into_(vector.to(self.weights.device), [p for p in self.members[index].parameters() if p.requires_grad])
+        params = [p for p in self.members[index].parameters() if p.requires_grad]
+        unflatten_into_(vector.to(self.weights.device), params)
         self.weights[index] = weight
 
     @torch.no_grad()
@@ -366,7 +368,7 @@ class SamplingWorker(CollectiveWorker):
                 index = order[start : start + batch]
                 rows = [t[index] for t in extra]
                 value = sgd_step(self.model, self.flat.zero_grad_, optimizer,
-                                 (lambda s, t: loss(s, t, *rows)) if rows else loss, x[index], y[index])
+                                 (lambda s, t, rows=rows: loss(s, t, *rows)) if rows else loss, x[index], y[index])
                 scheduler.step()
                 self.steps += 1
                 self.samples += len(index)

@@ -120,7 +120,7 @@ def solve_sgd(objective: Objective, start: torch.Tensor, *, steps: int, lr: floa
     return w, steps
 
 
-def solve_lbfgs(objective: Objective, start: torch.Tensor, *, steps: int, history_size: int = 10,
+def solve_lbfgs(objective: Objective, start: torch.Tensor, *, steps: int, memory: int = 10,
                 max_evals: int | None = None) -> tuple[torch.Tensor, int]:
     """At most ``steps`` L-BFGS iterations (strong Wolfe line search) on ``objective`` from ``start``.
 
@@ -137,7 +137,7 @@ def solve_lbfgs(objective: Objective, start: torch.Tensor, *, steps: int, histor
     """
     w = start.detach().clone()
     optimizer = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, max_eval=max_evals or 2 * steps + 5,
-                                  history_size=history_size, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  history_size=memory, tolerance_grad=1e-9, tolerance_change=1e-12,
                                   line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -216,6 +216,7 @@ class DaneWorker(CollectiveWorker):
         return value, grad
 
     def minibatch_objective(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """φ_i estimated on the next mini-batch of the worker's shard (for local SGD)."""
         return self.shard_objective(w, *next(self.batches))
 
     def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -240,7 +241,7 @@ class DaneWorker(CollectiveWorker):
                 self.report(loss=objective)
                 ctx.metrics.log(self.steps, {"dane/grad_norm": grad_norm})
             # Every worker holds the same sums, so all stop at the same round.
-            if buffer[n + 2] > 0 or grad_norm <= config.tolerance:
+            if buffer[n + 2] > 0 or grad_norm <= config.gtol:
                 break
             solution = self.solve_local(anchor, local_grad.sub_(global_grad, alpha=config.eta))
             # Second allreduce: the weighted average of the local solutions.
@@ -261,11 +262,11 @@ class DaneWorker(CollectiveWorker):
         if config.local == "lbfgs":
             problem = subproblem(self.shard_objective, anchor, shift, config.mu)
             solution, steps = solve_lbfgs(problem, anchor, steps=config.local_steps,
-                                          history_size=config.history_size)
+                                          memory=config.memory)
         else:
             local = self.shard_objective if config.local_batch_size is None else self.minibatch_objective
             problem = subproblem(local, anchor, shift, config.mu)
-            solution, steps = solve_sgd(problem, anchor, steps=config.local_steps, lr=config.lr)
+            solution, steps = solve_sgd(problem, anchor, steps=config.local_steps, lr=config.local_lr)
         self.local_steps += steps
         return solution
 
@@ -278,6 +279,7 @@ class DaneWorker(CollectiveWorker):
         return now
 
     def counters(self) -> dict[str, Any]:
+        """The collective counters, and the local solver's iterations and evaluations so far."""
         return super().counters() | {"dane/local_steps": getattr(self, "local_steps", 0),
                                      "dane/evaluations": getattr(self, "evaluations", 0)}
 
@@ -293,7 +295,7 @@ class Dane:
 
     The run is ``rounds`` DANE rounds (capped by the job's ``max_steps``: a
     worker's step is a round), fewer if the global gradient's norm falls to
-    ``tolerance`` or the job's target or time budget stops it. The job's
+    ``gtol`` or the job's target or time budget stops it. The job's
     ``epochs``, ``batch_size`` and optimizer do not apply.
 
     Args:
@@ -307,12 +309,13 @@ class Dane:
             other losses may need.
         eta: η > 0, the weight of the global gradient in the local problem
             (it scales the step; 1 is the paper's choice).
-        lr: the local SGD step size (``local="sgd"`` only).
+        local_lr: the local SGD step size (``local="sgd"`` only; the job's
+            optimizer and its ``lr`` are not used).
         local_batch_size: mini-batches of this many examples for local SGD;
             None: the whole shard every step (gradient descent).
-        history_size: L-BFGS's curvature pairs (``local="lbfgs"`` only).
+        memory: L-BFGS's curvature pairs (``local="lbfgs"`` only).
         l2: λ ≥ 0, adds λ/2 ||w||² (the whole flat vector) to every φ_i.
-        tolerance: stop once the global gradient's norm is at most this; 0 never.
+        gtol: stop once the global gradient's norm is at most this; 0: never.
         partition: how the training set is split among workers.
         alpha: Dirichlet concentration for ``partition="dirichlet"``.
         backend: ``"auto"``, ``"gloo"`` or ``"nccl"``.
@@ -329,34 +332,34 @@ class Dane:
     local_steps: int = 50
     mu: float = 0.0
     eta: float = 1.0
-    lr: float = 0.1
+    local_lr: float = 0.1
     local_batch_size: int | None = None
-    history_size: int = 10
+    memory: int = 10
     l2: float = 0.0
-    tolerance: float = 0.0
+    gtol: float = 0.0
     partition: Literal["iid", "label", "dirichlet"] = "iid"
     alpha: float = 0.5
     backend: Backend = "auto"
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "local_steps", "history_size", "log_every"):
+        for name in ("rounds", "local_steps", "memory", "log_every"):
             _check_int(name, getattr(self, name))
         check_range("rounds", self.rounds, 1)
         choose("local solver", self.local, LOCAL_SOLVERS)
         check_range("local_steps", self.local_steps, 1)
         check_range("mu", self.mu, 0.0)
         check_range("eta", self.eta, 0.0, low_open=True)
-        check_range("lr", self.lr, 0.0, low_open=True)
+        check_range("local_lr", self.local_lr, 0.0, low_open=True)
         if self.local_batch_size is not None:
             _check_int("local_batch_size", self.local_batch_size)
             check_range("local_batch_size", self.local_batch_size, 1)
             if self.local != "sgd":
                 raise ValueError(f"local_batch_size is for local='sgd'; L-BFGS solves on the whole shard, so "
                                  f"drop local_batch_size={self.local_batch_size} or use local='sgd'")
-        check_range("history_size", self.history_size, 1)
+        check_range("memory", self.memory, 1)
         check_range("l2", self.l2, 0.0)
-        check_range("tolerance", self.tolerance, 0.0)
+        check_range("gtol", self.gtol, 0.0)
         choose("partition", self.partition, SCHEMES)
         check_range("alpha", self.alpha, 0.0, low_open=True)
         choose("backend", self.backend, BACKENDS)

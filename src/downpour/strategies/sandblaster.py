@@ -26,14 +26,16 @@ worker can compute any portion.
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -47,7 +49,7 @@ from downpour.server.role import ServerRole
 from downpour.server.vectors import Op, axpy, dot, scale
 from downpour.strategies.base import Evaluator, Job, log_end, log_start
 from downpour.strategies.parameter_server import PSWorker
-from downpour.strategies.worker import Progress, free_port
+from downpour.strategies.worker import Progress
 from downpour.transport import ParameterClient, new_token
 
 # How long the coordinator waits on a pass before it looks at the workers again
@@ -66,7 +68,7 @@ def portion_bounds(n: int, portions: int) -> list[tuple[int, int]]:
     """
     base, extra = divmod(n, portions)
     cuts = np.cumsum([0] + [base + (i < extra) for i in range(portions)])
-    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(cuts)]
 
 
 @dataclass(kw_only=True)
@@ -146,6 +148,7 @@ class ShardSpace:
     portions: int
     l2: float = 0.0
     watch: Any = None  # called while a pass runs; raises to end the run
+    stage_faults: Any = None  # starts the job's staged worker kills (from the start of training)
     timeout: float = 60.0
     passes: int = 0
     pass_seconds: list[float] = field(default_factory=list)
@@ -232,65 +235,30 @@ class Sandblaster:
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
         model = replace(job, device="cpu").build_model()
         flat = FlatParams(model)
-        ranges = shard_ranges(flat.numel, job.servers)
-        token = new_token()
-        portions = min(self.portions, job.data.num_train)
         progress = Progress()
         metrics.sinks.append(progress)
         evaluator = Evaluator(job, metrics)
-        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=60))
-        with LocalCluster(metrics) as cluster:
-            servers = cluster.start([
-                ServerRole(rank=r.shard, shard=r, initial=flat.params[r.start : r.stop].clone(),
-                           optimizer=job.optimizer, policy=SumPortions(), token=token)
-                for r in ranges
-            ])
-            addresses = [cluster.wait_published(h, "address", timeout=600) for h in servers]
-            make = partial(SandblasterWorker, store_address=f"127.0.0.1:{store.port}", portions=portions,
-                           backups=self.backups, addresses=addresses, ranges=ranges, token=token,
-                           total_steps=self.max_iterations)
-            workers = cluster.start([
-                make(rank=rank, num_workers=job.workers, job=replace(job, data=job.data.train_only()),
-                     slow_factor=job.faults.slow.get(rank, 1.0))
-                for rank in range(job.workers)
-            ])
-            cluster.start_together(workers, timeout=600)
+        with sandblaster_space(job, metrics, portions=self.portions, backups=self.backups, l2=self.l2) as space:
             log_start(metrics, evaluator)
             started = time.perf_counter()
-            for rank, seconds in job.faults.kill.items():
-                cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
+            space.stage_faults()
 
-            def watch() -> None:
-                cluster.poll(0.0)
-                if not cluster.running("worker"):
-                    raise RuntimeError("every sandblaster worker has died; no gradient pass can finish")
+            def log(result: Result) -> None:
+                metrics.log(result.iterations, {
+                    "batch/objective": result.objective, "batch/iterations": result.iterations,
+                    "batch/evaluations": result.evaluations, "batch/pass_seconds": space.pass_seconds[-1],
+                    "coordinator/bytes_received": space.bytes_received,
+                    "coordinator/bytes_sent": space.client.bytes_sent,
+                    "progress/step": progress.total_steps,
+                })
 
-            with ParameterClient(addresses, ranges, token) as client:
-                space = ShardSpace(client, store, examples=job.data.num_train, portions=portions, l2=self.l2,
-                                   watch=watch)
-
-                def log(result: Result) -> None:
-                    metrics.log(result.iterations, {
-                        "batch/objective": result.objective, "batch/iterations": result.iterations,
-                        "batch/evaluations": result.evaluations, "batch/pass_seconds": space.pass_seconds[-1],
-                        "coordinator/bytes_received": space.bytes_received,
-                        "coordinator/bytes_sent": client.bytes_sent,
-                        "progress/step": progress.total_steps,
-                    })
-
-                result = minimize(self.method, space, memory=self.memory, beta=self.beta, step=self.step,
-                                  stop=Stopping(max_iterations=self.max_iterations, gtol=self.gtol,
-                                                ftol=self.ftol), callback=log)
-                received = space.bytes_received  # before the final pull, which is the result, not the method
-                store.set(f"pass/{space.passes + 1}", _END)
-                cluster.request_stop()
-                client.pull_all(out=flat.params)
+            result = minimize(self.method, space, memory=self.memory, beta=self.beta, step=self.step,
+                              stop=Stopping(max_iterations=self.max_iterations, gtol=self.gtol, ftol=self.ftol),
+                              callback=log)
+            received = space.bytes_received  # before the final pull, which is the result, not the method
+            space.client.pull_all(out=flat.params)
             seconds = time.perf_counter() - started
-            evaluator(model, progress.total_steps)
-            cluster.wait_all("worker", timeout=60)
-            cluster.end()
-            cluster.wait_all("server", timeout=60)
+        evaluator(model, progress.total_steps)
         metrics.sinks.remove(progress)
         log_end(metrics, steps=progress.total_steps, samples=progress.total_samples, seconds=seconds,
                 eval_seconds=evaluator.seconds, **{
@@ -301,3 +269,58 @@ class Sandblaster:
                     "batch/pass_seconds_mean": float(np.mean(space.pass_seconds)),
                 })
         return model
+
+
+@contextmanager
+def sandblaster_space(job: Job, metrics: Metrics, *, portions: int = 16, backups: bool = True,
+                      l2: float = 0.0, timeout: float = 60.0) -> Iterator[ShardSpace]:
+    """Start shards holding the job's initial parameters and workers holding its data; yield their space.
+
+    Any batch method of :mod:`downpour.optim.batch` can run on the space;
+    ``space.client.pull_all()`` reads the parameters. Every process ends
+    when the block does.
+    """
+    flat = FlatParams(replace(job, device="cpu").build_model())
+    ranges = shard_ranges(flat.numel, job.servers)
+    token = new_token()
+    portions = min(portions, job.data.num_train)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    with LocalCluster(metrics) as cluster:
+        servers = cluster.start([
+            ServerRole(rank=r.shard, shard=r, initial=flat.params[r.start : r.stop].clone(),
+                       optimizer=job.optimizer, policy=SumPortions(), token=token)
+            for r in ranges
+        ])
+        addresses = [cluster.wait_published(h, "address", timeout=10 * timeout) for h in servers]
+        make = partial(SandblasterWorker, store_address=f"127.0.0.1:{store.port}", portions=portions,
+                       backups=backups, addresses=addresses, ranges=ranges, token=token, total_steps=0,
+                       timeout=timeout)
+        workers = cluster.start([
+            make(rank=rank, num_workers=job.workers, job=replace(job, data=job.data.train_only()),
+                 slow_factor=job.faults.slow.get(rank, 1.0))
+            for rank in range(job.workers)
+        ])
+        cluster.start_together(workers, timeout=10 * timeout)
+
+        def watch() -> None:
+            cluster.poll(0.0)
+            if not cluster.running("worker"):
+                raise RuntimeError("every sandblaster worker has died; no gradient pass can finish")
+
+        def stage_faults() -> None:
+            for rank, seconds in job.faults.kill.items():
+                cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
+
+        with ParameterClient(addresses, ranges, token, timeout=timeout) as client:
+            space = ShardSpace(client, store, examples=job.data.num_train, portions=portions, l2=l2,
+                               watch=watch, timeout=timeout)
+            space.stage_faults = stage_faults
+            try:
+                yield space
+            finally:
+                store.set(f"pass/{space.passes + 1}", _END)
+                cluster.request_stop()
+        cluster.wait_all("worker", timeout=timeout)
+        cluster.end()
+        cluster.wait_all("server", timeout=timeout)

@@ -87,8 +87,9 @@ def test_selfieboost_is_the_algorithm_run_in_one_process():
     digits = dp.data.load("digits")
     workers, sample, per_round, batch, total = 2, 64, 3, 16, 11
     optimizer = dp.optim("sgd", lr=0.3)
-    result = dp.train(model="logistic", data=digits, strategy=SelfieBoost(sample_size=sample, steps_per_round=per_round),
-                      optimizer=optimizer, workers=workers, batch_size=batch, max_steps=total, save=False)
+    strategy = SelfieBoost(sample_size=sample, steps_per_round=per_round)
+    result = dp.train(model="logistic", data=digits, strategy=strategy, optimizer=optimizer, workers=workers,
+                      batch_size=batch, max_steps=total, save=False)
 
     job = Job(model=partial(build, "logistic", digits.input_shape, digits.num_classes),
               loss=default_loss("logistic"), data=digits, optimizer=optimizer, workers=workers, batch_size=batch)

@@ -1,20 +1,20 @@
 """dane: real worker processes in a gloo group, held to the optimum and to the paper's closed form."""
 
+from functools import partial
 from itertools import pairwise
 
 import numpy as np
 import pytest
-import scipy.optimize
 import torch
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 import downpour as dp
-from downpour.flat import FlatParams
+from downpour.optim.batch import LocalSpace, Stopping, minimize
 from downpour.strategies import Job
 from downpour.strategies.collective import ring_allreduce_bytes
 from downpour.strategies.dane import Dane, quadratic_round
 from downpour.strategies.worker import shard_job
+from tests.integration.strategies.logistic import arrays, flat64, objective, scipy_optimum
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -26,48 +26,19 @@ L2 = 1e-3  # λ of the regularised logistic regression every optimum test solves
 ROUNDS_TO_1E_4 = 5
 
 
-def _flat(model: nn.Module) -> np.ndarray:
-    return FlatParams(model).params.double().numpy()
-
-
-def logistic_objective(theta: np.ndarray, x: np.ndarray, y: np.ndarray, l2: float) -> tuple[float, np.ndarray]:
-    """Mean multinomial logistic loss over all examples plus λ/2 ||θ||², and its gradient, in float64.
-
-    θ is laid out like the "logistic" model's flat vector: weight (C, d) row-major, then bias (C).
-    """
-    classes = theta.size // (x.shape[1] + 1)
-    weight, bias = theta[: classes * x.shape[1]].reshape(classes, -1), theta[classes * x.shape[1]:]
-    scores = x @ weight.T + bias
-    scores -= scores.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(scores).sum(axis=1))
-    rows = np.arange(len(y))
-    value = float((log_norm - scores[rows, y]).mean() + 0.5 * l2 * theta @ theta)
-    probs = np.exp(scores - log_norm[:, None])
-    probs[rows, y] -= 1.0
-    probs /= len(y)
-    grad = np.concatenate([(probs.T @ x).ravel(), probs.sum(axis=0)]) + l2 * theta
-    return value, grad
-
-
-def _arrays(data) -> tuple[np.ndarray, np.ndarray]:
-    return data.x_train.reshape(data.num_train, -1).double().numpy(), data.y_train.numpy()
-
-
 @pytest.fixture(scope="module")
 def optimum(digits) -> float:
     """The full objective's minimum by scipy's L-BFGS-B in float64, to a tight tolerance."""
-    x, y = _arrays(digits)
-    start = np.zeros(digits.num_classes * (x.shape[1] + 1))
-    with threadpool_limits(1):  # BLAS threads fighting over 2 busy cores make this 50x slower
-        result = scipy.optimize.minimize(logistic_objective, start, args=(x, y, L2), jac=True, method="L-BFGS-B",
-                                         options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 10_000})
-    assert result.success, result.message
-    return float(result.fun)
+    return float(scipy_optimum(digits, L2, ftol=1e-15, gtol=1e-10, maxiter=10_000).fun)
+
+
+def job_model(data) -> nn.Module:
+    return Job(model=partial(dp.models.build, "logistic", data.input_shape, data.num_classes),
+               loss=dp.models.default_loss("logistic"), data=data, optimizer=dp.optim("sgd", lr=0.1)).build_model()
 
 
 def _gap(model: nn.Module, data, optimum: float) -> float:
-    with threadpool_limits(1):
-        value, _ = logistic_objective(_flat(model), *_arrays(data), L2)
+    value, _ = objective(data, L2)[0](flat64(model))
     return (value - optimum) / optimum
 
 
@@ -98,13 +69,26 @@ def test_dane_reaches_the_optimum_of_regularised_logistic_regression_in_5_rounds
     assert s["bytes_sent"] == s["bytes_received"] == 4 * per_worker
     assert s["seconds"] > 0 and s["accuracy"] >= 0.94, s
 
+    # Accelerated batch gradient descent (sandblaster --method agd: the same code, on vectors held
+    # here) needs a gradient pass, one communication round, per trial point; it takes many more.
+    f, _ = objective(digits, L2)
+
+    def evaluate(w):
+        value, grad = f(w.double().numpy())
+        return value, torch.from_numpy(grad).float()
+
+    space = LocalSpace(torch.from_numpy(flat64(job_model(digits))), evaluate)
+    agd = minimize("agd", space, stop=Stopping(max_iterations=10_000, gtol=0, ftol=0),
+                   callback=lambda r: r.objective - optimum <= 1e-4 * optimum)
+    assert agd.objective - optimum <= 1e-4 * optimum and agd.evaluations > 2 * rounds, agd.evaluations
+
 
 def test_one_worker_with_an_exact_local_solve_lands_on_the_optimum_in_one_round(digits, optimum):
     # With one worker ∇φ_1 = ∇φ, so η = 1 and μ = 0 make the local problem the global one.
-    strategy = Dane(rounds=5, local="lbfgs", local_steps=500, mu=0.0, eta=1.0, l2=L2, tolerance=1e-4)
+    strategy = Dane(rounds=5, local="lbfgs", local_steps=500, mu=0.0, eta=1.0, l2=L2, gtol=1e-4)
     result = dp.train(model="logistic", data=digits, strategy=strategy, workers=1, save=False)
     assert _gap(result.model, digits, optimum) <= 1e-5
-    # The second round's gradient allreduce finds the gradient within tolerance, and the run stops.
+    # The second round's gradient allreduce finds the gradient within gtol, and the run stops.
     norms = [e["dane/grad_norm"] for e in result.history if "dane/grad_norm" in e]
     assert len(norms) == 2 and norms[1] <= 1e-4 < norms[0]
     assert result.summary["steps"] == 1 and result.summary["rounds"] == 3
@@ -112,7 +96,7 @@ def test_one_worker_with_an_exact_local_solve_lands_on_the_optimum_in_one_round(
 
 def test_local_sgd_on_mini_batches_approaches_the_optimum(digits, optimum):
     # One worker suffices: mini-batches are drawn from the worker's own shard.
-    strategy = Dane(rounds=8, local="sgd", local_steps=50, lr=1.0, local_batch_size=32, mu=1e-3, l2=L2)
+    strategy = Dane(rounds=8, local="sgd", local_steps=50, local_lr=1.0, local_batch_size=32, mu=1e-3, l2=L2)
     result = dp.train(model="logistic", data=digits, strategy=strategy, workers=1, save=False)
     gaps = [(value - optimum) / optimum for _, value in sorted(_objectives(result).items())]
     # SGD's noise sets a floor (1e-1 after 400 steps of batch 32 here), not the method.
@@ -146,24 +130,24 @@ def test_rounds_on_a_quadratic_follow_the_papers_closed_form_in_eta_and_mu(digit
     strategy's sgd solver, its weighting, η and μ to the formula.
     """
     workers, eta, mu, l2, rounds = 2, 0.7, 2.0, 1e-2, 2
-    strategy = Dane(rounds=rounds, local="sgd", local_steps=120, lr=0.1, mu=mu, eta=eta, l2=l2)
+    strategy = Dane(rounds=rounds, local="sgd", local_steps=120, local_lr=0.1, mu=mu, eta=eta, l2=l2)
     result = dp.train(model=LeastSquares, loss=squared_loss, data=digits, strategy=strategy, workers=workers,
                       save=False)
 
     job = Job(model=LeastSquares, loss=squared_loss, data=digits, optimizer=dp.optim("sgd"), workers=workers)
     hessians, weights, targets = [], [], []
     for rank in range(workers):
-        x, y = _arrays(shard_job(job, rank).data)
+        x, y = arrays(shard_job(job, rank).data)
         features = torch.from_numpy(np.hstack([x, np.ones((len(x), 1))]))
         hessians.append(features.T @ features / len(x) + l2 * torch.eye(features.shape[1], dtype=torch.float64))
         weights.append(len(x))
         targets.append(features.T @ torch.from_numpy(y).double())  # Σ_j x̃_j y_j over the shard
     total = sum(weights)
     hessian = sum(n * h for n, h in zip(weights, hessians)) / total
-    start = w = torch.from_numpy(_flat(job.build_model()))
+    start = w = torch.from_numpy(flat64(job.build_model()))
     for _ in range(rounds):
         w = quadratic_round(hessians, weights, hessian @ w - sum(targets) / total, w, eta=eta, mu=mu)
-    trained = torch.from_numpy(_flat(result.model))
+    trained = torch.from_numpy(flat64(result.model))
     assert torch.allclose(trained, w, rtol=0, atol=1e-5), (trained - w).abs().max()
     assert (w - start).norm() > 1.0  # the rounds moved far: the match is no accident of standing still
 
@@ -183,8 +167,8 @@ def test_bad_options_fail_with_clear_errors_before_any_process_starts(digits, mo
         Dane(mu=-0.1)
     with pytest.raises(ValueError, match=r"eta must be in \(0, inf\], got 0"):
         Dane(eta=0)
-    with pytest.raises(ValueError, match=r"lr must be in \(0, inf\], got -1"):
-        Dane(local="sgd", lr=-1)
+    with pytest.raises(ValueError, match=r"local_lr must be in \(0, inf\], got -1"):
+        Dane(local="sgd", local_lr=-1)
     with pytest.raises(ValueError, match=r"l2 must be in \[0, inf\], got -0.001"):
         Dane(l2=-1e-3)
     with pytest.raises(ValueError, match="local_batch_size is for local='sgd'"):
