@@ -7,7 +7,12 @@ from pathlib import Path
 
 
 def child_processes(pid: int | None = None) -> list[tuple[int, str]]:
-    """Live descendants of ``pid`` (default: this process), except multiprocessing's resource tracker."""
+    """Live descendants of ``pid`` (default: this process), except multiprocessing's own helpers.
+
+    The resource tracker and the fork server (which roles are forked from)
+    live as long as the process that started them; the roles are what a test
+    must not leave behind.
+    """
     pid = os.getpid() if pid is None else pid
     parents: dict[int, int] = {}
     names: dict[int, str] = {}
@@ -28,8 +33,14 @@ def child_processes(pid: int | None = None) -> list[tuple[int, str]]:
     while frontier:
         parent = frontier.pop()
         for child, ppid in parents.items():
-            if ppid == parent:
-                frontier.append(child)
-                if "resource_tracker" not in names[child]:
-                    found.append((child, names[child]))
+            if ppid != parent:
+                continue
+            frontier.append(child)
+            # Roles forked by the fork server share its command line; the server is the one
+            # whose parent is not itself a fork server.
+            helper = "resource_tracker" in names[child] or (
+                "multiprocessing.forkserver" in names[child]
+                and "multiprocessing.forkserver" not in names.get(parent, ""))
+            if not helper:
+                found.append((child, names[child]))
     return found
