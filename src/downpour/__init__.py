@@ -12,6 +12,7 @@ from downpour.metrics import TrainResult
 from downpour.optim import optim
 from downpour.strategies import (
     Allreduce,
+    Boost,
     Dane,
     Decentralized,
     Downpour,
@@ -20,6 +21,7 @@ from downpour.strategies import (
     HotPotato,
     LocalSGD,
     Sandblaster,
+    SelfieBoost,
     Single,
     Sync,
 )
@@ -28,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Allreduce",
+    "Boost",
     "Dane",
     "Decentralized",
     "Downpour",
@@ -37,6 +40,7 @@ __all__ = [
     "HotPotato",
     "LocalSGD",
     "Sandblaster",
+    "SelfieBoost",
     "Single",
     "Sync",
     "TrainResult",

@@ -49,6 +49,20 @@ def hinge_loss(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.relu(1.0 - targets * scores).sum(dim=1).mean()
 
 
+def squared_hinge_loss(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One-vs-rest squared hinge ``sum_j max(0, 1 - t_j s_j)^2``, batch mean (the L2-SVM).
+
+    Smooth, unlike the hinge, so batch methods (L-BFGS, CG) apply to it.
+
+    Example:
+        >>> float(squared_hinge_loss(torch.tensor([[0.5, -1.0]]), torch.tensor([0])))
+        0.25
+    """
+    targets = torch.full_like(scores, -1.0)
+    targets.scatter_(1, y.long().view(-1, 1), 1.0)
+    return F.relu(1.0 - targets * scores).square().sum(dim=1).mean()
+
+
 def multiclass_hinge_loss(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Crammer–Singer multiclass hinge ``max(0, 1 + max_{j != y} s_j - s_y)``, batch mean.
 
@@ -134,6 +148,17 @@ class LinearSVM(LinearModel):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, l2: float = 1e-4) -> None:
         super().__init__(input_shape, num_classes, l2=l2)
+
+
+class SquaredHingeSVM(LinearSVM):
+    """One-vs-rest L2-SVM: :func:`squared_hinge_loss` plus ``0.5 * l2 * ||W||^2``; smooth.
+
+    Example:
+        >>> SquaredHingeSVM((4,), 3).criterion.__name__
+        'squared_hinge_loss'
+    """
+
+    criterion = staticmethod(squared_hinge_loss)
 
 
 class MulticlassSVM(LinearModel):

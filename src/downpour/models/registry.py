@@ -11,7 +11,7 @@ from torch import nn
 
 from downpour.errors import check_range, choose
 from downpour.models.cnn import CNN
-from downpour.models.linear import LinearSVM, LogisticRegression, MulticlassSVM, Perceptron
+from downpour.models.linear import LinearSVM, LogisticRegression, MulticlassSVM, Perceptron, SquaredHingeSVM
 from downpour.models.mlp import MLP
 from downpour.models.resnet import ResNet
 
@@ -20,6 +20,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MODELS: dict[str, type[nn.Module]] = {
     "perceptron": Perceptron,
     "svm": LinearSVM,
+    "squared-hinge-svm": SquaredHingeSVM,
     "multiclass-svm": MulticlassSVM,
     "logistic": LogisticRegression,
     "mlp": MLP,

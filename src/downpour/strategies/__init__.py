@@ -7,6 +7,7 @@ from typing import Any
 from downpour.errors import choose
 from downpour.strategies.allreduce import Allreduce
 from downpour.strategies.base import Faults, Job, Strategy
+from downpour.strategies.boost import Boost, SelfieBoost
 from downpour.strategies.dane import Dane
 from downpour.strategies.decentralized import Decentralized
 from downpour.strategies.downpour import Downpour
@@ -36,6 +37,8 @@ register(HotPotato)
 register(Decentralized)
 register(Sandblaster)
 register(Dane)
+register(Boost)
+register(SelfieBoost)
 
 
 def get(name: str, **options: Any) -> Strategy:
@@ -47,6 +50,7 @@ def get(name: str, **options: Any) -> Strategy:
 __all__ = [
     "STRATEGIES",
     "Allreduce",
+    "Boost",
     "Dane",
     "Decentralized",
     "Downpour",
@@ -56,6 +60,7 @@ __all__ = [
     "Job",
     "LocalSGD",
     "Sandblaster",
+    "SelfieBoost",
     "Single",
     "Strategy",
     "Sync",

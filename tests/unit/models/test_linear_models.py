@@ -10,7 +10,7 @@ import torch
 from downpour.models import backward, build, default_loss
 from downpour.models.linear import hinge_loss, multiclass_hinge_loss, perceptron_loss
 
-LINEAR = ("perceptron", "svm", "multiclass-svm", "logistic")
+LINEAR = ("perceptron", "svm", "squared-hinge-svm", "multiclass-svm", "logistic")
 
 
 def to_csr(x: torch.Tensor) -> torch.Tensor:

@@ -67,3 +67,30 @@ def test_bad_options_say_what_is_wrong(method, kwargs, words):
     _, objective, d = problem()
     with pytest.raises(ValueError, match=words):
         minimize(method, LocalSpace(torch.zeros(d), objective), **kwargs)
+
+
+def test_lbfgs_trains_a_squared_hinge_svm_to_scipys_optimum():
+    # The L2-SVM is smooth: batch methods apply to the model itself, through FlatParams.
+    from sklearn.datasets import load_digits
+
+    from downpour.flat import FlatParams
+    from downpour.models import backward, build, default_loss
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
+    torch.manual_seed(0)
+    model = build("squared-hinge-svm", (64,), 10, l2=1e-2)
+    flat = FlatParams(model)
+
+    def objective(w):
+        flat.params.copy_(w)
+        flat.zero_grad_()
+        return float(backward(model, default_loss("squared-hinge-svm"), x, y)), flat.grads.clone()
+
+    def f(w):
+        value, grad = objective(torch.from_numpy(w).float())
+        return value, grad.double().numpy()
+
+    reference = scipy.optimize.minimize(f, np.zeros(flat.numel), jac=True, method="L-BFGS-B")
+    result = minimize("lbfgs", LocalSpace(torch.zeros(flat.numel), objective), stop=Stopping(max_iterations=500))
+    assert abs(result.objective - reference.fun) <= 1e-4 * reference.fun
