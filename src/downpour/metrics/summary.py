@@ -137,8 +137,10 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     # allreduce, a hand-over); the run's count is the most any worker took.
     rounds = [e["comm/rounds"] for e in events if e.get("comm/rounds") is not None]
     summary["rounds"] = int(max(rounds)) if rounds else 0
-    # Outer iterations of a batch or example-selection method (sandblaster, dane, boost); None for SGD.
-    summary["iterations"] = end.get("run/iterations")
+    # Outer iterations of a batch or example-selection method (sandblaster, dane, boost): the
+    # coordinator's count, else the most any role reported; None for the SGD strategies.
+    iterations = [e["batch/iterations"] for e in events if e.get("batch/iterations") is not None]
+    summary["iterations"] = end.get("run/iterations", max(iterations) if iterations else None)
     # How many times smaller the compressed messages were than the same messages uncompressed.
     encoded = summary["bytes_encoded"]
     summary["compression_ratio"] = summary["bytes_raw"] / encoded if encoded else None

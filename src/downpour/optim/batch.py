@@ -137,12 +137,17 @@ def _search(space: Space, start: Point, t: float, *, c2: float, refine: bool) ->
     return point, evals
 
 
-def _descent(result: Result, before: float, f: float, gg: float, stop: Stopping) -> bool:
-    """Record an iteration that took the objective from ``before`` to ``f``; True when the method should stop."""
+def _descent(result: Result, before: float, f: float, gg: float, stop: Stopping,
+             callback: Callback | None) -> bool:
+    """Record an iteration that took the objective from ``before`` to ``f`` (``gg = g.g`` at the new point).
+
+    True when the method should stop: converged, or the callback says so.
+    """
     result.objective = f
     result.history.append(f)
     result.converged = math.sqrt(max(gg, 0.0)) <= stop.gtol or stop.flat(before, f)
-    return result.converged
+    asked = callback is not None and bool(callback(result))
+    return result.converged or asked
 
 
 def lbfgs(space: Space, *, memory: int = 10, stop: Stopping = Stopping(), callback: Callback | None = None) -> Result:
@@ -190,10 +195,8 @@ def lbfgs(space: Space, *, memory: int = 10, stop: Stopping = Stopping(), callba
             pairs.append((slot, 1.0 / ys, yy / ys))
             pairs = pairs[-memory:]
             slot = (slot + 1) % (memory + 1)
-        done = _descent(result, f, point.loss, gg, stop)
+        done = _descent(result, f, point.loss, gg, stop, callback)
         f = point.loss
-        if callback is not None and callback(result):
-            done = True
         if done:
             break
     return result
@@ -236,10 +239,7 @@ def agd(space: Space, *, step: float | None = None, stop: Stopping = Stopping(),
         else:
             following = (1.0 + math.sqrt(1.0 + 4.0 * theta * theta)) / 2.0
             theta, beta = following, (theta - 1.0) / following
-        done = _descent(result, result.objective, f_x, gg_x, stop)
-        if callback is not None and callback(result):
-            done = True
-        if done:
+        if _descent(result, result.objective, f_x, gg_x, stop, callback):
             space.ops(copy("xk", "x"))
             break
         if beta == 0.0:  # y = x: its gradient is already in g
@@ -297,10 +297,8 @@ def cg(space: Space, *, beta: str = "fr", stop: Stopping = Stopping(), callback:
         result.iterations += 1
         gg_old = gg
         gg, g_g0, d_g, d_g0 = space.ops(dot("g", "g"), dot("g", "g0"), dot("d", "g"), dot("d", "g0"))
-        done = _descent(result, f, point.loss, gg, stop)
+        done = _descent(result, f, point.loss, gg, stop, callback)
         f = point.loss
-        if callback is not None and callback(result):
-            done = True
         if done:
             break
         b = 0.0 if abs(g_g0) >= 0.2 * gg else cg_beta(beta, gg, gg_old, g_g0, d_g, d_g0)

@@ -301,7 +301,8 @@ class SamplingWorker(CollectiveWorker):
         self.examples_sent = 0
 
     def counters(self) -> dict[str, Any]:
-        return {**super().counters(), "boost/examples_sent": getattr(self, "examples_sent", 0)}
+        return {**super().counters(), "boost/examples_sent": getattr(self, "examples_sent", 0),
+                "batch/iterations": self.rounds}
 
     def gather_stats(self, *values: float) -> torch.Tensor:
         """Every rank's ``values`` as a (W, len(values)) float64 table (one all-gather, counted in bytes)."""

@@ -281,7 +281,8 @@ class DaneWorker(CollectiveWorker):
     def counters(self) -> dict[str, Any]:
         """The collective counters, and the local solver's iterations and evaluations so far."""
         return super().counters() | {"dane/local_steps": getattr(self, "local_steps", 0),
-                                     "dane/evaluations": getattr(self, "evaluations", 0)}
+                                     "dane/evaluations": getattr(self, "evaluations", 0),
+                                     "batch/iterations": self.steps}
 
 
 def _check_int(name: str, value: Any) -> None:

@@ -60,7 +60,7 @@ def test_boost_reaches_1_percent_error_within_the_seeds_rounds_moving_fewer_byte
     s = result.summary
     rounds, k = default_rounds(eps), default_sample_size(data.num_train, eps)  # c = 5, k = 4 n eps = 320
     assert 1 - s["accuracy"] <= eps, s
-    assert isinstance(result.model, Vote) and 1 <= s["rounds"] <= rounds
+    assert isinstance(result.model, Vote) and 1 <= s["rounds"] <= rounds and s["iterations"] == s["rounds"]
     assert s["steps"] == s["rounds"] * 20 * math.ceil(k / 64)  # rank 0's SGD: 20 passes over each sample
 
     # Only sampled examples travel: at most k a round, d features and the label each, as float32.

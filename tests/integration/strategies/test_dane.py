@@ -64,6 +64,7 @@ def test_dane_reaches_the_optimum_of_regularised_logistic_regression_in_5_rounds
     s = result.summary
     assert s["steps"] == 4 * rounds  # a worker's step is a DANE round
     assert s["rounds"] == 2 * rounds and s["pushes"] == s["pulls"] == 4 * 2 * rounds  # two allreduces a round
+    assert s["iterations"] == rounds
     model_bytes = 4 * (10 * 64 + 10)
     per_worker = rounds * (ring_allreduce_bytes(model_bytes + 12, 4) + ring_allreduce_bytes(model_bytes, 4))
     assert s["bytes_sent"] == s["bytes_received"] == 4 * per_worker
