@@ -152,20 +152,30 @@ def _running(pid: int) -> bool:
         return False
 
 
+THRESHOLD = "threshold:tau=0.05,entropy"
+
+
 @pytest.fixture(scope="module")
 def compressed_runs(mnist):
-    """Downpour on MNIST (MLP, 4 workers, 2 shards, one epoch), uncompressed and with each compressor."""
+    """Downpour on MNIST (MLP, 4 workers, 2 shards, one epoch), uncompressed and compressed, by server optimizer.
+
+    Top-k's error feedback suits momentum on the shards; Strom's threshold suits Adam, which
+    normalizes each coordinate's step, so the fixed +-tau (whatever a layer's gradient scale)
+    costs nothing there. Each is held to the uncompressed run with its own optimizer.
+    """
+    optimizers = {"momentum": dp.optim("momentum", lr=0.02), "adam": dp.optim("adam", lr=0.001)}
     runs = {}
-    for spec in (None, "topk:0.005,fp16,entropy", "threshold:tau=0.003,entropy"):
-        runs[spec] = dp.train(model="mlp", data=mnist, strategy=dp.Downpour(compress=spec),
-                              optimizer=dp.optim("momentum", lr=0.02), workers=4, servers=2, epochs=1,
-                              batch_size=32, save=False).summary
+    for optimizer, spec in (("momentum", None), ("momentum", "topk:0.005,fp16,entropy"), ("adam", None),
+                            ("adam", THRESHOLD)):
+        runs[optimizer, spec] = dp.train(model="mlp", data=mnist, strategy=dp.Downpour(compress=spec),
+                                         optimizer=optimizers[optimizer], workers=4, servers=2, epochs=1,
+                                         batch_size=32, save=False).summary
     return runs
 
 
 @pytest.mark.slow
 def test_topk_pushes_over_100x_fewer_bytes_at_the_same_accuracy(compressed_runs):
-    plain, topk = compressed_runs[None], compressed_runs["topk:0.005,fp16,entropy"]
+    plain, topk = compressed_runs["momentum", None], compressed_runs["momentum", "topk:0.005,fp16,entropy"]
     assert topk["steps"] == plain["steps"]
     # Fewer than the baseline's actual pushes, which are already sparse where that is smaller.
     assert topk["bytes_sent"] * 100 <= plain["bytes_sent"], (topk["bytes_sent"], plain["bytes_sent"])
@@ -173,11 +183,12 @@ def test_topk_pushes_over_100x_fewer_bytes_at_the_same_accuracy(compressed_runs)
 
 
 @pytest.mark.slow
-def test_threshold_pushes_over_100x_fewer_bytes(compressed_runs):
-    plain, threshold = compressed_runs[None], compressed_runs["threshold:tau=0.003,entropy"]
+def test_threshold_pushes_over_100x_fewer_bytes_within_half_a_point(compressed_runs):
+    plain, threshold = compressed_runs["adam", None], compressed_runs["adam", THRESHOLD]
+    assert threshold["steps"] == plain["steps"]
     # Against float32 pushes (the baseline's own pushes are already sparse where that is smaller).
     assert threshold["compression_ratio"] >= 100 and threshold["bytes_sent"] * 100 <= threshold["bytes_raw"]
-    # Strom's fixed +-tau caps how fast a coordinate can move: the last layer's gradients are
-    # 10-50x the first layer's, and no single tau suits both. Measured: 0.9-1.3 pp below
-    # uncompressed at tau 0.0005-0.003 (topk, above, loses nothing). Ratio measured: 122-151x.
-    assert threshold["accuracy"] >= plain["accuracy"] - 0.025, (threshold["accuracy"], plain["accuracy"])
+    # Measured at tau 0.05: 1,772-1,793x, 96.59-96.71% against 96.52-96.73% uncompressed. With momentum
+    # on the shards no tau came within 1 pp: a fixed +-tau caps how fast a coordinate moves, and the
+    # last layer's gradients are 10-50x the first layer's.
+    assert threshold["accuracy"] >= plain["accuracy"] - 0.005, (threshold["accuracy"], plain["accuracy"])
