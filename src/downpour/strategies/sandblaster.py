@@ -46,7 +46,7 @@ from downpour.metrics import Metrics
 from downpour.optim.batch import BETAS, METHODS, Result, Stopping, minimize
 from downpour.server import SumPortions
 from downpour.server.role import ServerRole
-from downpour.server.vectors import Op, axpy, dot, scale
+from downpour.server.vectors import MAX_VECTORS, Op, axpy, dot, scale
 from downpour.strategies.base import Evaluator, Job, log_end, log_start
 from downpour.strategies.parameter_server import PSWorker
 from downpour.strategies.worker import Progress
@@ -225,7 +225,8 @@ class Sandblaster:
     def __post_init__(self) -> None:
         choose("method", self.method, METHODS)
         choose("beta", self.beta, BETAS)
-        check_range("memory", self.memory, 1, 64 // 2 - 3)  # its vectors must fit a shard's budget
+        # L-BFGS keeps 2 (memory + 1) history vectors and four more (q, d, x0, g0) on every shard.
+        check_range("memory", self.memory, 1, (MAX_VECTORS - 4) // 2 - 1)
         check_range("l2", self.l2, 0.0)
         check_range("portions", self.portions, 1)
         Stopping(max_iterations=self.max_iterations, gtol=self.gtol, ftol=self.ftol)
