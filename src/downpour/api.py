@@ -16,6 +16,7 @@ from torch import nn
 from downpour import data as data_lib
 from downpour import models
 from downpour import strategies
+from downpour.cluster import parse_cluster
 from downpour.data import Dataset
 from downpour.metrics import (
     MemorySink,
@@ -80,6 +81,7 @@ def train(
     progress: bool = False,
     tensorboard: bool = False,
     data_dir: str | Path | None = None,
+    cluster: Any = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with a distributed ``strategy``.
 
@@ -101,6 +103,9 @@ def train(
         progress: show a progress bar.
         tensorboard: also write the metrics as TensorBoard event files in
             ``<run_dir>/tensorboard``.
+        cluster: where roles run: ``None`` or ``"local"`` (processes on this
+            machine), ``"ray"`` (a local Ray), ``"ray:ADDRESS"`` or a
+            :class:`downpour.cluster.ray.RayCluster` (an existing Ray cluster).
 
     Returns:
         A :class:`TrainResult` with the model, event history and summary.
@@ -122,7 +127,7 @@ def train(
         model=factory, loss=loss, data=data, optimizer=optimizer or optim("sgd", lr=0.05),
         workers=workers, servers=servers, epochs=epochs, batch_size=batch_size, max_steps=max_steps,
         target_accuracy=target_accuracy, eval_every=eval_every, max_seconds=max_seconds, seed=seed, device=device,
-        faults=faults or Faults(),
+        faults=faults or Faults(), cluster=parse_cluster(cluster),
     )
     run = RunDir.create(run_dir, strategy.name, runs_root) if save else None
     config = {
@@ -143,6 +148,7 @@ def train(
         "seed": seed,
         "device": device,
         "faults": _describe(job.faults),
+        "cluster": _describe_cluster(job.cluster),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpus": torch.get_num_threads()},
     }
@@ -168,6 +174,12 @@ def train(
         plot_run(history.events, run.path, title=f"{strategy.name} · {data.name} · {model_name}")
         run.write_summary(summary)
     return TrainResult(model=trained, history=history.events, summary=summary, run_dir=run.path if run else None)
+
+
+def _describe_cluster(cluster: Any) -> str:
+    if cluster is None:
+        return "local"
+    return "ray" + (f":{cluster.address}" if cluster.address else "")
 
 
 def _uses_servers(strategy: Strategy) -> bool:

@@ -80,6 +80,7 @@ def compare(
     progress: bool = False,
     command: str = "",
     data_dir: str | Path | None = None,
+    cluster=None,
 ) -> Comparison:
     """Train each strategy on the same workload and report them side by side.
 
@@ -124,7 +125,7 @@ def compare(
                        servers=servers, epochs=epochs, batch_size=batch_size, max_steps=max_steps,
                        target_accuracy=target_accuracy, max_seconds=budget_seconds, eval_every=eval_every,
                        seed=seed, faults=run_faults, run_dir=path / name, progress=progress,
-                       tensorboard=tensorboard)
+                       tensorboard=tensorboard, cluster=cluster)
         results.append(result)
         run_dirs.append(Path(name))
     staged = ", ".join([f"worker {r} {f:g}x slower" for r, f in faults.slow.items()]

@@ -44,6 +44,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "slow_worker": [],
     "kill_worker": [],
     "tensorboard": False,
+    "cluster": "local",
 }
 
 
@@ -112,6 +113,8 @@ def _add_train_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> No
                    help="SIGKILL a worker SECONDS into training (repeatable)")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also write metrics as TensorBoard event files in <run>/tensorboard")
+    p.add_argument("--cluster", metavar="local|ray|ray:ADDRESS",
+                   help="where roles run: processes on this machine (default), a local Ray, or a Ray cluster")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if compare:
         return
@@ -188,7 +191,7 @@ def _train(args: argparse.Namespace) -> int:
         workers=o["workers"], servers=o["servers"], epochs=o["epochs"], batch_size=o["batch_size"],
         max_steps=o["max_steps"], target_accuracy=o["target_accuracy"], eval_every=o["eval_every"],
         seed=o["seed"], device=o["device"], faults=_parse_faults(o["slow_worker"], o["kill_worker"]),
-        run_dir=o["run_dir"], progress=not args.quiet, tensorboard=o["tensorboard"],
+        run_dir=o["run_dir"], progress=not args.quiet, tensorboard=o["tensorboard"], cluster=o["cluster"],
     )
     print_summary(result.summary)
     print(f"run directory: {result.run_dir}")

@@ -94,7 +94,7 @@ def _compare(args: argparse.Namespace) -> int:
         batch_size=o["batch_size"], max_steps=o["max_steps"], target_accuracy=o["target_accuracy"],
         budget_seconds=args.budget_seconds, eval_every=o["eval_every"], seed=o["seed"],
         faults=_parse_faults(o["slow_worker"], o["kill_worker"]), out_dir=args.out_dir,
-        tensorboard=o["tensorboard"], progress=not args.quiet,
+        tensorboard=o["tensorboard"], progress=not args.quiet, cluster=o["cluster"],
         command=shlex.join(["downpour", *sys.argv[1:]]) if sys.argv[1:] else "downpour compare",
     )
     show(comparison)

@@ -27,12 +27,15 @@ class Faults:
 
     slow: dict[int, float] = field(default_factory=dict)
     kill: dict[int, float] = field(default_factory=dict)
+    kill_server: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for rank, factor in self.slow.items():
             check_range(f"slow-worker factor of rank {rank}", factor, 1.0)
         for rank, seconds in self.kill.items():
             check_range(f"kill-worker time of rank {rank}", seconds, 0.0)
+        for shard, seconds in self.kill_server.items():
+            check_range(f"kill-server time of shard {shard}", seconds, 0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +61,9 @@ class Job:
     seed: int = 0
     device: str = "cpu"
     faults: Faults = field(default_factory=Faults)
+    cluster: Any = None  # None (local processes) or a RayCluster; see downpour.cluster.open_cluster
+    restart_workers: bool = False
+    checkpoint: Any = None  # a downpour.checkpoint.Checkpointing, or None
 
     def __post_init__(self) -> None:
         check_range("workers", self.workers, 1, 4096)
@@ -74,6 +80,8 @@ class Job:
             check_range("max_seconds", self.max_seconds, 0.0, low_open=True)
         for rank in (*self.faults.slow, *self.faults.kill):
             check_range("faulty worker rank", rank, 0, self.workers - 1)
+        for shard in self.faults.kill_server:
+            check_range("killed server shard", shard, 0, self.servers - 1)
 
     def build_model(self) -> nn.Module:
         """A fresh replica, seeded so that every role starts from the same parameters."""

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from downpour.cluster import LocalCluster
+from downpour.cluster import LocalCluster, open_cluster
 from downpour.errors import PeerTimeout, check_range
 from downpour.flat import FlatParams, apply_sparse_
 from downpour.metrics import Metrics
@@ -300,7 +300,7 @@ class Hogwild:
         progress = Progress()
         metrics.sinks.append(progress)
         evaluator = Evaluator(job, metrics)
-        with LocalCluster(metrics, tolerate_worker_deaths=True) as cluster:
+        with open_cluster(job.cluster, metrics, tolerate_worker_deaths=True) as cluster:
             workers = cluster.start([
                 HogwildWorker(rank=rank, num_workers=job.workers, job=shard_job(job, rank), total_steps=per_worker,
                               slow_factor=job.faults.slow.get(rank, 1.0), log_every=self.log_every,

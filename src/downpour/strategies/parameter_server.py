@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from downpour.cluster import LocalCluster
+from downpour.cluster import LocalCluster, open_cluster
 from downpour.compress import Stream, parse
 from downpour.flat import FlatParams, ShardRange, shard_ranges
 from downpour.metrics import Metrics, compression_counters
@@ -120,7 +120,7 @@ class ParameterServerRun:
         metrics.sinks.append(progress)
         evaluator = Evaluator(job, metrics)
         interval = job.eval_interval(self.global_steps)
-        with LocalCluster(metrics) as cluster:
+        with open_cluster(job.cluster, metrics) as cluster:
             servers = cluster.start([
                 ServerRole(rank=r.shard, shard=r, initial=flat.params[r.start : r.stop].clone(),
                            optimizer=self.server_optimizer, policy=self.policy, token=token,

@@ -39,7 +39,7 @@ import numpy as np
 import torch.distributed as dist
 from torch import nn
 
-from downpour.cluster import LocalCluster
+from downpour.cluster import LocalCluster, open_cluster
 from downpour.errors import PeerTimeout, check_range, choose
 from downpour.flat import FlatParams, shard_ranges
 from downpour.metrics import Metrics
@@ -287,7 +287,7 @@ def sandblaster_space(job: Job, metrics: Metrics, *, portions: int = 16, backups
     portions = min(portions, job.data.num_train)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout))
-    with LocalCluster(metrics) as cluster:
+    with open_cluster(job.cluster, metrics) as cluster:
         servers = cluster.start([
             ServerRole(rank=r.shard, shard=r, initial=flat.params[r.start : r.stop].clone(),
                        optimizer=job.optimizer, policy=SumPortions(), token=token)

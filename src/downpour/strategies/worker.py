@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from downpour.cluster import LocalCluster
+from downpour.cluster import LocalCluster, open_cluster
 from downpour.data import batches
 from downpour.flat import FlatParams
 from downpour.metrics import Metrics
@@ -222,7 +222,7 @@ class WorkerGroupRun:
         progress = Progress()
         metrics.sinks.append(progress)
         evaluator = Evaluator(job, metrics)
-        with LocalCluster(metrics, tolerate_worker_deaths=self.tolerate_deaths) as cluster:
+        with open_cluster(job.cluster, metrics, tolerate_worker_deaths=self.tolerate_deaths) as cluster:
             workers = cluster.start([
                 self.make_worker(rank=rank, num_workers=job.workers, job=shard_job(job, rank, **self.partition),
                                  slow_factor=job.faults.slow.get(rank, 1.0), timeout=self.timeout)
