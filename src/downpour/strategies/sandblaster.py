@@ -39,7 +39,7 @@ import numpy as np
 import torch.distributed as dist
 from torch import nn
 
-from downpour.cluster import LocalCluster, open_cluster
+from downpour.cluster import open_cluster
 from downpour.errors import PeerTimeout, check_range, choose
 from downpour.flat import FlatParams, shard_ranges
 from downpour.metrics import Metrics

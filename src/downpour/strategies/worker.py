@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from downpour.cluster import LocalCluster, open_cluster
+from downpour.cluster import open_cluster
 from downpour.data import batches
 from downpour.flat import FlatParams
 from downpour.metrics import Metrics
