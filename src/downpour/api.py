@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
+import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import nn
 from downpour import data as data_lib
 from downpour import models
 from downpour import strategies
+from downpour.checkpoint import Checkpointing
 from downpour.cluster import parse_cluster
 from downpour.data import Dataset
 from downpour.metrics import (
@@ -82,6 +84,10 @@ def train(
     tensorboard: bool = False,
     data_dir: str | Path | None = None,
     cluster: Any = None,
+    checkpoint_every: str | int | None = None,
+    restart_workers: bool = False,
+    resume: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with a distributed ``strategy``.
 
@@ -106,6 +112,17 @@ def train(
         cluster: where roles run: ``None`` or ``"local"`` (processes on this
             machine), ``"ray"`` (a local Ray), ``"ray:ADDRESS"`` or a
             :class:`downpour.cluster.ray.RayCluster` (an existing Ray cluster).
+        checkpoint_every: server shards checkpoint every N versions (``200``)
+            or S seconds (``"30s"``) into ``<run_dir>/checkpoints``, with the
+            coordinator's state beside them; a shard that dies restarts from
+            there. Staging ``Faults(kill_server=...)`` turns it on (every 100
+            versions) when not given.
+        restart_workers: restart a worker that dies; it rejoins where its
+            predecessor last reported.
+        resume: continue the stopped run in ``run_dir`` from its checkpoints
+            (same arguments as the first time).
+        options: the command line's options, kept in ``config.json`` so that
+            ``downpour train --resume RUN_DIR`` can rebuild the run.
 
     Returns:
         A :class:`TrainResult` with the model, event history and summary.
@@ -123,13 +140,30 @@ def train(
     factory, model_name = _resolve_model(model, data)
     if loss is None:
         loss = models.default_loss(model) if isinstance(model, str) else torch.nn.functional.cross_entropy
+    faults = faults or Faults()
+    recovery = checkpoint_every is not None or resume or restart_workers or faults.kill_server
+    if recovery and not getattr(strategy, "recoverable", False):
+        raise ValueError(f"checkpoints, restarts and --resume are for the parameter-server strategies "
+                         f"(downpour, sync); {strategy.name!r} keeps its state in its workers")
+    if resume:
+        if run_dir is None or not save:
+            raise ValueError("resume needs the run_dir of the stopped run (and save=True)")
+        run = RunDir.reopen(run_dir)
+    else:
+        run = RunDir.create(run_dir, strategy.name, runs_root) if save else None
+    scratch = None
+    checkpoint = None
+    if checkpoint_every is not None or resume or faults.kill_server:
+        if run is None:
+            scratch = tempfile.TemporaryDirectory(prefix="downpour-checkpoints-")
+        folder = Path(scratch.name) if scratch else run.path / "checkpoints"
+        checkpoint = Checkpointing.parse(str(checkpoint_every or 100), folder, resume=resume)
     job = Job(
         model=factory, loss=loss, data=data, optimizer=optimizer or optim("sgd", lr=0.05),
         workers=workers, servers=servers, epochs=epochs, batch_size=batch_size, max_steps=max_steps,
         target_accuracy=target_accuracy, eval_every=eval_every, max_seconds=max_seconds, seed=seed, device=device,
-        faults=faults or Faults(), cluster=parse_cluster(cluster),
+        faults=faults, cluster=parse_cluster(cluster), restart_workers=restart_workers, checkpoint=checkpoint,
     )
-    run = RunDir.create(run_dir, strategy.name, runs_root) if save else None
     config = {
         "strategy": strategy.name,
         "dataset": data.name,
@@ -149,12 +183,15 @@ def train(
         "device": device,
         "faults": _describe(job.faults),
         "cluster": _describe_cluster(job.cluster),
+        "checkpoint_every": None if checkpoint is None else (checkpoint.every_versions or f"{checkpoint.every_seconds:g}s"),
+        "restart_workers": restart_workers,
+        "options": options,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpus": torch.get_num_threads()},
     }
     history = MemorySink()
     sinks: list = [history]
-    if run:
+    if run and not resume:
         run.write_config(config)
         sinks.append(run.events_sink())
     if progress:
@@ -168,6 +205,8 @@ def train(
         trained = strategy.run(job, metrics)
     finally:
         metrics.close()
+        if scratch is not None:
+            scratch.cleanup()
     summary = summarize(history.events, config)
     if run:
         run.save_model(trained)

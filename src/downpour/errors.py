@@ -29,6 +29,14 @@ class PeerTimeout(TransportError):
         self.seconds = seconds
 
 
+class PeerUnavailable(TransportError):
+    """A peer cannot be reached (its process died, or its host is gone); a restarted one may come back."""
+
+    def __init__(self, peer: str, message: str) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
 class StaleUpdate(DownpourError):
     """An update was computed on parameters too old to be applied."""
 

@@ -50,6 +50,14 @@ class RunDir:
         target.mkdir(parents=True, exist_ok=True)
         return cls(target)
 
+    @classmethod
+    def reopen(cls, path: str | Path) -> "RunDir":
+        """An existing run directory, to resume the run in it (its events are appended to)."""
+        target = Path(path)
+        if not (target / cls.CONFIG).is_file():
+            raise FileNotFoundError(f"{target} is not a run directory (it has no {cls.CONFIG})")
+        return cls(target)
+
     def events_sink(self) -> JsonlSink:
         return JsonlSink(self.path / self.EVENTS)
 

@@ -45,6 +45,8 @@ SUMMARY_KEYS = (
     "bytes_raw",
     "bytes_encoded",
     "compression_ratio",
+    "restarts",
+    "lost_updates",
     "run_dir",
 )
 
@@ -69,10 +71,10 @@ def compression_counters(streams) -> dict[str, int]:
 
 
 def _last_per_role(events: list[Event], key: str) -> float:
-    last: dict[tuple[str, int], float] = {}
+    last: dict[tuple[str, int, int], float] = {}
     for e in events:
-        if e.get(key) is not None:
-            last[(e.get("role", ""), e.get("rank", 0))] = e[key]
+        if e.get(key) is not None:  # a restarted worker counts afresh: each process is its own
+            last[(e.get("role", ""), e.get("rank", 0), e.get("worker/incarnation", 0))] = e[key]
     return sum(last.values())
 
 
@@ -141,6 +143,9 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     # coordinator's count, else the most any role reported; None for the SGD strategies.
     iterations = [e["batch/iterations"] for e in events if e.get("batch/iterations") is not None]
     summary["iterations"] = end.get("run/iterations", max(iterations) if iterations else None)
+    # Roles the coordinator restarted, and the server updates their restarts lost (back to a checkpoint).
+    summary["restarts"] = sum(1 for e in events if e.get("fault/restarted") is not None)
+    summary["lost_updates"] = sum(int(e.get("fault/lost_updates") or 0) for e in events)
     # How many times smaller the compressed messages were than the same messages uncompressed.
     encoded = summary["bytes_encoded"]
     summary["compression_ratio"] = summary["bytes_raw"] / encoded if encoded else None

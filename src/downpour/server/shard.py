@@ -92,6 +92,7 @@ class ServerShard:
         self._pushes = self._pulls = self._applied = self._dropped = 0
         self._refused = self._folded = self._updates = 0
         self._staleness: collections.Counter[int] = collections.Counter()
+        self._observer: Callable[[int, Callable[[], dict[str, Any]]], None] | None = None
 
     # -- identity --------------------------------------------------------
 
@@ -405,6 +406,8 @@ class ServerShard:
             self._average.lerp_(param, 1.0 - self._ema_decay)
         self._memo.clear()
         self._cond.notify_all()
+        if self._observer is not None:
+            self._observer(self._version, self._state)
 
     # -- bookkeeping -----------------------------------------------------
 
@@ -438,19 +441,31 @@ class ServerShard:
         A synchronous round in progress is not saved: after a restore it starts over.
         """
         with self._cond:
-            return {
-                "shard": self.shard_id,
-                "start": self.start,
-                "stop": self.stop,
-                "version": self._version,
-                "params": self._param.detach().clone(),
-                "average": None if self._average is None else self._average.clone(),
-                # Optimizer.state_dict() hands out the live state tensors; a
-                # checkpoint must not change when training goes on.
-                "optimizer": None
-                if self._optimizer is None
-                else copy.deepcopy(self._optimizer.state_dict()),
-            }
+            return self._state()
+
+    def _state(self) -> dict[str, Any]:
+        """:meth:`state_dict`'s copy; the caller holds the lock."""
+        return {
+            "shard": self.shard_id,
+            "start": self.start,
+            "stop": self.stop,
+            "version": self._version,
+            "params": self._param.detach().clone(),
+            "average": None if self._average is None else self._average.clone(),
+            # Optimizer.state_dict() hands out the live state tensors; a
+            # checkpoint must not change when training goes on.
+            "optimizer": None
+            if self._optimizer is None
+            else copy.deepcopy(self._optimizer.state_dict()),
+        }
+
+    def observe(self, observer: Callable[[int, Callable[[], dict[str, Any]]], None] | None) -> None:
+        """Call ``observer(version, state)`` after every applied update, under the shard's lock.
+
+        ``state()`` copies :meth:`state_dict` consistently with that version
+        (checkpoints every N versions take it); the observer must be quick.
+        """
+        self._observer = observer
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the range must match."""

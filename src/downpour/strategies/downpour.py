@@ -101,6 +101,7 @@ class Downpour:
 
     name: ClassVar[str] = "downpour"
     uses_servers: ClassVar[bool] = True
+    recoverable: ClassVar[bool] = True  # checkpoints, shard and worker restarts, --resume
     fetch_every: int = 1
     push_every: int = 1
     staleness: Literal["none", "scale-lr"] = "none"

@@ -106,6 +106,7 @@ class Sync:
 
     name: ClassVar[str] = "sync"
     uses_servers: ClassVar[bool] = True
+    recoverable: ClassVar[bool] = True  # checkpoints, shard and worker restarts, --resume
     backup: int = 0
     late: Literal["drop", "fold"] = "drop"
     ema_decay: float = 0.99

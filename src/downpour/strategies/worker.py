@@ -10,6 +10,7 @@ write ``train``; parameter-server workers add a client
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +28,18 @@ from downpour.metrics import Metrics
 from downpour.strategies.base import Evaluator, Job, log_end, log_start
 
 
-def worker_stream(job: Job, rank: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Worker ``rank``'s endless stream of mini-batches over ``job.data`` (its shard), reshuffled each pass."""
+def worker_stream(job: Job, rank: int, num_workers: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Worker ``rank``'s endless stream of mini-batches over ``job.data`` (its shard), reshuffled each pass.
+
+    The stream is a function of the seed and the rank alone, so a worker
+    restarted or resumed after ``skip`` steps goes on where it was.
+    """
     generator = torch.Generator().manual_seed(job.seed * 7919 + rank)
+    stream = _passes(job, generator)
+    return itertools.islice(stream, skip, None) if skip else stream
+
+
+def _passes(job: Job, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         yield from batches(job.data.x_train, job.data.y_train, job.batch_size, generator=generator)
 
@@ -71,6 +81,10 @@ class Worker:
     log_every: int = 10
     threads: int = 1
     timeout: float = 60.0
+    # A restarted (or resumed) worker goes on from its predecessor's last report.
+    start_steps: int = 0
+    start_samples: int = 0
+    incarnation: int = 0
 
     def run(self, ctx: Any) -> None:
         torch.set_num_threads(self.threads)
@@ -81,13 +95,14 @@ class Worker:
         self.model = self.job.build_model()
         self.flat = FlatParams(self.model)
         self.samples = self.steps = self.dropped = self.refused = self.discarded = 0
+        self.steps, self.samples = self.start_steps, self.start_samples
         self.bytes_sent = self.bytes_received = self.pushes = self.pulls = self.rounds = 0
         self._step_started: float | None = None
         try:
             self.connect()
             ctx.ready_and_wait(timeout=10 * self.timeout)
             self._window = (time.perf_counter(), 0)
-            self.train(ctx, worker_stream(self.job, self.rank, self.num_workers))
+            self.train(ctx, worker_stream(self.job, self.rank, self.num_workers, skip=self.start_steps))
         finally:
             self.report(final=True)
             self.disconnect()
@@ -142,6 +157,7 @@ class Worker:
             "worker/dropped": self.dropped,
             "worker/refused": self.refused,
             "worker/discarded_samples": self.discarded,
+            "worker/incarnation": self.incarnation,
             **self.counters(),
         }
         if loss is not None:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from downpour.errors import PeerTimeout, StaleUpdate, TransportError
+from downpour.errors import PeerTimeout, PeerUnavailable, StaleUpdate, TransportError
 from downpour.transport import codec
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.protocol import Refused
@@ -156,7 +156,7 @@ def translate(error: grpc.RpcError, peer: str, where: str, what: str, seconds: f
         return Refused(reason, f"{where}: {reject.message}", code.name if code else "")
     details = error.details() if hasattr(error, "details") else str(error)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return TransportError(f"{where} is unavailable: {details}")
+        return PeerUnavailable(peer, f"{where} is unavailable: {details}")
     name = code.name if code is not None else "UNKNOWN"
     return TransportError(f"{where} did not {what}: {name}: {details}")
 

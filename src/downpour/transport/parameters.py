@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any, Self, TypeVar
 
 import torch
 
+from downpour.errors import PeerUnavailable
 from downpour.flat import ShardRange, SparseUpdate
 from downpour.transport import codec
 from downpour.transport.client import ShardClient, SharedMemory
-from downpour.transport.protocol import PushResult, UpdateKind
+from downpour.transport.protocol import PushResult, Refused, UpdateKind
 from downpour.transport.security import Security
 
 T = TypeVar("T")
@@ -28,6 +30,11 @@ class ParameterClient:
         token: the run's token.
         security, timeout, chunk_bytes, shared_memory: as for :class:`ShardClient`
             (by default shards on 127.0.0.1 move tensors through shared memory).
+        recover: when a shard is unreachable, ``recover(shard, error)``
+            returns the address it came back at (or raises): the client
+            reconnects there and repeats the call. A push computed on a version
+            the restarted shard has not reached (its updates since the last
+            checkpoint are lost) is applied as computed on the shard's version.
 
     Example:
         >>> params = ParameterClient(addresses, shard_ranges(numel, 2), token)  # doctest: +SKIP
@@ -45,6 +52,7 @@ class ParameterClient:
         timeout: float = 30.0,
         chunk_bytes: int = codec.CHUNK_BYTES,
         shared_memory: SharedMemory = "auto",
+        recover: Callable[[int, PeerUnavailable], str] | None = None,
     ) -> None:
         if len(addresses) != len(ranges) or not ranges:
             raise ValueError(
@@ -59,18 +67,12 @@ class ParameterClient:
             position = shard.stop
         self.ranges = list(ranges)
         self.numel = position
-        self.clients = [
-            ShardClient(
-                address,
-                token,
-                shard.shard,
-                security=security,
-                timeout=timeout,
-                chunk_bytes=chunk_bytes,
-                shared_memory=shared_memory,
-            )
-            for address, shard in zip(addresses, ranges)
-        ]
+        self._connect = partial(ShardClient, token=token, security=security, timeout=timeout,
+                                chunk_bytes=chunk_bytes, shared_memory=shared_memory)
+        self.clients = [self._connect(address, shard_id=shard.shard) for address, shard in zip(addresses, ranges)]
+        self._recover = recover
+        self.reconnections = 0
+        self._retired = [0] * 6  # traffic counters of clients replaced by reconnections
         self._pool = futures.ThreadPoolExecutor(
             max(1, len(ranges) - 1), thread_name_prefix="downpour-ps-client"
         )
@@ -79,7 +81,10 @@ class ParameterClient:
         """``call(shard)`` for every shard, concurrently; the last runs on this thread.
 
         Waits for all before raising the first error, so no call outlives this.
+        A shard that is unreachable is recovered (see ``recover``) and called again.
         """
+        if self._recover is not None:
+            call = self._surviving(call)
         pending = [self._pool.submit(call, shard) for shard in range(len(self.clients) - 1)]
         results: list[Any] = []
         first_error: BaseException | None = None
@@ -97,6 +102,32 @@ class ParameterClient:
             raise first_error
         results.append(last)
         return results
+
+    def _surviving(self, call: Callable[[int], T]) -> Callable[[int], T]:
+        def guarded(shard: int) -> T:
+            while True:
+                try:
+                    return call(shard)
+                except PeerUnavailable as error:
+                    assert self._recover is not None
+                    self.reconnect(shard, self._recover(shard, error))
+
+        return guarded
+
+    def reconnect(self, shard: int, address: str) -> None:
+        """Talk to ``shard`` at ``address`` from now on (it restarted there)."""
+        old = self.clients[shard]
+        self._retired = [a + b for a, b in zip(self._retired, _traffic(old))]
+        self.clients[shard] = self._connect(address, shard_id=shard)
+        self.reconnections += 1
+        old.close()
+
+    def _restamped(self, shard: int, version: int, error: Refused, timeout: float | None) -> int | None:
+        """The version to push again with when a restarted shard refused ``version`` as from its future."""
+        if self._recover is None or error.reason != "BAD_VERSION":
+            return None
+        current = int(self.clients[shard].status(timeout)["version"])
+        return current if current < version else None
 
     def pull_all(
         self,
@@ -157,10 +188,18 @@ class ParameterClient:
         parts = self._parts(update)
 
         def push(shard: int) -> PushResult:
-            return self.clients[shard].push(
-                worker, int(versions[shard]), parts[shard], kind=kind, portion=portion,
-                timeout=timeout,
-            )
+            version = int(versions[shard])
+            try:
+                return self.clients[shard].push(
+                    worker, version, parts[shard], kind=kind, portion=portion, timeout=timeout
+                )
+            except Refused as error:
+                restamped = self._restamped(shard, version, error, timeout)
+                if restamped is None:
+                    raise
+                return self.clients[shard].push(
+                    worker, restamped, parts[shard], kind=kind, portion=portion, timeout=timeout
+                )
 
         return self._each(push)
 
@@ -258,21 +297,21 @@ class ParameterClient:
 
     @property
     def bytes_sent(self) -> int:
-        return sum(client.bytes_sent for client in self.clients)
+        return self._retired[0] + sum(client.bytes_sent for client in self.clients)
 
     @property
     def bytes_received(self) -> int:
-        return sum(client.bytes_received for client in self.clients)
+        return self._retired[1] + sum(client.bytes_received for client in self.clients)
 
     @property
     def bytes_shared_sent(self) -> int:
         """Tensor bytes pushed through shared memory (not in :attr:`bytes_sent`)."""
-        return sum(client.bytes_shared_sent for client in self.clients)
+        return self._retired[2] + sum(client.bytes_shared_sent for client in self.clients)
 
     @property
     def bytes_shared_received(self) -> int:
         """Tensor bytes pulled through shared memory (not in :attr:`bytes_received`)."""
-        return sum(client.bytes_shared_received for client in self.clients)
+        return self._retired[3] + sum(client.bytes_shared_received for client in self.clients)
 
     @property
     def bytes_shared(self) -> int:
@@ -280,11 +319,11 @@ class ParameterClient:
 
     @property
     def pushes(self) -> int:
-        return sum(client.pushes for client in self.clients)
+        return self._retired[4] + sum(client.pushes for client in self.clients)
 
     @property
     def pulls(self) -> int:
-        return sum(client.pulls for client in self.clients)
+        return self._retired[5] + sum(client.pulls for client in self.clients)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -296,6 +335,11 @@ class ParameterClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _traffic(client: ShardClient) -> list[int]:
+    return [client.bytes_sent, client.bytes_received, client.bytes_shared_sent,
+            client.bytes_shared_received, client.pushes, client.pulls]
 
 
 def _split_sparse(

@@ -1,0 +1,169 @@
+"""Fault tolerance with real processes: a killed shard comes back, a killed worker rejoins, a stopped run resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import downpour as dp
+from downpour.checkpoint import load_run_state, load_shard
+from tests.integration.strategies.conftest import DOWNPOUR_MNIST_FLAGS
+from tests.processes import child_processes
+
+pytestmark = pytest.mark.integration
+
+CHECKPOINT_EVERY = 100  # versions
+
+
+def _train(args: list[str], shared_data: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "downpour.cli", "train", "--data-dir", str(shared_data), "--quiet", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _watch(proc: subprocess.Popen, timeout: float, until=None) -> set[int]:
+    """Wait for ``proc`` (or for ``until()``), noting every role process it ever had; kill it on timeout."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not (until is not None and until()):
+        seen.update(pid for pid, _ in child_processes(proc.pid))
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run did not finish within {timeout:g} s: {proc.communicate()}")
+        time.sleep(0.2)
+    return seen
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _assert_no_process_left(roles: set[int]) -> None:
+    time.sleep(0.5)
+    assert roles and not [pid for pid in roles if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_a_killed_shard_restarts_from_its_checkpoint_and_the_run_completes(
+        shared_data, tmp_path, downpour_mnist_baseline):
+    run_dir = tmp_path / "killed"
+    proc = _train([*DOWNPOUR_MNIST_FLAGS, "--dataset", "mnist", "--kill-server", "1@4", "--checkpoint-every", str(CHECKPOINT_EVERY),
+                   "--run-dir", str(run_dir)], shared_data)
+    try:
+        roles = _watch(proc, timeout=240)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _assert_no_process_left(roles)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    [restart] = [e for e in events if e.get("fault/restarted") == "server:1"]
+    assert summary["restarts"] == 1
+    assert 0 <= summary["lost_updates"] == restart["fault/lost_updates"] <= CHECKPOINT_EVERY
+    assert restart["fault/restored_version"] % CHECKPOINT_EVERY == 0 and restart["fault/restored_version"] > 0
+    # Workers reconnected to the shard's new address and trained on: every step was taken.
+    assert summary["steps"] == downpour_mnist_baseline["steps"]
+    assert any(e.get("comm/reconnections", 0) > 0 for e in events)
+    assert summary["accuracy"] >= downpour_mnist_baseline["accuracy"] - 0.005, (
+        summary["accuracy"], downpour_mnist_baseline["accuracy"])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_with_sigint_resumes_to_the_same_steps_and_accuracy(
+        shared_data, tmp_path, downpour_mnist_baseline):
+    run_dir = tmp_path / "stopped"
+    halfway = downpour_mnist_baseline["steps"] // 2
+    proc = _train([*DOWNPOUR_MNIST_FLAGS, "--dataset", "mnist", "--checkpoint-every", str(CHECKPOINT_EVERY),
+                   "--run-dir", str(run_dir)],
+                  shared_data)
+    try:
+        def past_halfway() -> bool:
+            events = run_dir / "events.jsonl"
+            if not events.exists():
+                return False
+            steps = {}
+            for line in events.read_text().splitlines():
+                event = json.loads(line)
+                if "worker/steps" in event:
+                    steps[event["rank"]] = event["worker/steps"]
+            return sum(steps.values()) >= halfway
+
+        roles = _watch(proc, timeout=240, until=past_halfway)
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _assert_no_process_left(roles)
+    state = load_run_state(run_dir / "checkpoints")
+    assert not state["finished"] and halfway <= sum(state["steps"].values()) < downpour_mnist_baseline["steps"]
+    # The shards checkpointed as they stopped: nothing the workers pushed is lost.
+    versions = [load_shard(run_dir / "checkpoints" / f"shard-{s}.safetensors")["version"] for s in (0, 1)]
+    assert versions == [sum(state["steps"].values())] * 2
+
+    resumed = _train(["--resume", str(run_dir)], shared_data)
+    try:
+        out, err = resumed.communicate(timeout=240)
+        assert resumed.returncode == 0, err[-3000:]
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+            resumed.wait()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == downpour_mnist_baseline["steps"]
+    assert summary["samples"] == downpour_mnist_baseline["samples"]
+    assert abs(summary["accuracy"] - downpour_mnist_baseline["accuracy"]) <= 0.005, (
+        summary["accuracy"], downpour_mnist_baseline["accuracy"])
+    assert load_run_state(run_dir / "checkpoints")["finished"]
+
+
+def test_a_restarted_worker_rejoins_and_its_pushes_are_applied(mnist):
+    result = dp.train(model="logistic", data=mnist, strategy=dp.Downpour(), optimizer=dp.optim("sgd", lr=0.05),
+                      workers=2, servers=2, epochs=0.5, batch_size=32, save=False, restart_workers=True,
+                      faults=dp.Faults(slow={1: 2.0}, kill={1: 1.0}))
+    events = result.history
+    assert any(e.get("fault/died") == "worker:1" for e in events)
+    assert any(e.get("fault/restarted") == "worker:1" for e in events)
+    reborn = [e for e in events if e.get("role") == "worker" and e.get("rank") == 1
+              and e.get("worker/incarnation") == 1]
+    assert reborn, "the restarted worker reported nothing"
+    last = reborn[-1]
+    # It went on from its predecessor's last report, pushed, and nothing it pushed was dropped.
+    first_life = max(e["worker/steps"] for e in events if e.get("rank") == 1 and e.get("role") == "worker"
+                     and e.get("worker/incarnation") == 0)
+    assert last["worker/done"] and last["worker/steps"] > first_life and last["comm/pushes"] > 0
+    assert last["worker/dropped"] == 0
+    # Both workers took all their steps (half a pass over their half of the data), the reborn one included.
+    assert result.summary["steps"] == 2 * math.ceil(0.5 * math.ceil(mnist.num_train // 2 / 32))
+    assert result.summary["accuracy"] >= 0.88
+
+
+def test_resuming_a_finished_run_is_refused_and_checkpoints_are_kept_readable(digits, tmp_path):
+    run_dir = tmp_path / "done"
+    dp.train(model="logistic", data=digits, strategy=dp.Downpour(), workers=2, servers=2, epochs=2,
+             batch_size=16, run_dir=run_dir, checkpoint_every=10)
+    state = load_run_state(run_dir / "checkpoints")
+    shard = load_shard(run_dir / "checkpoints" / "shard-1.safetensors")
+    assert state["finished"] and shard["version"] == sum(state["steps"].values())
+    with pytest.raises(ValueError, match="already finished"):
+        dp.train(model="logistic", data=digits, strategy=dp.Downpour(), workers=2, servers=2, epochs=2,
+                 batch_size=16, run_dir=run_dir, resume=True)
+
+
+def test_checkpoints_are_refused_where_workers_hold_the_state(digits):
+    with pytest.raises(ValueError, match="parameter-server strategies"):
+        dp.train(model="logistic", data=digits, strategy="allreduce", workers=2, save=False, checkpoint_every=10)
