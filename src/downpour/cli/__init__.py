@@ -45,6 +45,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "kill_worker": [],
     "tensorboard": False,
     "cluster": "local",
+    "kill_server": [],
+    "restart_workers": False,
+    "checkpoint_every": None,
 }
 
 
@@ -111,6 +114,16 @@ def _add_train_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> No
                    help="make a worker's steps FACTOR times slower (repeatable)")
     p.add_argument("--kill-worker", action="append", metavar="RANK@SECONDS",
                    help="SIGKILL a worker SECONDS into training (repeatable)")
+    if not compare:
+        p.add_argument("--kill-server", action="append", metavar="SHARD@SECONDS",
+                       help="SIGKILL a server shard SECONDS into training; it restarts from its checkpoint "
+                            "(repeatable)")
+        p.add_argument("--restart-workers", action="store_true", default=None,
+                       help="restart a worker that dies; it rejoins where it left off")
+        p.add_argument("--checkpoint-every", metavar="N|Ss",
+                       help="shards checkpoint every N versions or S seconds (e.g. 200, 30s) into <run>/checkpoints")
+        p.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the stopped run in RUN_DIR from its checkpoints (its own flags are reused)")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also write metrics as TensorBoard event files in <run>/tensorboard")
     p.add_argument("--cluster", metavar="local|ray|ray:ADDRESS",
@@ -126,7 +139,7 @@ def _add_train_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> No
                            help=f"[{', '.join(sorted(users))}]{shown}")
 
 
-def _parse_faults(slow: list[str], kill: list[str]):
+def _parse_faults(slow: list[str], kill: list[str], kill_server: list[str] = ()):
     from downpour.strategies import Faults
 
     def pairs(items: list[str], sep: str, flag: str) -> dict[int, float]:
@@ -139,7 +152,8 @@ def _parse_faults(slow: list[str], kill: list[str]):
                 raise ValueError(f"{flag} expects RANK{sep}NUMBER (e.g. 1{sep}5), got {item!r}") from None
         return out
 
-    return Faults(slow=pairs(slow, ":", "--slow-worker"), kill=pairs(kill, "@", "--kill-worker"))
+    return Faults(slow=pairs(slow, ":", "--slow-worker"), kill=pairs(kill, "@", "--kill-worker"),
+                  kill_server=pairs(list(kill_server), "@", "--kill-server"))
 
 
 def _merged_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,12 +185,37 @@ def _merged_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _resumed_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options a run was started with, from its ``config.json``, to resume it with ``--resume``."""
+    run_dir = Path(args.resume)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no run there (no config.json)")
+    # The run's own options, but for where the data is (the folder may have moved since).
+    given = sorted(key for key, value in vars(args).items() if value is not None
+                   and (key in TRAIN_DEFAULTS or key.startswith("strategy.") or key == "config")
+                   and key != "data_dir")
+    if given:
+        flags = ", ".join("--" + g.removeprefix("strategy.").replace("_", "-") for g in given)
+        raise ValueError(f"--resume takes the run's own options; drop {flags}")
+    options = json.loads(config_path.read_text(encoding="utf-8")).get("options")
+    if not options:
+        raise ValueError(f"--resume {run_dir}: the run was not started by `downpour train`, so its options are unknown")
+    # A staged kill belongs to the first attempt; the resumed run checkpoints as the first did.
+    return {**options, "run_dir": str(run_dir), "kill_worker": [], "kill_server": [],
+            "checkpoint_every": options.get("checkpoint_every") or 100,
+            "data_dir": args.data_dir or options.get("data_dir")}
+
+
 def _train(args: argparse.Namespace) -> int:
     import downpour as dp
     from downpour.errors import choose
     from downpour.strategies import STRATEGIES
 
-    o = _merged_options(args)
+    if getattr(args, "resume", None):
+        o = _resumed_options(args)
+    else:
+        o = _merged_options(args)
     choose("strategy", o["strategy"], STRATEGIES)
     allowed = {f.name for f in dataclasses.fields(STRATEGIES[o["strategy"]])}
     stray = sorted(set(o["strategy_options"]) - allowed)
@@ -190,8 +229,11 @@ def _train(args: argparse.Namespace) -> int:
         model=o["model"], data=data, strategy=strategy, optimizer=optimizer,
         workers=o["workers"], servers=o["servers"], epochs=o["epochs"], batch_size=o["batch_size"],
         max_steps=o["max_steps"], target_accuracy=o["target_accuracy"], eval_every=o["eval_every"],
-        seed=o["seed"], device=o["device"], faults=_parse_faults(o["slow_worker"], o["kill_worker"]),
+        seed=o["seed"], device=o["device"],
+        faults=_parse_faults(o["slow_worker"], o["kill_worker"], o["kill_server"]),
         run_dir=o["run_dir"], progress=not args.quiet, tensorboard=o["tensorboard"], cluster=o["cluster"],
+        checkpoint_every=o["checkpoint_every"], restart_workers=o["restart_workers"],
+        resume=bool(getattr(args, "resume", None)), options=o,
     )
     print_summary(result.summary)
     print(f"run directory: {result.run_dir}")

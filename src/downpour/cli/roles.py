@@ -2,17 +2,30 @@
 
 Every role of a run must agree on the dataset, model and seed (they fix the
 parameter count and the initial values) and share the run's token.
+
+Connections are plaintext unless TLS is given: a server with ``--tls-cert``
+and ``--tls-key`` serves TLS, and with ``--tls-ca`` too it demands client
+certificates that CA signed (mutual TLS); a worker with ``--tls-ca`` trusts
+that CA for the servers and presents ``--tls-cert``/``--tls-key`` when given.
+The token is checked either way. A server refuses to listen beyond loopback
+in plaintext unless told ``--insecure``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import secrets
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from downpour.flat import ShardRange
+    from downpour.transport import Security
+    from downpour.transport.security import PemKind
 
 TOKEN_ENV = "DOWNPOUR_TOKEN"
 
@@ -38,6 +51,99 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT with a port in 0..65535, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a bind host is this machine alone: 127.0.0.0/8, ::1 or localhost (not 0.0.0.0 or ::)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # any other name may resolve to an address others can reach
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _pem(flag: str, path: str | None, kind: PemKind) -> bytes | None:
+    """The PEM file given to ``flag``, checked; errors name the flag and the file."""
+    from downpour.transport.security import read_pem
+
+    if path is None:
+        return None
+    try:
+        return read_pem(path, kind)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{flag}: {error}") from None
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+
+
+def _pair(args: argparse.Namespace, whose: str) -> tuple[bytes | None, bytes | None]:
+    """``--tls-cert`` and ``--tls-key``, read; one without the other is an error."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        given, missing = ("--tls-cert", "--tls-key") if args.tls_key is None else ("--tls-key", "--tls-cert")
+        raise ValueError(f"{given} needs {missing}: {whose} certificate and its private key go together")
+    return _pem("--tls-cert", args.tls_cert, "certificate"), _pem("--tls-key", args.tls_key, "private key")
+
+
+def _server_security(args: argparse.Namespace) -> Security | None:
+    """TLS from the server's flags (mutual with ``--tls-ca``), or None for plaintext."""
+    from downpour.transport import Security
+
+    if args.tls_cert is None and args.tls_key is None and args.tls_ca is None:
+        return None
+    if args.tls_cert is None and args.tls_key is None:
+        raise ValueError("--tls-ca (the CA of the workers' certificates, for mutual TLS) "
+                         "needs the server's own --tls-cert and --tls-key")
+    chain, key = _pair(args, "the server's")
+    ca = _pem("--tls-ca", args.tls_ca, "certificate")
+    return Security.with_tls(certificate_chain=chain, private_key=key, root_certificates=ca,
+                             require_client_auth=ca is not None)
+
+
+def _worker_security(args: argparse.Namespace) -> Security | None:
+    """TLS from the worker's flags (a client certificate with ``--tls-cert``), or None for plaintext."""
+    from downpour.transport import Security
+
+    if args.tls_cert is None and args.tls_key is None and args.tls_ca is None:
+        return None
+    chain, key = _pair(args, "the worker's")
+    return Security.with_tls(root_certificates=_pem("--tls-ca", args.tls_ca, "certificate"),
+                             certificate_chain=chain, private_key=key)
+
+
+def _refuse_plaintext_beyond_loopback(args: argparse.Namespace, host: str, security: Security | None) -> None:
+    """The token would travel in the clear beyond this host: only with ``--insecure``."""
+    if security is None and not args.insecure and not _is_loopback(host):
+        raise ValueError(
+            f"refusing to serve {args.bind} in plaintext: the token and the parameters would cross the network "
+            "unencrypted; give --tls-cert and --tls-key (and --tls-ca to demand client certificates), "
+            "or --insecure on a network you trust"
+        )
+
+
+def _wait_for_servers(addresses: list[str], ranges: list[ShardRange], token: str, security: Security | None,
+                      timeout: float) -> None:
+    """Wait until every server accepts this worker's connection; on timeout, say what TLS may be missing."""
+    from downpour.errors import PeerTimeout, TransportError
+    from downpour.transport import ParameterClient
+
+    with ParameterClient(addresses, ranges, token, security=security, timeout=timeout) as client:
+        try:
+            client.wait_ready(timeout=timeout)
+        except PeerTimeout as error:
+            # A failed TLS handshake looks like a server that never answers; say what to check.
+            if security is None:
+                hint = ("if the servers use TLS, give --tls-ca (and --tls-cert and --tls-key if they demand "
+                        "client certificates)")
+            elif security.certificate_chain is None:
+                hint = ("is it up? with TLS: did the CA in --tls-ca sign its certificate, and does it demand "
+                        "a client certificate (then give --tls-cert and --tls-key)?")
+            else:
+                hint = ("is it up? with TLS: did the CA in --tls-ca sign its certificate, and did the CA in "
+                        "its --tls-ca sign this --tls-cert?")
+            raise TransportError(f"{error}; {hint}") from None
 
 
 def _workload(args: argparse.Namespace):
@@ -73,7 +179,6 @@ def _sinks(args: argparse.Namespace) -> list[Any]:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from downpour import compress
     from downpour.cluster.role import StandaloneContext
     from downpour.flat import FlatParams, shard_ranges
     from downpour.server import ApplyAtOnce, BoundedStaleness, Synchronous
@@ -81,6 +186,8 @@ def _server(args: argparse.Namespace) -> int:
 
     token = _token(args)
     host, port = _address(args.bind)
+    security = _server_security(args)
+    _refuse_plaintext_beyond_loopback(args, host, security)
     job = _workload(args)
     flat = FlatParams(job.build_model())
     if not 0 <= args.shard < args.of:
@@ -94,7 +201,7 @@ def _server(args: argparse.Namespace) -> int:
         policy = ApplyAtOnce(scale_lr_by_staleness=args.scale_lr)
     role = ServerRole(rank=args.shard, shard=shard, initial=flat.params[shard.start : shard.stop].clone(),
                       optimizer=job.optimizer, policy=policy, token=token, host=host, port=port,
-                      ema_decay=args.ema_decay, threads=args.threads)
+                      ema_decay=args.ema_decay, security=security, threads=args.threads)
 
     def announce(key: str, value: Any) -> None:
         if key == "address":
@@ -107,6 +214,7 @@ def _server(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from downpour import compress
     from downpour.cluster.role import StandaloneContext
     from downpour.flat import FlatParams, shard_ranges
     from downpour.metrics import evaluate
@@ -115,6 +223,7 @@ def _worker(args: argparse.Namespace) -> int:
     from downpour.transport import ParameterClient
 
     token = _token(args)
+    security = _worker_security(args)
     addresses = [a.strip() for a in args.servers.split(",") if a.strip()]
     for address in addresses:
         _address(address)
@@ -127,8 +236,10 @@ def _worker(args: argparse.Namespace) -> int:
     mine = replace(job, data=job.data.shard(args.rank, args.of, seed=job.seed).train_only())
     if args.compress is not None:
         compress.parse(args.compress)  # a bad spec fails before anything connects
-    common = dict(rank=args.rank, num_workers=args.of, job=mine, addresses=addresses, ranges=ranges, token=token,
-                  timeout=args.timeout, compress=args.compress)
+    _wait_for_servers(addresses, ranges, token, security, args.timeout)
+    common: dict[str, Any] = {"rank": args.rank, "num_workers": args.of, "job": mine, "addresses": addresses,
+                              "ranges": ranges, "token": token, "security": security, "timeout": args.timeout,
+                              "compress": args.compress}
     if args.strategy == "sync":
         required = args.of - args.backup
         worker = SyncWorker(total_steps=job.total_steps(job.data.num_train // required), **common)
@@ -139,7 +250,7 @@ def _worker(args: argparse.Namespace) -> int:
     print(f"worker {args.rank}/{args.of}: {worker.steps} steps, {worker.samples} samples, "
           f"{worker.client.bytes_sent} bytes sent, {worker.client.bytes_received} received", flush=True)
     if args.evaluate or args.shutdown_servers:
-        with ParameterClient(addresses, ranges, token, timeout=args.timeout) as client:
+        with ParameterClient(addresses, ranges, token, security=security, timeout=args.timeout) as client:
             if args.evaluate:
                 client.pull_all(out=flat.params)
                 result = evaluate(model, job.loss, job.data.x_test, job.data.y_test)
@@ -176,6 +287,12 @@ def add_role_commands(sub) -> None:
     server.add_argument("--scale-lr", action="store_true", help="async: divide the lr by the staleness")
     server.add_argument("--ema-decay", type=float, help="keep a moving average of the parameters")
     server.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    server.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
+    server.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert (unencrypted)")
+    server.add_argument("--tls-ca", metavar="PEM",
+                        help="mutual TLS: refuse workers without a certificate this CA signed")
+    server.add_argument("--insecure", action="store_true",
+                        help="allow plaintext on an address beyond loopback (a network you trust)")
     _common(server)
     server.set_defaults(func=_server)
 
@@ -194,6 +311,11 @@ def add_role_commands(sub) -> None:
     worker.add_argument("--timeout", type=float, default=60.0, help="seconds any server may take to answer")
     worker.add_argument("--evaluate", action="store_true", help="print test accuracy of the served model at the end")
     worker.add_argument("--shutdown-servers", action="store_true", help="stop the servers at the end")
+    worker.add_argument("--tls-ca", metavar="PEM",
+                        help="use TLS, trusting servers whose certificates this CA signed (else the system's CAs)")
+    worker.add_argument("--tls-cert", metavar="PEM",
+                        help="use TLS and present this client certificate chain (mutual TLS; needs --tls-key)")
+    worker.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert (unencrypted)")
     _common(worker)
     worker.set_defaults(func=_worker)
 

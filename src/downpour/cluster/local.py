@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,9 @@ class LocalCluster:
         self.end_flag = self._mp.RawValue("b", 0)
         self.handles: list[RoleHandle] = []
         self.tolerate_worker_deaths = tolerate_worker_deaths
+        # Called with a role that died; returns True when it restarted it (see _check_deaths).
+        self.on_death: Callable[[RoleHandle], bool] | None = None
+        self.host = "127.0.0.1"  # where the roles and the coordinator reach one another
         self._timers: list[threading.Timer] = []
         # A reader thread drains every role's pipe at once, so a role never
         # blocks on a full pipe while the coordinator is busy evaluating.
@@ -242,7 +246,7 @@ class LocalCluster:
             raise WorkerFailed(handle.kind, handle.rank, item["host"], item["reason"], item["traceback"])
 
     def _check_deaths(self) -> None:
-        for handle in self.handles:
+        for handle in list(self.handles):
             if handle.finished or handle.failed or handle.alive():
                 continue
             code = handle.process.exitcode
@@ -252,9 +256,17 @@ class LocalCluster:
             handle.failed = f"process exited with code {code}" + (
                 f" (signal {signal.Signals(-code).name})" if code is not None and code < 0 else "")
             self.metrics.log(0, {"fault/died": f"{handle.kind}:{handle.rank}"})
+            log.warning("%s died (%s)", handle.name, handle.failed)
+            if self.on_death is not None and self.on_death(handle):
+                continue
             if handle.kind != "worker" or not self.tolerate_worker_deaths:
                 raise WorkerFailed(handle.kind, handle.rank, socket.gethostname(), handle.failed)
-            log.warning("%s died (%s); the run continues without it", handle.name, handle.failed)
+            log.warning("the run continues without %s", handle.name)
+
+    @property
+    def ended(self) -> bool:
+        """Whether the coordinator told every role the run is over."""
+        return bool(self.end_flag.value)
 
     def running(self, kind: str) -> list[RoleHandle]:
         return [h for h in self.handles if h.kind == kind and not h.finished and not h.failed]

@@ -34,7 +34,7 @@ from downpour.server import UpdatePolicy
 from downpour.server.role import ServerRole
 from downpour.strategies.base import Evaluator, Job, log_end, log_start
 from downpour.strategies.worker import Progress, Worker, shard_job
-from downpour.transport import ParameterClient, new_token
+from downpour.transport import ParameterClient, Security, new_token
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,14 @@ class PSWorker(Worker):
     ranges: list[ShardRange]
     token: str = field(repr=False)
     compress: str | None = None  # a compress.parse spec for pushes; one stream per shard
+    security: Security | None = None  # TLS to the shards (hand-started roles)
     directory: ShardDirectory | None = None  # where restarted shards say they are now
 
     def connect(self) -> None:
         self.streams = [] if self.compress is None else [Stream(parse(self.compress)) for _ in self.ranges]
         recover = None if self.directory is None else self.directory.recover
-        self.client = ParameterClient(self.addresses, self.ranges, self.token, timeout=self.timeout,
-                                      recover=recover)
+        self.client = ParameterClient(self.addresses, self.ranges, self.token, security=self.security,
+                                      timeout=self.timeout, recover=recover)
         self.client.wait_ready(timeout=self.timeout)
 
     def disconnect(self) -> None:

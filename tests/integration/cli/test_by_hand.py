@@ -15,11 +15,11 @@ DOWNPOUR = [sys.executable, "-m", "downpour.cli"]
 WORKLOAD = ["--dataset", "digits", "--model", "logistic", "--optimizer", "sgd", "--lr", "0.1", "--seed", "3"]
 
 
-def _start_servers(token_file, bind_hosts, prefix=()):
+def _start_servers(token_file, bind_hosts, prefix=(), extra=()):
     servers, addresses = [], []
     for shard, host in enumerate(bind_hosts):
         proc = subprocess.Popen([*prefix, *DOWNPOUR, "server", "--shard", str(shard), "--of", str(len(bind_hosts)),
-                                 "--bind", f"{host}:0", "--token-file", str(token_file), *WORKLOAD],
+                                 "--bind", f"{host}:0", "--token-file", str(token_file), *WORKLOAD, *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         servers.append(proc)
         line = proc.stdout.readline()
@@ -118,7 +118,9 @@ def test_roles_on_separate_hosts_in_network_namespaces(tmp_path):
         subprocess.run([*DOWNPOUR, "token", "--file", str(token_file)], check=True, timeout=60)
         in_server = ["ip", "netns", "exec", server_ns]
         in_worker = ["ip", "netns", "exec", worker_ns]
-        servers, addresses = _start_servers(token_file, [f"{subnet}.1", f"{subnet}.1"], prefix=in_server)
+        # The namespaces' private link is a network the test trusts: plaintext needs --insecure there.
+        servers, addresses = _start_servers(token_file, [f"{subnet}.1", f"{subnet}.1"], prefix=in_server,
+                                            extra=["--insecure"])
         assert all(a.startswith(f"{subnet}.1:") for a in addresses)
         outputs = _run_workers(addresses, token_file, [in_worker, in_worker])
         assert float(outputs[0].split("test accuracy ")[1].split()[0]) >= 0.85
