@@ -28,13 +28,27 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),
     # Read server streams on the calling thread: about half the latency of a small pull.
     ("SingleThreadedUnaryStream", 1),
-    # Keep the connection up between rounds (a reconnect costs milliseconds) and notice
-    # a dead server during a long wait_version pull; the server permits these pings.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    # Keep the connection up between rounds (a reconnect costs milliseconds); the
+    # server permits these pings. Their period is set per channel (keepalive_options).
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+# How soon a client notices a peer that went silent (a frozen process, a host
+# gone from the network) even in the middle of a long call: it pings every
+# half of this and gives up when a ping goes unanswered for the other half.
+# A peer that died outright refuses the connection, which is noticed at once.
+DETECT_SECONDS = 10.0
+# The shortest ping period a server accepts (service.SERVER_OPTIONS permits it).
+MIN_PING_MS = 2_000
+
+
+def keepalive_options(detect_seconds: float) -> list[tuple[str, int]]:
+    """Channel options that notice a silent peer within ``detect_seconds`` (at least 4 s)."""
+    half_ms = max(MIN_PING_MS, int(detect_seconds * 500))
+    # gRPC gives up on an unanswered ping after ping_timeout_ms (a minute unless set).
+    return [("grpc.keepalive_time_ms", half_ms), ("grpc.keepalive_timeout_ms", half_ms),
+            ("grpc.http2.ping_timeout_ms", half_ms)]
 
 
 class Counters:
@@ -78,8 +92,8 @@ class Stubs:
     given as ``bytes`` are sent as they are.
     """
 
-    def __init__(self, address: str, security: Security) -> None:
-        options = CHANNEL_OPTIONS + security.channel_options()
+    def __init__(self, address: str, security: Security, detect_seconds: float = DETECT_SECONDS) -> None:
+        options = CHANNEL_OPTIONS + keepalive_options(detect_seconds) + security.channel_options()
         credentials = security.channel_credentials()
         if credentials is None:
             self.channel = grpc.insecure_channel(

@@ -33,7 +33,7 @@ from downpour.transport import codec
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.assembly import Violation, read_pull, region_frame
 from downpour.transport.payload import to_bytes
-from downpour.transport.channel import Stubs, reject_of, translate
+from downpour.transport.channel import DETECT_SECONDS, Stubs, reject_of, translate
 from downpour.transport.protocol import UPDATE_KINDS, PushResult, UpdateKind
 from downpour.transport.security import Security
 from downpour.transport.shared import SHARED_MIN_BYTES, ClientSession, Segment, is_loopback
@@ -68,6 +68,9 @@ class ShardClient:
             ``False``: never. A server may decline (shard under
             ``SHARED_MIN_BYTES``, sessions used up, or turned off); then the
             network it is.
+        detect_seconds: a server that goes silent (frozen, or its host cut
+            off) fails the call in progress within this many seconds, as
+            ``PeerUnavailable``, whatever the call's deadline.
 
     Example:
         >>> client = ShardClient("127.0.0.1:50051", token, shard_id=0)  # doctest: +SKIP
@@ -86,6 +89,7 @@ class ShardClient:
         timeout: float = 30.0,
         chunk_bytes: int = codec.CHUNK_BYTES,
         shared_memory: SharedMemory = "auto",
+        detect_seconds: float = DETECT_SECONDS,
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("token must be a non-empty string (the run's token)")
@@ -117,7 +121,7 @@ class ShardClient:
         self._size: int | None = None
         self._server_chunk_bytes = 0
         self._session: ClientSession | None = None
-        self._rpc = Stubs(address, security or Security())
+        self._rpc = Stubs(address, security or Security(), detect_seconds)
         self._counters = self._rpc.counters
 
     # -- counters --------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from downpour.errors import PeerUnavailable
 from downpour.flat import ShardRange, SparseUpdate
 from downpour.transport import codec
+from downpour.transport.channel import DETECT_SECONDS
 from downpour.transport.client import ShardClient, SharedMemory
 from downpour.transport.protocol import PushResult, Refused, UpdateKind
 from downpour.transport.security import Security
@@ -28,7 +29,7 @@ class ParameterClient:
         ranges: the shards' ranges (``downpour.flat.shard_ranges``), in order,
             contiguous from 0.
         token: the run's token.
-        security, timeout, chunk_bytes, shared_memory: as for :class:`ShardClient`
+        security, timeout, chunk_bytes, shared_memory, detect_seconds: as for :class:`ShardClient`
             (by default shards on 127.0.0.1 move tensors through shared memory).
         recover: when a shard is unreachable, ``recover(shard, error)``
             returns the address it came back at (or raises): the client
@@ -53,6 +54,7 @@ class ParameterClient:
         chunk_bytes: int = codec.CHUNK_BYTES,
         shared_memory: SharedMemory = "auto",
         recover: Callable[[int, PeerUnavailable], str] | None = None,
+        detect_seconds: float = DETECT_SECONDS,
     ) -> None:
         if len(addresses) != len(ranges) or not ranges:
             raise ValueError(
@@ -68,7 +70,8 @@ class ParameterClient:
         self.ranges = list(ranges)
         self.numel = position
         self._connect = partial(ShardClient, token=token, security=security, timeout=timeout,
-                                chunk_bytes=chunk_bytes, shared_memory=shared_memory)
+                                chunk_bytes=chunk_bytes, shared_memory=shared_memory,
+                                detect_seconds=detect_seconds)
         self.clients = [self._connect(address, shard_id=shard.shard) for address, shard in zip(addresses, ranges)]
         self._recover = recover
         self.reconnections = 0
