@@ -380,8 +380,11 @@ class OneBit(_Payload):
         return vector.add_(self.to_dense(), alpha=alpha)
 
     def to_dense(self) -> torch.Tensor:
-        bits = unpack_bits(self.bits, self.num_chunks * self.chunk)  # padded with zeros
-        rows = bits.view(self.num_chunks, self.chunk)
+        # One chunk is the whole vector however long it was declared: a forged chunk of
+        # 2**32 - 1 in a 2 KB message must not pad the bits out to 4 GiB.
+        width = self.chunk if self.num_chunks > 1 else self.size
+        bits = unpack_bits(self.bits, self.num_chunks * width)  # padded with zeros
+        rows = bits.view(self.num_chunks, width)
         positive, negative = (s.to(torch.float32)[:, None] for s in (self.positive, self.negative))
         return torch.where(rows, positive, negative).view(-1)[: self.size]
 

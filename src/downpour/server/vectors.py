@@ -32,6 +32,7 @@ GRADIENT = "g"
 MAX_OPS = 1024
 MAX_VECTORS = 64  # made by the coordinator, besides "x" and "g": bounds a shard's memory
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _ARITY = {"zero": 1, "copy": 2, "scale": 2, "axpy": 3, "dot": 2, "drop": 1}
 CODES = tuple(_ARITY)
 
@@ -69,7 +70,8 @@ def check_ops(ops: Sequence[Op], existing: set[str]) -> bool:
 
     Raises:
         InvalidUpdate: an unknown op, a bad name, a vector read before it
-            exists, a non-finite ``alpha``, too many ops or vectors.
+            exists, an ``alpha`` that is not finite in float32, too many ops
+            or vectors.
     """
     if len(ops) > MAX_OPS:
         raise _refuse(f"a call may carry at most {MAX_OPS} vector ops, got {len(ops)}")
@@ -87,6 +89,10 @@ def check_ops(ops: Sequence[Op], existing: set[str]) -> bool:
         for alpha in (a for a in args if isinstance(a, float)):
             if not math.isfinite(alpha):
                 raise InvalidUpdate("NON_FINITE", f"op {i} ({code}): alpha is {alpha}")
+            if abs(alpha) > _FLOAT32_MAX:  # infinite in the vectors' float32
+                raise InvalidUpdate(
+                    "NON_FINITE", f"op {i} ({code}): alpha {alpha} is beyond float32's range"
+                )
         dst, reads = (None, vectors) if code == "dot" else (vectors[0], vectors[1:])
         if code in ("scale", "axpy"):
             reads = vectors  # they read dst too

@@ -215,7 +215,9 @@ def as_update(payload: Payload) -> torch.Tensor | SparseUpdate:
 def max_payload_bytes(size: int) -> int:
     """An upper bound on the serialized payload of any kind for a vector of ``size`` elements.
 
-    The largest honest one is sparse float32 with raw indices and every entry
-    chosen: 8 bytes an element and a few dozen of field headers.
+    The largest honest ones are sparse float32 with raw indices and every entry
+    chosen (8 bytes an element), and onebit with a chunk of one element (two
+    float32 scales an element, and its bit): that, and a few dozen bytes of
+    field headers.
     """
-    return 8 * size + 64
+    return 8 * size + -(-size // 8) + 64

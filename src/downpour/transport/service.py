@@ -47,6 +47,13 @@ logger = logging.getLogger(__name__)
 
 _WAIT_SLICE_S = 0.25  # how often a waiting pull checks for cancellation and shutdown
 
+MAX_REJECT_BYTES = 1024
+"""The most bytes of a refusal's message sent back. It travels twice in the trailing
+metadata (the status details, percent-encoded, and the Reject), which gRPC caps at
+16 KiB; a message quoting a forged field (a 20 KB vector name, a shape of 3000
+numbers) would otherwise reach the client as RESOURCE_EXHAUSTED, "Stream removed",
+without its reason."""
+
 
 class ShardService:
     """The ``downpour.v1.ParameterServer`` service over one shard.
@@ -159,12 +166,13 @@ class ShardService:
             )
 
     def _refuse(self, context: grpc.ServicerContext, reject: Reject) -> None:
+        message = _clip(reject.message)
         logger.info(
-            "refused a call to shard %d: %s: %s", self.shard.shard_id, reject.reason, reject.message
+            "refused a call to shard %d: %s: %s", self.shard.shard_id, reject.reason, message
         )
-        detail = pb.Reject(code=pb.RejectCode.Value(reject.reason), message=reject.message)
+        detail = pb.Reject(code=pb.RejectCode.Value(reject.reason), message=message)
         context.set_trailing_metadata(((codec.REJECT_KEY, detail.SerializeToString()),))
-        context.abort(reject.code, f"{reject.reason}: {reject.message}")
+        context.abort(reject.code, f"{reject.reason}: {message}")
 
     def _guarded(self, context: grpc.ServicerContext, call):
         """Run ``call()`` after authenticating; turn every refusal into a typed gRPC error."""
@@ -495,6 +503,14 @@ def _vector_op(op: pb.VectorOp) -> tuple[Any, ...]:
     return (code.lower(), *operands)
 
 
+def _clip(message: str, limit: int = MAX_REJECT_BYTES) -> str:
+    """``message`` cut to at most ``limit`` bytes of UTF-8 (marked with "..." where cut)."""
+    data = message.encode()
+    if len(data) <= limit:
+        return message
+    return data[: limit - 3].decode(errors="ignore") + "..."
+
+
 def _newer_than(request: pb.PullRequest) -> int:
     return request.newer_than if request.HasField("newer_than") else 0
 
@@ -503,10 +519,10 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
-    # Let clients keep their connections alive with pings (see client.CHANNEL_OPTIONS),
+    # Let clients keep their connections alive with pings (see channel.keepalive_options),
     # so a worker idle between rounds pays no reconnect and a dead peer is noticed.
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 2_000),  # channel.MIN_PING_MS
 ]
 
 

@@ -12,7 +12,7 @@ from downpour.flat import shard_ranges
 from downpour.server import ServerShard
 from downpour.transport import ParameterClient
 from downpour.transport import downpour_pb2 as pb
-from downpour.transport.payload import to_bytes
+from downpour.transport.payload import max_payload_bytes, to_bytes
 from tests.integration.transport.test_validation import rejection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -96,7 +96,7 @@ FORGED = {
     "garbage": (push_of(b"\xff\xff\xff\xff"), "BAD_PAYLOAD", "do not parse"),
     "nan-tau": (push_of(signs([1], tau=float("nan"))), "BAD_PAYLOAD", "tau"),
     "nan-value": (push_of(to_bytes(compress.Dense(torch.full((SIZE,), float("nan"))))), "BAD_PAYLOAD", "finite"),
-    "too-many-bytes": (push_of(b"\0" * 16, payload_bytes=8 * SIZE + 65), "BAD_LENGTH", "takes 1 to"),
+    "too-many-bytes": (push_of(b"\0" * 16, payload_bytes=max_payload_bytes(SIZE) + 1), "BAD_LENGTH", "takes 1 to"),
     "fewer-bytes-than-announced": (push_of(signs([1]), payload_bytes=200), "BAD_LENGTH", "values carried"),
 }
 
@@ -115,3 +115,13 @@ def test_a_malformed_compressed_push_is_refused_and_changes_nothing(serve, token
     version, params = shard.pull()
     assert version == before[0] and torch.equal(params, before[1])
     assert shard.status()["pushes"] == 0
+
+
+@pytest.mark.parametrize("spec", ["onebit:chunk=1", "topk:1.0"])
+@pytest.mark.parametrize("size", [1, 7, 4096, 16_384])
+def test_the_payload_bound_admits_the_largest_honest_payloads(spec, size):
+    """Onebit with one-element chunks (two scales and a bit an element) was once refused as too long."""
+    vector = torch.randn(size)
+    compressor = compress.parse(spec)
+    payload, _ = compressor.encode(vector, compressor.init(vector))
+    assert len(to_bytes(payload)) <= max_payload_bytes(size)
