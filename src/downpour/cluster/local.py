@@ -37,7 +37,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 # What the fork server imports before it forks roles: the slow imports every role makes.
-_PRELOAD = ["torch", "numpy"]
+# torch._dynamo is what a role's first torch.optim optimizer imports (1-2 s); downpour's
+# own modules are what unpickling a role imports. None starts a thread or a socket.
+_PRELOAD = ["torch", "numpy", "torch._dynamo", "downpour.strategies", "downpour.server.role"]
 
 
 def _context() -> Any:
