@@ -76,12 +76,17 @@ class SyncWorker(PSWorker):
         """
         wanted = next_round(versions, self.total_steps)
         deadline = time.monotonic() + self.timeout
+        reconnections = self.client.reconnections
         while True:
             try:
                 return self.pull(wait_versions=wanted, timeout=_WAIT_SLICE_S)
             except TransportError:
                 if ctx.should_stop():
                     return None
+                if self.client.reconnections != reconnections:
+                    # A shard came back from its checkpoint, at an earlier version than the round
+                    # waited for: rounds go on from the version each shard is at now.
+                    return self.pull()
                 if time.monotonic() > deadline:
                     raise
 

@@ -167,3 +167,13 @@ def test_resuming_a_finished_run_is_refused_and_checkpoints_are_kept_readable(di
 def test_checkpoints_are_refused_where_workers_hold_the_state(digits):
     with pytest.raises(ValueError, match="parameter-server strategies"):
         dp.train(model="logistic", data=digits, strategy="allreduce", workers=2, save=False, checkpoint_every=10)
+
+
+def test_sync_rounds_go_on_from_the_checkpointed_version_of_a_restarted_shard(mnist):
+    result = dp.train(model="logistic", data=mnist, strategy=dp.Sync(backup=1), optimizer=dp.optim("sgd", lr=0.1),
+                      workers=3, servers=2, epochs=0.5, batch_size=32, save=False,
+                      faults=dp.Faults(kill_server={1: 2.0}), checkpoint_every=20)
+    [restart] = [e for e in result.history if e.get("fault/restarted") == "server:1"]
+    assert restart["fault/restored_version"] % 20 == 0 and 0 <= restart["fault/lost_updates"] <= 20
+    # Shard 1 redid the rounds it lost and the run reached its last round on every shard.
+    assert result.summary["restarts"] == 1 and result.summary["accuracy"] >= 0.88
