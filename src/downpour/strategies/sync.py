@@ -59,34 +59,34 @@ class SyncWorker(PSWorker):
             if min(versions) >= self.total_steps or ctx.should_stop():
                 break
             self.gradient(x, y)
+            reconnections = self.client.reconnections
             results = self.push(versions, self.flat.grads)
             if any(r.dropped for r in results):
                 # A dropped gradient is work the model never sees: it does not count as samples trained.
                 self.dropped += 1
                 self.discard(len(y))
-            versions = self._next_round(ctx, versions)
+            versions = self._next_round(ctx, versions, reconnections)
             if versions is None:
                 break
 
-    def _next_round(self, ctx: Any, versions: list[int]) -> list[int] | None:
+    def _next_round(self, ctx: Any, versions: list[int], reconnections: int) -> list[int] | None:
         """Wait for the round to close, in short slices so that a stop request is seen.
 
         When the coordinator stops the run (target reached) the other workers
-        stop pushing and this round may never close: return None then.
+        stop pushing and this round may never close: return None then. When a
+        shard came back from its checkpoint since this round's push began
+        (``reconnections`` then), rounds go on from the versions the shards are at.
         """
         wanted = next_round(versions, self.total_steps)
         deadline = time.monotonic() + self.timeout
-        reconnections = self.client.reconnections
         while True:
+            if self.client.reconnections != reconnections:
+                return self.pull()
             try:
                 return self.pull(wait_versions=wanted, timeout=_WAIT_SLICE_S)
             except TransportError:
                 if ctx.should_stop():
                     return None
-                if self.client.reconnections != reconnections:
-                    # A shard came back from its checkpoint, at an earlier version than the round
-                    # waited for: rounds go on from the version each shard is at now.
-                    return self.pull()
                 if time.monotonic() > deadline:
                     raise
 
