@@ -177,3 +177,10 @@ def test_sync_rounds_go_on_from_the_checkpointed_version_of_a_restarted_shard(mn
     assert restart["fault/restored_version"] % 20 == 0 and 0 <= restart["fault/lost_updates"] <= 20
     # Shard 1 redid the rounds it lost and the run reached its last round on every shard.
     assert result.summary["restarts"] == 1 and result.summary["accuracy"] >= 0.88
+
+
+def test_an_allreduce_worker_death_ends_the_run_naming_it(digits):
+    """Allreduce cannot go on short of a member (its group is fixed): a clear error, not a hang."""
+    with pytest.raises(dp.errors.WorkerFailed, match="worker 1"):
+        dp.train(model="logistic", data=digits, strategy="allreduce", workers=2, epochs=500, batch_size=16,
+                 save=False, faults=dp.Faults(slow={1: 2.0}, kill={1: 1.0}))
