@@ -245,7 +245,27 @@ class LocalCluster:
             handle.finished = True
         elif control == "error":
             handle.failed = item["reason"]
+            dead = self._died_before(handle)
+            if dead is not None:
+                # A peer's death is the cause; this role's error (a broken collective) the consequence.
+                raise WorkerFailed(dead.kind, dead.rank, socket.gethostname(),
+                                   f"{self._death(dead)}; then {handle.name} failed: {item['reason']}",
+                                   item["traceback"])
             raise WorkerFailed(handle.kind, handle.rank, item["host"], item["reason"], item["traceback"])
+
+    def _died_before(self, failing: RoleHandle) -> RoleHandle | None:
+        """A role other than ``failing`` that was killed or crashed and whose death is not yet noticed."""
+        for handle in self.handles:
+            if (handle is not failing and not handle.finished and handle.failed is None and not handle.alive()
+                    and handle.process.exitcode):
+                return handle
+        return None
+
+    @staticmethod
+    def _death(handle: RoleHandle) -> str:
+        code = handle.process.exitcode
+        return f"{handle.name} died: process exited with code {code}" + (
+            f" (signal {signal.Signals(-code).name})" if code is not None and code < 0 else "")
 
     def _check_deaths(self) -> None:
         for handle in list(self.handles):
@@ -255,8 +275,7 @@ class LocalCluster:
             if code == 0 or handle.conn is not None or not self._inbox.empty():
                 # Its last messages ("done", or the error with its traceback) may still be in transit.
                 continue
-            handle.failed = f"process exited with code {code}" + (
-                f" (signal {signal.Signals(-code).name})" if code is not None and code < 0 else "")
+            handle.failed = self._death(handle).split(": ", 1)[1]
             self.metrics.log(0, {"fault/died": f"{handle.kind}:{handle.rank}"})
             log.warning("%s died (%s)", handle.name, handle.failed)
             if self.on_death is not None and self.on_death(handle):
