@@ -7,6 +7,7 @@ Example:
 
 from downpour import data, models, strategies
 from downpour.api import train
+from downpour.cluster.ray import RayCluster
 from downpour.errors import DownpourError
 from downpour.metrics import TrainResult
 from downpour.optim import optim
@@ -29,6 +30,7 @@ from downpour.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "RayCluster",
     "Allreduce",
     "Boost",
     "Dane",

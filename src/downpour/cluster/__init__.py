@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from downpour.cluster.local import LocalCluster, RoleHandle
+from downpour.cluster.ray import RayCluster
 from downpour.cluster.role import Role, RoleContext
 from downpour.metrics import Metrics
 
-__all__ = ["LocalCluster", "Role", "RoleContext", "RoleHandle", "open_cluster", "parse_cluster"]
+__all__ = ["LocalCluster", "RayCluster", "Role", "RoleContext", "RoleHandle", "open_cluster", "parse_cluster"]
 
 
 def parse_cluster(spec: Any) -> Any:
@@ -27,8 +28,6 @@ def parse_cluster(spec: Any) -> Any:
         kind, _, address = spec.partition(":")
         if kind != "ray":
             raise ValueError(f"cluster must be 'local', 'ray' or 'ray:ADDRESS', got {spec!r}")
-        from downpour.cluster.ray import RayCluster
-
         return RayCluster(address=address or None)
     if callable(getattr(spec, "open", None)):
         return spec

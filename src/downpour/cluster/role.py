@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from downpour.metrics import Metrics
+from downpour.metrics import Metrics, Sink
 
 # How often a role waiting for the stop flag looks at it.
 _STOP_POLL_SECONDS = 0.02
@@ -19,7 +19,7 @@ class Role(Protocol):
     kind: str
     rank: int
 
-    def run(self, ctx: "RoleContext") -> None: ...
+    def run(self, ctx: RoleContext) -> None: ...
 
 
 class _ConnSink:
@@ -51,18 +51,22 @@ class RoleContext:
         stop: a shared flag the coordinator sets when the run should end
             (a plain shared byte, not an Event: an Event's condition
             deadlocks when a waiting process is SIGKILLed).
+        host: the address other roles reach this role's host at (a server
+            binds it): loopback on this machine (local processes, a local Ray),
+            the node's IP on a Ray cluster.
     """
 
     kind: str
     rank: int
     metrics: Metrics
-    stop: Any  # multiprocessing RawValue('b'): workers wind down (target reached, budget spent)
-    go: Any  # multiprocessing RawValue('b'): set once every worker is ready
-    end: Any  # multiprocessing RawValue('b'): the run is over, every role leaves
-    _sink: _ConnSink
+    stop: Any  # a RawValue('b') or a Flag: workers wind down (target reached, budget spent)
+    go: Any  # a RawValue('b') or a Flag: set once every worker is ready
+    end: Any  # a RawValue('b') or a Flag: the run is over, every role leaves
+    _sink: Sink
+    host: str = "127.0.0.1"
 
     @classmethod
-    def create(cls, kind: str, rank: int, conn, flags, start_time: float) -> "RoleContext":
+    def create(cls, kind: str, rank: int, conn, flags, start_time: float) -> RoleContext:
         stop, go, end = flags
         sink = _ConnSink(conn)
         metrics = Metrics([sink], role=kind, rank=rank, start_time=start_time)
@@ -107,8 +111,12 @@ class RoleContext:
         return True
 
 
-class _Flag:
-    """A flag with the ``.value`` interface of a shared RawValue, for roles run by hand."""
+class Flag:
+    """A flag with the ``.value`` interface of a shared RawValue, for roles outside a LocalCluster.
+
+    Set in the role's own process: by a signal handler (roles run by hand) or
+    by the coordinator's call to a Ray actor.
+    """
 
     def __init__(self, value: int = 0) -> None:
         self.value = value
@@ -123,12 +131,12 @@ class StandaloneContext(RoleContext):
     """
 
     @classmethod
-    def standalone(cls, kind: str, rank: int, sinks, on_publish=None) -> "StandaloneContext":
+    def standalone(cls, kind: str, rank: int, sinks, on_publish=None) -> StandaloneContext:
         import signal
 
-        stop, end = _Flag(0), _Flag(0)
+        stop, end = Flag(0), Flag(0)
         ctx = cls(kind=kind, rank=rank, metrics=Metrics(list(sinks), role=kind, rank=rank), stop=stop,
-                  go=_Flag(1), end=end, _sink=None)  # type: ignore[arg-type]
+                  go=Flag(1), end=end, _sink=None)  # type: ignore[arg-type]
         ctx._on_publish = on_publish
 
         def request_stop(signum, frame) -> None:

@@ -2,8 +2,9 @@
 
 ``allreduce`` and ``local-sgd`` exchange the model through ``torch.distributed``
 collectives (gloo on CPU, NCCL when every worker has a GPU of its own) instead
-of a parameter server. The coordinator picks the rendezvous address (a free
-loopback port) and hands each worker its rank and the world size; every
+of a parameter server. The coordinator hosts the group's rendezvous (a
+``TCPStore`` on its own address, which every worker reaches wherever it runs)
+and hands each worker its rank and the world size; every
 worker joins the group before the start signal and leaves it when it ends,
 whatever happens. The group is kept on the worker and passed to every
 collective explicitly.
@@ -32,7 +33,7 @@ from torch import nn
 from downpour.errors import choose
 from downpour.metrics import Metrics
 from downpour.strategies.base import Job
-from downpour.strategies.worker import Worker, WorkerGroupRun, free_port
+from downpour.strategies.worker import Worker, WorkerGroupRun
 
 Backend = Literal["auto", "gloo", "nccl"]
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
@@ -97,13 +98,16 @@ class CollectiveWorker(Worker):
     votes) count in bytes only.
     """
 
-    init_method: str
+    store_address: str  # HOST:PORT of the coordinator's TCPStore, the group's rendezvous
     backend: str = "gloo"
 
     def connect(self) -> None:
         # The rendezvous waits for the slowest process to start, as long as the start barrier may.
-        dist.init_process_group(self.backend, init_method=self.init_method, world_size=self.num_workers,
-                                rank=self.rank, timeout=datetime.timedelta(seconds=10 * self.timeout))
+        timeout = datetime.timedelta(seconds=10 * self.timeout)
+        host, _, port = self.store_address.rpartition(":")
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+        dist.init_process_group(self.backend, store=store, world_size=self.num_workers, rank=self.rank,
+                                timeout=timeout)
         self.group = dist.group.WORLD
         # gloo reduces CUDA tensors but gathers only host ones; NCCL only device ones.
         self.comm_device = self.flat.params.device if self.backend == "nccl" else torch.device("cpu")
@@ -194,13 +198,14 @@ def _rank_device(device: str, rank: int) -> str:
 class CollectiveRun:
     """The coordinator of a collective strategy: a rendezvous, then a :class:`WorkerGroupRun`.
 
-    It picks a free loopback port for the group's rendezvous and gives every
-    worker ``init_method``, ``backend``, its rank and the world size. A worker
-    that dies ends the run (the others would wait in their next collective).
+    It hosts the group's rendezvous (a ``TCPStore`` on this machine's address
+    as the workers reach it) and gives every worker ``store_address``,
+    ``backend``, its rank and the world size. A worker that dies ends the run
+    (the others would wait in their next collective).
 
     Args:
         make_worker: builds worker ``rank``'s role from keyword arguments
-            ``rank, num_workers, job, slow_factor, timeout, init_method, backend``.
+            ``rank, num_workers, job, slow_factor, timeout, store_address, backend``.
         global_steps: steps of all workers together that make the run.
         backend: ``"auto"``, ``"gloo"`` or ``"nccl"``.
         replica: the workers' model factory when the coordinator's model is a
@@ -217,13 +222,16 @@ class CollectiveRun:
 
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
         backend = resolve_backend(self.backend, job.device, job.workers)
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        host = getattr(job.cluster, "host", "127.0.0.1")  # this machine, as the workers reach it
+        store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=10 * self.timeout))
+        store_address = f"{host}:{store.port}"
 
         def make(*, rank: int, job: Job, **kwargs: Any) -> CollectiveWorker:
             job = replace(job, device=_rank_device(job.device, rank))
             if self.replica is not None:
                 job = replace(job, model=self.replica)
-            return self.make_worker(rank=rank, job=job, init_method=init_method, backend=backend, **kwargs)
+            return self.make_worker(rank=rank, job=job, store_address=store_address, backend=backend, **kwargs)
 
         return WorkerGroupRun(make_worker=make, global_steps=self.global_steps, tolerate_deaths=False,
                               final_rank=0, partition=self.partition, timeout=self.timeout).run(job, metrics)

@@ -73,7 +73,7 @@ class Peer(Worker):
         # The replica others write into; the model's own parameters are a
         # working copy taken from it at every step.
         self.replica = ServerShard(self.flat.params, policy=ApplyAtOnce())
-        self.server = serve_shard(self.replica, token=self.token, shared_memory=False,
+        self.server = serve_shard(self.replica, host=self.ctx.host, token=self.token, shared_memory=False,
                                   max_workers=self.num_workers + 4)
         host, port = self.store
         self.directory = dist.TCPStore(host, port, is_master=False,
@@ -209,10 +209,11 @@ class Decentralized:
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
         if job.workers < 2:
             raise ValueError(f"decentralized needs at least 2 peers (workers), got {job.workers}")
-        directory = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+        host = getattr(job.cluster, "host", "127.0.0.1")  # this machine, as the peers reach it
+        directory = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                                   timeout=timedelta(seconds=600))
         per_peer = job.total_steps(job.data.num_train // job.workers)
-        peer = partial(Peer, store=("127.0.0.1", directory.port), token=new_token(), compress=self.compress,
+        peer = partial(Peer, store=(host, directory.port), token=new_token(), compress=self.compress,
                        fanout=self.fanout, send_every=self.send_every, snapshot_every=self.snapshot_every,
                        log_every=self.log_every, total_steps=per_peer)
         replicas = Replicas(job, metrics)

@@ -282,6 +282,8 @@ class Hogwild:
         return "lock" if self.lock else "round_robin" if self.round_robin else "hogwild"
 
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
+        if job.cluster is not None:
+            raise ValueError("hogwild shares memory on one host; run it on the local cluster (cluster='local')")
         if torch.device(job.device).type != "cpu":
             raise ValueError(f"hogwild shares parameters through this host's shared memory and runs on the "
                              f"CPU only; got device={job.device!r}, use device='cpu'")

@@ -285,7 +285,8 @@ def sandblaster_space(job: Job, metrics: Metrics, *, portions: int = 16, backups
     ranges = shard_ranges(flat.numel, job.servers)
     token = new_token()
     portions = min(portions, job.data.num_train)
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+    host = getattr(job.cluster, "host", "127.0.0.1")  # this machine, as the workers reach it
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout))
     with open_cluster(job.cluster, metrics) as cluster:
         servers = cluster.start([
@@ -294,7 +295,7 @@ def sandblaster_space(job: Job, metrics: Metrics, *, portions: int = 16, backups
             for r in ranges
         ])
         addresses = [cluster.wait_published(h, "address", timeout=10 * timeout) for h in servers]
-        make = partial(SandblasterWorker, store_address=f"127.0.0.1:{store.port}", portions=portions,
+        make = partial(SandblasterWorker, store_address=f"{host}:{store.port}", portions=portions,
                        backups=backups, addresses=addresses, ranges=ranges, token=token, total_steps=0,
                        timeout=timeout)
         workers = cluster.start([

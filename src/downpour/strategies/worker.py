@@ -11,7 +11,6 @@ write ``train``; parameter-server workers add a client
 from __future__ import annotations
 
 import itertools
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -42,13 +41,6 @@ def worker_stream(job: Job, rank: int, num_workers: int, skip: int = 0) -> Itera
 def _passes(job: Job, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         yield from batches(job.data.x_train, job.data.y_train, job.batch_size, generator=generator)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (for a rendezvous the coordinator hands out)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def encode_params(vector: torch.Tensor) -> bytes:
