@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import multiprocessing as mp
 import os
 import queue as queue_lib
 import signal
@@ -21,14 +22,12 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import multiprocessing as mp
-
+from downpour.cluster.base import Cluster
 from downpour.cluster.role import Role, RoleContext
-from downpour.errors import PeerTimeout, WorkerFailed
+from downpour.errors import WorkerFailed
 from downpour.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -108,11 +107,15 @@ class RoleHandle:
     def name(self) -> str:
         return f"{self.kind} {self.rank}"
 
+    @property
+    def where(self) -> str:
+        return socket.gethostname()
+
     def alive(self) -> bool:
         return self.process.is_alive()
 
 
-class LocalCluster:
+class LocalCluster(Cluster):
     """Runs roles as processes on this machine and reaps every one of them.
 
     Use as a context manager: leaving the block (normally, on an exception or
@@ -125,17 +128,12 @@ class LocalCluster:
     """
 
     def __init__(self, metrics: Metrics, *, tolerate_worker_deaths: bool = True) -> None:
+        super().__init__(metrics, tolerate_worker_deaths=tolerate_worker_deaths)
         self._mp = _context()
-        self.metrics = metrics
         self.stop_flag = self._mp.RawValue("b", 0)
         self.go_flag = self._mp.RawValue("b", 0)
         self.end_flag = self._mp.RawValue("b", 0)
-        self.handles: list[RoleHandle] = []
-        self.tolerate_worker_deaths = tolerate_worker_deaths
-        # Called with a role that died; returns True when it restarted it (see _check_deaths).
-        self.on_death: Callable[[RoleHandle], bool] | None = None
         self.host = "127.0.0.1"  # where the roles and the coordinator reach one another
-        self._timers: list[threading.Timer] = []
         # A reader thread drains every role's pipe at once, so a role never
         # blocks on a full pipe while the coordinator is busy evaluating.
         self._inbox: queue_lib.Queue = queue_lib.Queue()
@@ -185,37 +183,11 @@ class LocalCluster:
                     continue
                 self._inbox.put((handle, message))
 
-    def wait_published(self, handle: RoleHandle, key: str, timeout: float = 60.0) -> Any:
-        """Wait until ``handle`` publishes ``key``; a death or timeout raises."""
-        deadline = time.monotonic() + timeout
-        while key not in handle.published:
-            if time.monotonic() > deadline:
-                raise PeerTimeout(handle.name, timeout, f"publish its {key}")
-            self.poll(0.05)
-            if handle.failed and key not in handle.published:
-                raise WorkerFailed(handle.kind, handle.rank, socket.gethostname(), handle.failed)
-        return handle.published[key]
-
-    def start_together(self, handles: list[RoleHandle], timeout: float = 120.0) -> None:
-        """Wait until every one of ``handles`` said it is ready, then let them all go at once."""
-        for handle in handles:
-            self.wait_published(handle, "ready", timeout=timeout)
+    def _go(self) -> None:
         self.go_flag.value = 1
 
-    def kill_at(self, handle: RoleHandle, seconds: float) -> None:
-        """SIGKILL ``handle`` once ``seconds`` have passed since the run started (a staged fault)."""
-        delay = max(0.0, seconds - self.metrics.elapsed())
-
-        def kill() -> None:
-            if handle.alive():
-                log.warning("staged fault: killing %s", handle.name)
-                self.metrics.log(0, {"fault/killed": f"{handle.kind}:{handle.rank}"})
-                os.kill(handle.process.pid, signal.SIGKILL)
-
-        timer = threading.Timer(delay, kill)
-        timer.daemon = True
-        timer.start()
-        self._timers.append(timer)
+    def _kill(self, handle: RoleHandle) -> None:
+        os.kill(handle.process.pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ poll
     def poll(self, timeout: float = 0.1) -> None:
@@ -276,35 +248,12 @@ class LocalCluster:
                 # Its last messages ("done", or the error with its traceback) may still be in transit.
                 continue
             handle.failed = self._death(handle).split(": ", 1)[1]
-            self.metrics.log(0, {"fault/died": f"{handle.kind}:{handle.rank}"})
-            log.warning("%s died (%s)", handle.name, handle.failed)
-            if self.on_death is not None and self.on_death(handle):
-                continue
-            if handle.kind != "worker" or not self.tolerate_worker_deaths:
-                raise WorkerFailed(handle.kind, handle.rank, socket.gethostname(), handle.failed)
-            log.warning("the run continues without %s", handle.name)
+            self._died(handle)
 
     @property
     def ended(self) -> bool:
         """Whether the coordinator told every role the run is over."""
         return bool(self.end_flag.value)
-
-    def running(self, kind: str) -> list[RoleHandle]:
-        return [h for h in self.handles if h.kind == kind and not h.finished and not h.failed]
-
-    def dead(self, kind: str) -> list[RoleHandle]:
-        return [h for h in self.handles if h.kind == kind and h.failed]
-
-    def wait_all(self, kind: str, *, timeout: float, watch=None) -> None:
-        """Poll until every role of ``kind`` finished or died; ``watch()`` runs each poll."""
-        deadline = time.monotonic() + timeout
-        while self.running(kind):
-            if time.monotonic() > deadline:
-                names = ", ".join(h.name for h in self.running(kind))
-                raise PeerTimeout(names, timeout, "finish")
-            self.poll(0.05)
-            if watch is not None:
-                watch()
 
     # -------------------------------------------------------------- shutdown
     def request_stop(self) -> None:
@@ -348,9 +297,3 @@ class LocalCluster:
         for handle in self.handles:
             if handle.conn is not None:
                 handle.conn.close()
-
-    def __enter__(self) -> "LocalCluster":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.shutdown(grace=1.0 if exc_info[0] is not None else 5.0)

@@ -48,13 +48,13 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Self
+from typing import Any
 
+from downpour.cluster.base import Cluster
 from downpour.cluster.role import Flag, Role, RoleContext
-from downpour.errors import PeerTimeout, WorkerFailed, check_range
+from downpour.errors import WorkerFailed, check_range
 from downpour.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class RayRoleHandle:
         return not ready
 
 
-class RayRoles:
+class RayRoles(Cluster):
     """The roles of one run on a Ray cluster, with :class:`~downpour.cluster.LocalCluster`'s methods.
 
     Opened by :meth:`RayCluster.open`; use as a context manager: leaving the
@@ -294,19 +294,14 @@ class RayRoles:
     """
 
     def __init__(self, config: RayCluster, metrics: Metrics, *, tolerate_worker_deaths: bool = True) -> None:
+        super().__init__(metrics, tolerate_worker_deaths=tolerate_worker_deaths)
         ray = _ray()
         self.config = config
-        self.metrics = metrics
-        self.tolerate_worker_deaths = tolerate_worker_deaths
-        # Called with a role that died; returns True when it restarted it (see _check_deaths).
-        self.on_death: Callable[[RayRoleHandle], bool] | None = None
-        self.handles: list[RayRoleHandle] = []
         self.host = config.host
         # A local Ray is one node on this machine: roles reach one another on loopback, where the
         # transport moves tensors through shared memory, as on the local cluster.
         self._role_host = "127.0.0.1" if config.address is None else None
         self._flags = [0, 0, 0]  # stop, go, end
-        self._timers: list[threading.Timer] = []
         self._loose: list[Any] = []  # answers of calls nobody waits for, collected so Ray does not report them
         self._loose_lock = threading.Lock()
         self._owns_connection = not ray.is_initialized()
@@ -361,38 +356,12 @@ class RayRoles:
                 f"{self.config.num_gpus:g} each), which has {total.get('GPU', 0.0):g}; give "
                 f"RayCluster(num_gpus=...) a fraction to share GPUs, or run on the CPU")
 
-    def wait_published(self, handle: RayRoleHandle, key: str, timeout: float = 60.0) -> Any:
-        """Wait until ``handle`` publishes ``key``; a death or timeout raises."""
-        deadline = time.monotonic() + timeout
-        while key not in handle.published:
-            if time.monotonic() > deadline:
-                raise PeerTimeout(handle.name, timeout, f"publish its {key}")
-            self.poll(0.05)
-            if handle.failed and key not in handle.published:
-                raise WorkerFailed(handle.kind, handle.rank, handle.where, handle.failed)
-        return handle.published[key]
-
-    def start_together(self, handles: list[RayRoleHandle], timeout: float = 120.0) -> None:
-        """Wait until every one of ``handles`` said it is ready, then let them all go at once."""
-        for handle in handles:
-            self.wait_published(handle, "ready", timeout=timeout)
+    def _go(self) -> None:
         self._raise_flags(1)
 
-    def kill_at(self, handle: RayRoleHandle, seconds: float) -> None:
-        """SIGKILL ``handle``'s process once ``seconds`` have passed since the run started (a staged fault)."""
-        delay = max(0.0, seconds - self.metrics.elapsed())
-
-        def kill() -> None:
-            if handle.alive():
-                log.warning("staged fault: killing %s", handle.name)
-                self.metrics.log(0, {"fault/killed": f"{handle.kind}:{handle.rank}"})
-                handle.killed = True
-                self._keep(_control(handle.actor.kill).remote())
-
-        timer = threading.Timer(delay, kill)
-        timer.daemon = True
-        timer.start()
-        self._timers.append(timer)
+    def _kill(self, handle: RayRoleHandle) -> None:
+        handle.killed = True
+        self._keep(_control(handle.actor.kill).remote())
 
     # ------------------------------------------------------------------ poll
     def poll(self, timeout: float = 0.1) -> None:
@@ -502,13 +471,7 @@ class RayRoles:
             else:
                 handle.failed = handle.exit
             self._release(handle)
-            self.metrics.log(0, {"fault/died": f"{handle.kind}:{handle.rank}"})
-            log.warning("%s died (%s)", handle.name, handle.failed)
-            if self.on_death is not None and self.on_death(handle):
-                continue
-            if handle.kind != "worker" or not self.tolerate_worker_deaths:
-                raise WorkerFailed(handle.kind, handle.rank, handle.where, handle.failed)
-            log.warning("the run continues without %s", handle.name)
+            self._died(handle)
 
     def _keep(self, ref: Any) -> None:
         with self._loose_lock:
@@ -534,23 +497,6 @@ class RayRoles:
     def ended(self) -> bool:
         """Whether the coordinator told every role the run is over."""
         return bool(self._flags[2])
-
-    def running(self, kind: str) -> list[RayRoleHandle]:
-        return [h for h in self.handles if h.kind == kind and not h.finished and not h.failed]
-
-    def dead(self, kind: str) -> list[RayRoleHandle]:
-        return [h for h in self.handles if h.kind == kind and h.failed]
-
-    def wait_all(self, kind: str, *, timeout: float, watch: Callable[[], None] | None = None) -> None:
-        """Poll until every role of ``kind`` finished or died; ``watch()`` runs each poll."""
-        deadline = time.monotonic() + timeout
-        while self.running(kind):
-            if time.monotonic() > deadline:
-                names = ", ".join(h.name for h in self.running(kind))
-                raise PeerTimeout(names, timeout, "finish")
-            self.poll(0.05)
-            if watch is not None:
-                watch()
 
     # -------------------------------------------------------------- shutdown
     def _raise_flags(self, *indices: int) -> None:
@@ -594,12 +540,6 @@ class RayRoles:
         finally:
             if self._owns_connection:
                 ray.shutdown()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown(grace=1.0 if exc_info[0] is not None else 5.0)
 
 
 def _on_cuda(role: Role) -> bool:
