@@ -15,69 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
 from pathlib import Path
 
 import downpour as dp
+from downpour.cluster.ray_nodes import loopback_ray
 from downpour.strategies.allreduce import Allreduce
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MARK = "DOWNPOUR_BENCH_RAY_NODES"  # marks the processes the nodes start: only those are stopped
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_nodes(num_nodes: int, cpus_per_node: int, token: str, temp_dir: Path) -> str:
-    """Start a head and ``num_nodes - 1`` worker nodes on loopback; returns the head's address."""
-    ray = Path(sys.executable).parent / "ray"
-    env = {**os.environ, MARK: token, "RAY_USAGE_STATS_ENABLED": "0"}
-    port = _free_port()
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node), "--num-gpus", "0",
-              "--object-store-memory", str(400_000_000), "--disable-usage-stats"]
-    head = ["--head", "--port", str(port), "--temp-dir", str(temp_dir), "--include-dashboard", "false",
-            "--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port())]
-    for node in range(num_nodes):
-        where = head if node == 0 else ["--address", f"127.0.0.1:{port}"]
-        subprocess.run([str(ray), "start", *where, *common, "--dashboard-agent-listen-port", str(_free_port())],
-                       env=env, check=True, capture_output=True, timeout=120)
-    return f"127.0.0.1:{port}"
-
-
-def stop_nodes(token: str) -> None:
-    """SIGKILL every process whose environment carries ``token`` (as ``ray stop --force``, for these alone)."""
-    needle = f"{MARK}={token}".encode()
-
-    def marked() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
-
-    deadline = time.monotonic() + 15.0
-    while (pids := marked()) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-
-
 def train(data, strategy: str, cluster: str, workers: int, servers: int, steps: int) -> dict:
     if strategy == "downpour":
         run = {"strategy": dp.Downpour(), "optimizer": dp.optim("adam", lr=0.001), "servers": servers,
@@ -100,26 +44,16 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3, help="Ray nodes (a head and worker nodes)")
     args = parser.parse_args()
     data = dp.data.load("mnist", data_dir=DATA)
-    # A throwaway cluster that only this machine reaches: no token authentication (which Ray turns on
-    # for new clusters, keeping the token in ~/.ray), so nothing is read from or written to the home.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    token = uuid.uuid4().hex
-    temp_dir = Path(tempfile.mkdtemp(prefix="dpray-", dir="/tmp"))  # short: Ray's socket paths live under it
     rows = []
-    try:
-        address = start_nodes(args.nodes, cpus_per_node=args.workers + args.servers, token=token, temp_dir=temp_dir)
+    with loopback_ray(num_nodes=args.nodes, cpus_per_node=args.workers + args.servers) as nodes:
         for strategy in ("downpour", "allreduce"):
             best: dict[str, dict] = {}
             for _ in range(args.repeats):  # alternate, so that load on the machine hits both alike
-                for cluster in ("local", f"ray:{address}"):
+                for cluster in ("local", f"ray:{nodes.address}"):
                     s = train(data, strategy, cluster, args.workers, args.servers, args.steps)
                     if s["samples_per_second"] > best.get(cluster, {}).get("samples_per_second", 0.0):
                         best[cluster] = s
-            local, ray = best["local"], best[f"ray:{address}"]
-            rows.append((strategy, local, ray))
-    finally:
-        stop_nodes(token)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            rows.append((strategy, best["local"], best[f"ray:{nodes.address}"]))
 
     from rich.console import Console
     from rich.table import Table
