@@ -69,14 +69,7 @@ def _pem(flag: str, path: str | None, kind: PemKind) -> bytes | None:
     """The PEM file given to ``flag``, checked; errors name the flag and the file."""
     from downpour.transport.security import read_pem
 
-    if path is None:
-        return None
-    try:
-        return read_pem(path, kind)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{flag}: {error}") from None
-    except ValueError as error:
-        raise ValueError(f"{flag}: {error}") from None
+    return read_pem(path, kind, flag)
 
 
 def _pair(args: argparse.Namespace, whose: str) -> tuple[bytes | None, bytes | None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, overload
 
 import grpc
 
@@ -44,23 +44,31 @@ def check_pem(data: bytes, kind: PemKind) -> None:
         raise ValueError(f"not a PEM {kind} (no '-----BEGIN {marker}-----' block)")
 
 
-def read_pem(path: str | Path, kind: PemKind) -> bytes:
-    """The bytes of the PEM file ``path``, checked to hold a ``kind`` (see :func:`check_pem`).
+@overload
+def read_pem(path: str | Path, kind: PemKind, name: str = ...) -> bytes: ...
+@overload
+def read_pem(path: None, kind: PemKind, name: str = ...) -> None: ...
+def read_pem(path: str | Path | None, kind: PemKind, name: str = "") -> bytes | None:
+    """The bytes of the PEM file ``path``, checked to hold a ``kind`` (see :func:`check_pem`); None for None.
 
-    Errors name the file: ``FileNotFoundError`` when it is missing,
-    ``ValueError`` when it cannot be read or is not PEM of that kind.
+    Errors name the file, after ``name`` (the flag or argument that gave it)
+    when given: ``FileNotFoundError`` when it is missing, ``ValueError`` when
+    it cannot be read or is not PEM of that kind.
     """
+    if path is None:
+        return None
     path = Path(path)
+    where = f"{name}: " if name else ""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist or is not a file")
+        raise FileNotFoundError(f"{where}{path} does not exist or is not a file")
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+        raise ValueError(f"{where}cannot read {path}: {error.strerror or error}") from None
     try:
         check_pem(data, kind)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{where}{path}: {error}") from None
     return data
 
 
@@ -177,20 +185,10 @@ class Security:
     ) -> Security:
         """TLS with PEM material read from files; errors name the argument and the file."""
 
-        def read(name: str, path: str | Path | None, kind: PemKind) -> bytes | None:
-            if path is None:
-                return None
-            try:
-                return read_pem(path, kind)
-            except FileNotFoundError as error:
-                raise FileNotFoundError(f"{name}: {error}") from None
-            except ValueError as error:
-                raise ValueError(f"{name}: {error}") from None
-
         return cls.with_tls(
-            certificate_chain=read("certificate_chain", certificate_chain, "certificate"),
-            private_key=read("private_key", private_key, "private key"),
-            root_certificates=read("root_certificates", root_certificates, "certificate"),
+            certificate_chain=read_pem(certificate_chain, "certificate", "certificate_chain"),
+            private_key=read_pem(private_key, "private key", "private_key"),
+            root_certificates=read_pem(root_certificates, "certificate", "root_certificates"),
             target_name=target_name,
             require_client_auth=require_client_auth,
         )
