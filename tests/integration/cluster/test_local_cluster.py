@@ -4,38 +4,16 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 
 import pytest
 
 from downpour.cluster import LocalCluster
 from downpour.errors import PeerTimeout, WorkerFailed
 from downpour.metrics import MemorySink, Metrics
-
+from tests.integration.cluster.roles import Raiser, Sleeper
 from tests.processes import child_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@dataclass
-class Sleeper:
-    kind: str = "worker"
-    rank: int = 0
-    seconds: float = 0.2
-
-    def run(self, ctx):
-        ctx.publish("pid", os.getpid())
-        ctx.metrics.log(1, {"train/loss": 1.0})
-        ctx.wait_stop(self.seconds)
-
-
-@dataclass
-class Raiser:
-    kind: str = "worker"
-    rank: int = 0
-
-    def run(self, ctx):
-        raise RuntimeError("boom in the role")
 
 
 def test_roles_run_publish_and_log():
@@ -50,10 +28,9 @@ def test_roles_run_publish_and_log():
 
 
 def test_a_raising_role_is_reraised_with_its_traceback():
-    with pytest.raises(WorkerFailed) as info:
-        with LocalCluster(Metrics()) as cluster:
-            cluster.start([Raiser(rank=3), Sleeper(rank=0, seconds=30)])
-            cluster.wait_all("worker", timeout=30)
+    with pytest.raises(WorkerFailed) as info, LocalCluster(Metrics()) as cluster:
+        cluster.start([Raiser(rank=3), Sleeper(rank=0, seconds=30)])
+        cluster.wait_all("worker", timeout=30)
     assert info.value.rank == 3
     assert "boom in the role" in str(info.value)
     assert "Traceback" in info.value.remote_traceback
@@ -72,19 +49,17 @@ def test_a_killed_worker_is_tolerated_and_recorded():
 
 
 def test_a_dead_server_is_not_tolerated():
-    with pytest.raises(WorkerFailed, match="server 0"):
-        with LocalCluster(Metrics()) as cluster:
-            [server] = cluster.start([Sleeper(kind="server", rank=0, seconds=30)])
-            cluster.wait_published(server, "pid", timeout=30)
-            os.kill(server.process.pid, signal.SIGKILL)
-            cluster.wait_all("server", timeout=30)
+    with pytest.raises(WorkerFailed, match="server 0"), LocalCluster(Metrics()) as cluster:
+        [server] = cluster.start([Sleeper(kind="server", rank=0, seconds=30)])
+        cluster.wait_published(server, "pid", timeout=30)
+        os.kill(server.process.pid, signal.SIGKILL)
+        cluster.wait_all("server", timeout=30)
 
 
 def test_waiting_for_a_value_never_published_times_out():
-    with pytest.raises(PeerTimeout, match="worker 0"):
-        with LocalCluster(Metrics()) as cluster:
-            [h] = cluster.start([Sleeper(rank=0, seconds=30)])
-            cluster.wait_published(h, "address", timeout=1.0)
+    with pytest.raises(PeerTimeout, match="worker 0"), LocalCluster(Metrics()) as cluster:
+        [h] = cluster.start([Sleeper(rank=0, seconds=30)])
+        cluster.wait_published(h, "address", timeout=1.0)
 
 
 def test_sigint_to_the_coordinator_leaves_no_process(tmp_path):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 
 import pytest
 
@@ -19,6 +18,7 @@ from downpour.cluster.ray import RayCluster, RoleActor
 from downpour.errors import WorkerFailed
 from downpour.metrics import MemorySink, Metrics
 from downpour.strategies.allreduce import Allreduce
+from tests.integration.cluster.roles import Raiser, Sleeper
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -32,28 +32,6 @@ DOWNPOUR = {"strategy": dp.Downpour(ema_decay=0.99, evaluate_average=True), "opt
 # (measured: equal to the last digit). One worker per node.
 ALLREDUCE = {"strategy": Allreduce(), "optimizer": dp.optim("nesterov", lr=0.15, schedule="cosine"), "workers": 3,
              "batch_size": 64, "epochs": 0.25, "eval_every": 10**6}
-
-
-@dataclass
-class Sleeper:
-    kind: str = "worker"
-    rank: int = 0
-    seconds: float = 0.2
-
-    def run(self, ctx):
-        ctx.publish("pid", os.getpid())
-        for step in range(50):
-            ctx.metrics.log(step, {"train/loss": 1.0})
-        ctx.wait_stop(self.seconds)
-
-
-@dataclass
-class Raiser:
-    kind: str = "worker"
-    rank: int = 0
-
-    def run(self, ctx):
-        raise RuntimeError("boom in the actor")
 
 
 def test_the_config_is_checked_and_ray_is_imported_only_when_a_cluster_opens():
@@ -105,16 +83,16 @@ def test_roles_run_as_actors_spread_over_the_nodes(ray_nodes):
     sink = MemorySink()
     with RayCluster(address=ray_nodes.address).open(Metrics([sink])) as cluster:
         assert cluster.host == "127.0.0.1"
-        handles = cluster.start([Sleeper(rank=r) for r in range(ray_nodes.num_nodes)])
+        handles = cluster.start([Sleeper(rank=r, events=50) for r in range(ray_nodes.num_nodes)])
         pids = [cluster.wait_published(h, "pid", timeout=60) for h in handles]
         cluster.wait_all("worker", timeout=60)
         # A role of the same kind and rank starts again in a new actor (as a restart does); a raising
         # role is re-raised with its traceback.
-        again, raiser = cluster.start([Sleeper(rank=0), Raiser(rank=3)])
+        again, raiser = cluster.start([Sleeper(rank=0, events=50), Raiser(rank=3)])
         with pytest.raises(WorkerFailed) as info:
             cluster.wait_all("worker", timeout=60)
         cluster.wait_all("worker", timeout=60)
-    assert info.value.rank == 3 and "boom in the actor" in str(info.value)
+    assert info.value.rank == 3 and "boom in the role" in str(info.value)
     assert "Traceback" in info.value.remote_traceback and raiser.failed and not raiser.alive()
     assert all(h.finished and not h.alive() for h in [*handles, again])
     assert again.pid not in pids and again.published["pid"] == again.pid
