@@ -145,12 +145,21 @@ def train(
     if recovery and not getattr(strategy, "recoverable", False):
         raise ValueError(f"checkpoints, restarts and --resume are for the parameter-server strategies "
                          f"(downpour, sync); {strategy.name!r} keeps its state in its workers")
-    if resume:
-        if run_dir is None or not save:
-            raise ValueError("resume needs the run_dir of the stopped run (and save=True)")
+    if resume and (run_dir is None or not save):
+        raise ValueError("resume needs the run_dir of the stopped run (and save=True)")
+    job = Job(
+        model=factory, loss=loss, data=data, optimizer=optimizer or optim("sgd", lr=0.05),
+        workers=workers, servers=servers, epochs=epochs, batch_size=batch_size, max_steps=max_steps,
+        target_accuracy=target_accuracy, eval_every=eval_every, max_seconds=max_seconds, seed=seed, device=device,
+        faults=faults, cluster=parse_cluster(cluster), restart_workers=restart_workers,
+    )
+    # The run directory only once the job is known to be valid.
+    if not save:
+        run = None
+    elif resume:
         run = RunDir.reopen(run_dir)
     else:
-        run = RunDir.create(run_dir, strategy.name, runs_root) if save else None
+        run = RunDir.create(run_dir, strategy.name, runs_root)
     scratch = None
     checkpoint = None
     if checkpoint_every is not None or resume or faults.kill_server:
@@ -158,12 +167,7 @@ def train(
             scratch = tempfile.TemporaryDirectory(prefix="downpour-checkpoints-")
         folder = Path(scratch.name) if scratch else run.path / "checkpoints"
         checkpoint = Checkpointing.parse(str(checkpoint_every or 100), folder, resume=resume)
-    job = Job(
-        model=factory, loss=loss, data=data, optimizer=optimizer or optim("sgd", lr=0.05),
-        workers=workers, servers=servers, epochs=epochs, batch_size=batch_size, max_steps=max_steps,
-        target_accuracy=target_accuracy, eval_every=eval_every, max_seconds=max_seconds, seed=seed, device=device,
-        faults=faults, cluster=parse_cluster(cluster), restart_workers=restart_workers, checkpoint=checkpoint,
-    )
+        job = dataclasses.replace(job, checkpoint=checkpoint)
     config = {
         "strategy": strategy.name,
         "dataset": data.name,
@@ -191,8 +195,9 @@ def train(
     }
     history = MemorySink()
     sinks: list = [history]
-    if run and not resume:
-        run.write_config(config)
+    if run:
+        if not resume:  # a resumed run keeps its config.json and appends to its events
+            run.write_config(config)
         sinks.append(run.events_sink())
     if progress:
         sinks.append(ProgressSink(job.total_steps(), description=strategy.name))

@@ -129,6 +129,9 @@ def test_a_run_stopped_with_sigint_resumes_to_the_same_steps_and_accuracy(
     assert abs(summary["accuracy"] - downpour_mnist_baseline["accuracy"]) <= 0.005, (
         summary["accuracy"], downpour_mnist_baseline["accuracy"])
     assert load_run_state(run_dir / "checkpoints")["finished"]
+    # The resumed part's events follow the first part's in the same log.
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e.get("event") for e in events if e.get("event") in ("start", "end")] == ["start", "start", "end"]
 
 
 def test_a_restarted_worker_rejoins_and_its_pushes_are_applied(mnist):
