@@ -117,8 +117,10 @@ def train(
             coordinator's state beside them; a shard that dies restarts from
             there. Staging ``Faults(kill_server=...)`` turns it on (every 100
             versions) when not given.
-        restart_workers: restart a worker that dies; it rejoins where its
-            predecessor last reported.
+        restart_workers: restart a worker that dies. Parameter-server
+            workers rejoin where their predecessor last reported; allreduce
+            and local-sgd re-form their group with the new worker through
+            torch's elastic rendezvous, and it takes a survivor's state.
         resume: continue the stopped run in ``run_dir`` from its checkpoints
             (same arguments as the first time).
         options: the command line's options, kept in ``config.json`` so that
@@ -141,10 +143,13 @@ def train(
     if loss is None:
         loss = models.default_loss(model) if isinstance(model, str) else torch.nn.functional.cross_entropy
     faults = faults or Faults()
-    recovery = checkpoint_every is not None or resume or restart_workers or faults.kill_server
+    recovery = checkpoint_every is not None or resume or faults.kill_server
     if recovery and not getattr(strategy, "recoverable", False):
-        raise ValueError(f"checkpoints, restarts and --resume are for the parameter-server strategies "
+        raise ValueError(f"checkpoints, server restarts and --resume are for the parameter-server strategies "
                          f"(downpour, sync); {strategy.name!r} keeps its state in its workers")
+    if restart_workers and not getattr(strategy, "restartable", False):
+        raise ValueError(f"restart_workers is for downpour, sync, allreduce and local-sgd; {strategy.name!r} "
+                         "cannot take a restarted worker back")
     if resume and (run_dir is None or not save):
         raise ValueError("resume needs the run_dir of the stopped run (and save=True)")
     job = Job(

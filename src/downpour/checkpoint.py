@@ -106,14 +106,15 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
-# ------------------------------------------------------------------ shards
-def save_shard(path: Path, state: dict[str, Any]) -> None:
-    """Write a :meth:`ServerShard.state_dict` as a safetensors file, atomically."""
-    tensors: dict[str, torch.Tensor] = {"params": state["params"].contiguous()}
-    if state.get("average") is not None:
-        tensors["average"] = state["average"].contiguous()
-    optimizer = state.get("optimizer")
-    header: dict[str, Any] = {key: state[key] for key in ("shard", "start", "stop", "version")}
+# ------------------------------------------------------------------ states
+def pack_state(tensors: dict[str, torch.Tensor], header: dict[str, Any], optimizer: dict[str, Any] | None) -> bytes:
+    """Tensors, a JSON header and an optimizer's ``state_dict`` as one safetensors blob (no pickle).
+
+    The optimizer's tensors go beside the others as ``optimizer.<slot>.<name>``;
+    its scalars and parameter groups into the header.
+    """
+    tensors = {name: value.detach().contiguous() for name, value in tensors.items()}
+    header = dict(header)
     if optimizer is not None:
         slots: dict[str, dict[str, Any]] = {}
         for index, slot in optimizer["state"].items():
@@ -124,33 +125,52 @@ def save_shard(path: Path, state: dict[str, Any]) -> None:
                 else:
                     slots[str(index)][name] = value
         header["optimizer"] = {"param_groups": optimizer["param_groups"], "scalars": slots}
-    blob = save_tensors(tensors, metadata={"downpour": json.dumps(header)})
-    write_atomic(path, blob)
+    return save_tensors(tensors, metadata={"downpour": json.dumps(header)})
+
+
+def unpack_state(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+    """What :func:`pack_state` packed: the tensors (less the optimizer's), the header and the optimizer state.
+
+    Raises ValueError when ``blob`` is not such a blob.
+    """
+    try:
+        tensors = load_tensors(blob)
+        header = json.loads(_metadata(blob)["downpour"])
+    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError) as error:
+        raise ValueError(f"not a downpour state: {error}") from None
+    saved = header.pop("optimizer", None)
+    optimizer = None
+    if saved is not None:
+        slots: dict[int, dict[str, Any]] = {int(i): dict(scalars) for i, scalars in saved["scalars"].items()}
+        for key in [key for key in tensors if key.startswith("optimizer.")]:
+            _, index, name = key.split(".", 2)
+            slots.setdefault(int(index), {})[name] = tensors.pop(key)
+        optimizer = {"state": slots, "param_groups": saved["param_groups"]}
+    return tensors, header, optimizer
+
+
+# ------------------------------------------------------------------ shards
+def save_shard(path: Path, state: dict[str, Any]) -> None:
+    """Write a :meth:`ServerShard.state_dict` as a safetensors file, atomically."""
+    tensors = {"params": state["params"]}
+    if state.get("average") is not None:
+        tensors["average"] = state["average"]
+    header = {key: state[key] for key in ("shard", "start", "stop", "version")}
+    write_atomic(path, pack_state(tensors, header, state.get("optimizer")))
 
 
 def load_shard(path: Path) -> dict[str, Any]:
     """Read back what :func:`save_shard` wrote, as a state dict for :meth:`ServerShard.load_state_dict`."""
     if not path.is_file():
         raise FileNotFoundError(f"no shard checkpoint at {path}")
-    blob = path.read_bytes()
     try:
-        tensors = load_tensors(blob)
-        header = json.loads(_metadata(blob)["downpour"])
-    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError) as error:
+        tensors, header, optimizer = unpack_state(path.read_bytes())
+        state: dict[str, Any] = {key: header[key] for key in ("shard", "start", "stop", "version")}
+        state["params"] = tensors["params"]
+    except (ValueError, KeyError) as error:
         raise ValueError(f"{path} is not a downpour shard checkpoint: {error}") from None
-    state: dict[str, Any] = {key: header[key] for key in ("shard", "start", "stop", "version")}
-    state["params"] = tensors["params"]
     state["average"] = tensors.get("average")
-    saved = header.get("optimizer")
-    if saved is None:
-        state["optimizer"] = None
-    else:
-        slots: dict[int, dict[str, Any]] = {int(i): dict(scalars) for i, scalars in saved["scalars"].items()}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                slots.setdefault(int(index), {})[name] = value
-        state["optimizer"] = {"state": slots, "param_groups": saved["param_groups"]}
+    state["optimizer"] = optimizer
     return state
 
 

@@ -119,7 +119,8 @@ def _add_train_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> No
                        help="SIGKILL a server shard SECONDS into training; it restarts from its checkpoint "
                             "(repeatable)")
         p.add_argument("--restart-workers", action="store_true", default=None,
-                       help="restart a worker that dies; it rejoins where it left off")
+                       help="restart a worker that dies; it rejoins where it left off (allreduce and local-sgd "
+                            "re-form their group with it)")
         p.add_argument("--checkpoint-every", metavar="N|Ss",
                        help="shards checkpoint every N versions or S seconds (e.g. 200, 30s) into <run>/checkpoints")
         p.add_argument("--resume", metavar="RUN_DIR",

@@ -43,8 +43,14 @@ class AllreduceWorker(CollectiveWorker):
     bucket_cap_mb: float = 25.0
     eval_every: int = 10
 
-    def connect(self) -> None:
-        super().connect()
+    def leave(self, *, broken: bool = False) -> None:
+        self.model = self.replica  # the DDP wrapper holds the group; join() wraps the model again
+        super().leave(broken=broken)
+
+    def join(self) -> None:
+        super().join()
+        if self.run_over:
+            return
         replica = self.model
         device_ids = [self.flat.params.device] if self.flat.params.device.type == "cuda" else None
         # Worker.gradient runs the forward pass through self.model, so that is the
@@ -60,12 +66,18 @@ class AllreduceWorker(CollectiveWorker):
         self.count_broadcast(self.flat.numel * 4 + self._buffer_bytes)
 
     def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.train_elastic(lambda: self._steps(ctx))
+        # Every replica is the same; an elastic group's rank 0 may have been replaced after its last step.
+        if not self.run_over and (self.rank == 0 or self.elastic):
+            self.snapshot(final=True)
+
+    def _steps(self, ctx: Any) -> None:
         optimizer, scheduler = self.optimizer, self.scheduler
-        for x, y in stream:
+        while self.steps < self.total_steps:
             # Workers stop together: at a fixed step, or at a step they all vote at.
-            if self.steps >= self.total_steps or (self.steps % self.log_every == 0 and self.vote_to_stop(ctx)):
+            if self.steps % self.log_every == 0 and self.vote_to_stop(ctx):
                 break
-            self.gradient(x, y)
+            self.gradient(*next(self.minibatches))
             # DDP reduced the float32 gradient of every parameter and, before the
             # forward pass, broadcast rank 0's buffers (batch-norm statistics).
             self.count_allreduce(self.flat.numel * 4)
@@ -75,8 +87,6 @@ class AllreduceWorker(CollectiveWorker):
             scheduler.step()
             if self.rank == 0 and self.steps % self.eval_every == 0:
                 self.snapshot()
-        if self.rank == 0:
-            self.snapshot(final=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +112,7 @@ class Allreduce:
     """
 
     name: ClassVar[str] = "allreduce"
+    restartable: ClassVar[bool] = True  # restart_workers: the group re-forms with the new worker
     backend: Backend = "auto"
     bucket_cap_mb: float = 25.0
     log_every: int = 10
@@ -121,5 +132,5 @@ class Allreduce:
         steps = job.total_steps(job.data.num_train // job.workers)
         worker = partial(AllreduceWorker, total_steps=steps, bucket_cap_mb=self.bucket_cap_mb,
                          log_every=self.log_every, eval_every=job.eval_interval(steps))
-        return CollectiveRun(make_worker=worker, global_steps=steps * job.workers,
-                             backend=self.backend).run(job, metrics)
+        return CollectiveRun(make_worker=worker, global_steps=steps * job.workers, backend=self.backend,
+                             elastic=True).run(job, metrics)

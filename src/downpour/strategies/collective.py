@@ -9,6 +9,15 @@ worker joins the group before the start signal and leaves it when it ends,
 whatever happens. The group is kept on the worker and passed to every
 collective explicitly.
 
+With ``restart_workers`` (``allreduce`` and ``local-sgd``) the group is
+elastic: it forms through TorchElastic's rendezvous
+(:mod:`downpour.strategies.elastic`), and when a member dies the survivors
+leave the broken group, the coordinator starts a replacement, and all of them
+meet in the rendezvous' next round. The newly formed group then brings every
+member to the most advanced member's state: the replacement (and a survivor
+whose last collective failed where another's completed) takes its model,
+optimizer, schedule and position, as one safetensors blob broadcast from it.
+
 Traffic is counted the same way for every collective, so that strategies
 compare: an allreduce of n bytes among W workers is counted as a ring
 allreduce, in which each rank sends (and receives) 2 (W - 1) / W * n bytes,
@@ -21,7 +30,11 @@ the root receives n.
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
+import logging
+import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -29,11 +42,19 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from downpour.checkpoint import pack_state, unpack_state
 from downpour.errors import choose
 from downpour.metrics import Metrics
 from downpour.strategies.base import Job
-from downpour.strategies.worker import Worker, WorkerGroupRun
+from downpour.strategies.elastic import ElasticRendezvous, RendezvousClosedError
+from downpour.strategies.worker import Worker, WorkerGroupRun, encode_params, worker_stream
+
+log = logging.getLogger(__name__)
+
+# How long a survivor whose collective failed waits to hear that the coordinator restarted a member.
+RESTART_NOTICE_SECONDS = 10.0
 
 Backend = Literal["auto", "gloo", "nccl"]
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
@@ -100,18 +121,26 @@ class CollectiveWorker(Worker):
 
     store_address: str  # HOST:PORT of the coordinator's TCPStore, the group's rendezvous
     backend: str = "gloo"
+    # With restart_workers: when a member dies, re-form the group with its replacement (module elastic).
+    elastic: bool = False
 
     def connect(self) -> None:
-        # The rendezvous waits for the slowest process to start, as long as the start barrier may.
-        timeout = datetime.timedelta(seconds=10 * self.timeout)
-        host, _, port = self.store_address.rpartition(":")
-        store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
-        dist.init_process_group(self.backend, store=store, world_size=self.num_workers, rank=self.rank,
-                                timeout=timeout)
-        self.group = dist.group.WORLD
-        # gloo reduces CUDA tensors but gathers only host ones; NCCL only device ones.
-        self.comm_device = self.flat.params.device if self.backend == "nccl" else torch.device("cpu")
         self.prepare()
+        # The rendezvous waits for the slowest process to start, as long as the start barrier may.
+        self._wait = datetime.timedelta(seconds=10 * self.timeout)
+        host, _, port = self.store_address.rpartition(":")
+        self.store = dist.TCPStore(host, int(port), is_master=False, timeout=self._wait)
+        self.run_over = False
+        if self.elastic:
+            # A replacement waits for the survivors' next collective to fail, which local SGD may hold
+            # off for the rest of the run (one-shot averaging): it waits as long as the coordinator does.
+            wait = 10 * self.timeout if self.incarnation == 0 else 24 * 3600.0
+            self.rendezvous = ElasticRendezvous(self.store, world_size=self.num_workers, host=self.ctx.host,
+                                                timeout=wait)
+            self.restarts_seen = _restarts(self.store)
+            self.synced = self.incarnation == 0  # a replacement takes a survivor's state first
+            self.regroups = 0
+        self.join()
 
     def prepare(self) -> None:
         """Build the optimizer and its schedule over ``total_steps`` before the start signal.
@@ -123,17 +152,184 @@ class CollectiveWorker(Worker):
         self.optimizer = self.job.optimizer.build(self.model.parameters())
         self.scheduler = self.job.optimizer.build_scheduler(self.optimizer, self.total_steps)
 
-    def disconnect(self) -> None:
+    def join(self) -> None:
+        """Form the process group: the first time, or again after a member died (``elastic``).
+
+        An elastic group meets through the rendezvous, whose round gives the
+        store the group bootstraps on; then every member is brought to the
+        most advanced member's state (:meth:`resync`). When the rendezvous
+        was closed (the others finished), ``run_over`` is set instead.
+        """
+        store: dist.Store = self.store
+        if self.elastic:
+            try:
+                store = self.rendezvous.next_round()
+            except RendezvousClosedError:
+                log.warning("worker %d: the other workers finished; nothing left to rejoin", self.rank)
+                self.run_over = True
+                return
+        dist.init_process_group(self.backend, store=store, world_size=self.num_workers, rank=self.rank,
+                                timeout=self._wait)
+        self.group = dist.group.WORLD
+        # gloo reduces CUDA tensors but gathers only host ones; NCCL only device ones.
+        self.comm_device = self.flat.params.device if self.backend == "nccl" else torch.device("cpu")
+        if self.elastic:
+            self.resync()
+
+    def leave(self, *, broken: bool = False) -> None:
+        """Leave the process group (a ``broken`` one too), closing its connections.
+
+        Nothing may keep the group alive after this: a member still blocked
+        in a collective of a broken group learns that it broke only when
+        this member's connections close.
+        """
+        vote, self._vote = getattr(self, "_vote", None), None
+        group, self.group = getattr(self, "group", None), None
         if not dist.is_initialized():
             return
-        vote = getattr(self, "_vote", None)
         try:
-            if vote is not None:  # every worker cast it: let it land, leave nothing in flight
+            if vote is not None and not broken:  # every worker cast it: let it land, leave nothing in flight
                 vote[0].wait(datetime.timedelta(seconds=self.timeout))
-        except RuntimeError:  # a peer is gone; the coordinator ends the run
+        except RuntimeError:  # a peer is gone; the coordinator ends the run, or the group re-forms
             pass
         finally:
-            dist.destroy_process_group(self.group)
+            del vote
+            dist.destroy_process_group(group)
+            del group
+            if broken:
+                gc.collect()  # wrappers around the group (DDP's reducer) may sit in reference cycles
+
+    def disconnect(self) -> None:
+        self.leave()
+        if self.elastic and hasattr(self, "rendezvous"):
+            self.rendezvous.close()
+
+    # -------------------------------------------------------------- elastic
+    def position(self) -> tuple[int, ...]:
+        """Where this member is in the run, compared across members (the most advanced is the newest)."""
+        return (self.steps,)
+
+    def move_to(self, position: tuple[int, ...]) -> None:
+        """Take ``position`` (a more advanced member's) as this member's own: its steps and data position."""
+        (self.steps,) = position
+
+    def elastic_tensors(self) -> dict[str, torch.Tensor]:
+        """What a replacement takes from a survivor beside the model and the optimizer (a subclass's hook)."""
+        return {}
+
+    def load_elastic_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what :meth:`elastic_tensors` gave (a subclass's hook)."""
+
+    @property
+    def replica(self) -> nn.Module:
+        """The model itself (``self.model`` may be a wrapper holding the group, such as DDP)."""
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    def train_elastic(self, body: Callable[[], None]) -> None:
+        """Run ``body``, a training loop that goes on from the worker's position; survive members' deaths.
+
+        A collective that fails because a member died (the coordinator says
+        it restarted one) leaves the broken group, re-forms it with the
+        replacement through the rendezvous and runs ``body`` again from
+        where the group now stands. Any other failure is raised.
+        """
+        while not self.run_over:
+            try:
+                body()
+                return
+            except RuntimeError:
+                if not (self.elastic and self._member_restarted()):
+                    raise
+            # Out of the except block: its traceback holds the broken group, which must close its connections.
+            self.regroup()
+
+    def regroup(self) -> None:
+        started = time.perf_counter()
+        log.warning("worker %d: a member died; re-forming the group at step %d", self.rank, self.steps)
+        self.leave(broken=True)
+        self.join()
+        self.regroups += 1
+        self.ctx.metrics.log(self.steps, {"fault/regrouped": f"worker:{self.rank}",
+                                          "fault/regroup_seconds": time.perf_counter() - started})
+
+    def _member_restarted(self) -> bool:
+        """Whether the coordinator restarted a member since this one joined (then that death broke the group).
+
+        The coordinator notices a death within a fraction of a second of the
+        survivors' failed collective; it is given ``RESTART_NOTICE_SECONDS``.
+        """
+        deadline = time.monotonic() + RESTART_NOTICE_SECONDS
+        while True:
+            restarts = _restarts(self.store)
+            if restarts > self.restarts_seen:
+                self.restarts_seen = restarts
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    def resync(self) -> None:
+        """Bring every member to the most advanced member's state; the lowest rank among them sends it.
+
+        The members behind (a replacement; a survivor whose last collective
+        failed where another's completed) take its model, optimizer and
+        schedule state and its position, and set ``adopted``. The others keep
+        their own state, which for local SGD is a model of its own.
+        """
+        mine = (*self.position(), int(self.synced))
+        positions = [tuple(row) for row in
+                     self.all_gather(torch.tensor(mine, dtype=torch.int64)).view(self.num_workers, -1).tolist()]
+        front = max(positions)
+        self.synced, self.adopted = True, False
+        if all(position == front for position in positions):
+            return
+        source = positions.index(front)
+        blob = self.broadcast_bytes(self.state_blob() if self.rank == source else b"", source)
+        if mine != front:
+            self.adopt(front[:-1], blob, source)
+
+    def state_blob(self) -> bytes:
+        """This member's model, optimizer and schedule, for the members behind it (safetensors, no pickle)."""
+        tensors = {f"model.{name}": value.cpu() for name, value in self.replica.state_dict().items()}
+        tensors |= {f"extra.{name}": value.cpu() for name, value in self.elastic_tensors().items()}
+        return pack_state(tensors, {"scheduler": self.scheduler.state_dict()}, self.optimizer.state_dict())
+
+    def adopt(self, position: tuple[int, ...], blob: bytes, source: int) -> None:
+        tensors, header, optimizer = unpack_state(blob)
+        self.replica.load_state_dict({name[6:]: value for name, value in tensors.items() if name.startswith("model.")})
+        self.load_elastic_tensors({name[6:]: value for name, value in tensors.items() if name.startswith("extra.")})
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(header["scheduler"])
+        before = self.steps
+        self.move_to(position)
+        # The steps it skipped were its predecessor's (or, a step behind, its own), at its data position.
+        self.samples += (self.steps - before) * self.job.batch_size
+        self.minibatches = worker_stream(self.job, self.rank, self.num_workers, skip=self.steps)
+        self.adopted = True
+        log.warning("worker %d took worker %d's state at %s", self.rank, source, position)
+        self.ctx.metrics.log(self.steps, {"fault/adopted_from": source})
+
+    def broadcast_bytes(self, data: bytes, source: int) -> bytes:
+        """``data`` from rank ``source`` to every member (the others pass ``b""``), counted."""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.comm_device)
+        dist.broadcast(size, source, group=self.group)
+        if self.rank == source:
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.comm_device)
+        else:
+            buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=self.comm_device)
+        dist.broadcast(buffer, source, group=self.group)
+        self.count_broadcast(size.element_size() + buffer.numel(), root=source)
+        return data if self.rank == source else buffer.cpu().numpy().tobytes()
+
+    def final_report(self) -> dict[str, Any]:
+        # Replicas that end equal (allreduce, an averaged local SGD) end with equal checksums.
+        return {"worker/params_crc32": zlib.crc32(encode_params(self.flat.params))}
+
+    def counters(self) -> dict[str, Any]:
+        counters = super().counters()
+        if self.elastic:
+            counters["comm/regroups"] = getattr(self, "regroups", 0)
+        return counters
 
     def count_round(self) -> None:
         """One exchange of the model-sized vector."""
@@ -187,6 +383,11 @@ class CollectiveWorker(Worker):
         previous[0].wait()
         return bool(previous[1].item())
 
+def _restarts(store: dist.Store) -> int:
+    """How many workers the coordinator has restarted so far (a counter in the group's store)."""
+    return int(store.add("restarts", 0))
+
+
 def _rank_device(device: str, rank: int) -> str:
     """Spread workers on ``cuda`` over the visible GPUs; keep an explicit index or the host as given."""
     if device == "cuda" and torch.cuda.is_available():
@@ -201,7 +402,9 @@ class CollectiveRun:
     It hosts the group's rendezvous (a ``TCPStore`` on this machine's address
     as the workers reach it) and gives every worker ``store_address``,
     ``backend``, its rank and the world size. A worker that dies ends the run
-    (the others would wait in their next collective).
+    (the others would wait in their next collective), unless the run is
+    ``elastic`` and ``job.restart_workers``: then its replacement starts and
+    the group re-forms (:mod:`downpour.strategies.elastic`).
 
     Args:
         make_worker: builds worker ``rank``'s role from keyword arguments
@@ -211,6 +414,7 @@ class CollectiveRun:
         replica: the workers' model factory when the coordinator's model is a
             different one built from the workers' (an ensemble of them).
         partition: keyword arguments for ``Dataset.shard`` (scheme, alpha...).
+        elastic: the workers can take a restarted member back (``restart_workers``).
     """
 
     make_worker: Callable[..., CollectiveWorker]
@@ -218,9 +422,13 @@ class CollectiveRun:
     backend: str = "auto"
     replica: Callable[[], nn.Module] | None = None
     partition: dict[str, Any] = field(default_factory=dict)
+    elastic: bool = False
     timeout: float = 60.0
 
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
+        if job.restart_workers and not self.elastic:
+            raise ValueError("this strategy's workers cannot take a restarted member back; "
+                             "restart_workers is for downpour, sync, allreduce and local-sgd")
         backend = resolve_backend(self.backend, job.device, job.workers)
         host = getattr(job.cluster, "host", "127.0.0.1")  # this machine, as the workers reach it
         store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
@@ -231,8 +439,13 @@ class CollectiveRun:
             job = replace(job, device=_rank_device(job.device, rank))
             if self.replica is not None:
                 job = replace(job, model=self.replica)
-            return self.make_worker(rank=rank, job=job, store_address=store_address, backend=backend, **kwargs)
+            return self.make_worker(rank=rank, job=job, store_address=store_address, backend=backend,
+                                    elastic=job.restart_workers, **kwargs)
+
+        def restarting(rank: int) -> None:  # tells the survivors why their collective failed
+            store.add("restarts", 1)
 
         return WorkerGroupRun(make_worker=make, global_steps=self.global_steps, tolerate_deaths=False,
-                              final_rank=0, partition=self.partition, timeout=self.timeout).run(job, metrics)
+                              final_rank=0, partition=self.partition, on_restart=restarting,
+                              timeout=self.timeout).run(job, metrics)
 

@@ -102,6 +102,7 @@ class Downpour:
     name: ClassVar[str] = "downpour"
     uses_servers: ClassVar[bool] = True
     recoverable: ClassVar[bool] = True  # checkpoints, shard and worker restarts, --resume
+    restartable: ClassVar[bool] = True  # restart_workers
     fetch_every: int = 1
     push_every: int = 1
     staleness: Literal["none", "scale-lr"] = "none"

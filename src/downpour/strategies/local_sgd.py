@@ -143,48 +143,78 @@ class LocalSGDWorker(CollectiveWorker):
 
     def prepare(self) -> None:
         super().prepare()
+        self.round = self.local = 0  # the round under way, and the local steps taken in it
+        self.adopted = False
         if self.compress is not None:
             self.stream = Stream(parse(self.compress))
             self.anchor = self.flat.params.detach().clone()
 
     def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        optimizer, scheduler = self.optimizer, self.scheduler
-        federated = self.clients_per_round is not None
-        done, next_eval = 0, self.eval_every
-        for index, length in enumerate(self.plan):
-            last = index == len(self.plan) - 1
-            sampled = not federated or self.rank in sample_clients(
-                self.job.seed, index, self.num_workers, self.clients_per_round)
-            if sampled:
-                for _ in range(length):
-                    self.gradient(*next(stream))
-                    optimizer.step()
-                    scheduler.step()
-            else:
-                # The learning rate follows the round, as on a server: every
-                # sampled client of a round steps with the same one.
-                _advance(scheduler, length)
-            done += length
-            if last and self.ensemble:
-                break
-            weight = float(self.job.data.num_train) if federated else 1.0
-            if self.compress is not None:
-                stop = self.average_compressed_(ctx)
-            else:
-                stop = self.average_(weight if sampled else 0.0, ctx)
-            if stop or last:
-                break
-            # An ensemble's members are evaluated together, at the end.
-            if self.rank == 0 and not self.ensemble and done >= next_eval:
-                self.snapshot()
-                next_eval = done + self.eval_every
+        self.next_eval = self.eval_every
+        self.train_elastic(lambda: self._rounds(ctx))
+        if self.run_over:
+            return
         if self.ensemble:
             members = self.all_gather(self.flat.params)
             self.count_round()
             if self.rank == 0:
                 self.snapshot(members, final=True)
-        elif self.rank == 0:
+        elif self.rank == 0 or self.elastic:  # an elastic group's rank 0 may be a late replacement
             self.snapshot(final=True)
+
+    def sampled(self, index: int) -> bool:
+        """Whether this worker trains in round ``index`` (always, unless federated)."""
+        return self.clients_per_round is None or self.rank in sample_clients(
+            self.job.seed, index, self.num_workers, self.clients_per_round)
+
+    def _rounds(self, ctx: Any) -> None:
+        """The rounds from where this worker is (``round``, ``local``) to the end; each closed by an average."""
+        optimizer, scheduler = self.optimizer, self.scheduler
+        while self.round < len(self.plan):
+            length, last = self.plan[self.round], self.round == len(self.plan) - 1
+            sampled = self.sampled(self.round)
+            if sampled:
+                while self.local < length:
+                    self.gradient(*next(self.minibatches))
+                    optimizer.step()
+                    scheduler.step()
+                    self.local += 1
+                    self.adopted = False
+            else:
+                # The learning rate follows the round, as on a server: every
+                # sampled client of a round steps with the same one.
+                _advance(scheduler, length - self.local)
+                self.local = length
+            if last and self.ensemble:
+                return
+            # A replica copied from another member adds nothing of its own to the average.
+            weight = 0.0 if self.adopted or not sampled else (
+                float(self.job.data.num_train) if self.clients_per_round is not None else 1.0)
+            stop = self.average_compressed_(weight, ctx) if self.compress is not None else self.average_(weight, ctx)
+            self.round, self.local = self.round + 1, 0
+            if stop or last:
+                return
+            # An ensemble's members are evaluated together, at the end.
+            done = sum(self.plan[: self.round])
+            if self.rank == 0 and not self.ensemble and done >= self.next_eval:
+                self.snapshot()
+                self.next_eval = done + self.eval_every
+
+    def position(self) -> tuple[int, ...]:
+        return (self.round, self.local)
+
+    def move_to(self, position: tuple[int, ...]) -> None:
+        self.round, self.local = position
+        # This worker's own steps at that point: the rounds it was sampled in, then the local steps.
+        self.steps = sum(length for index, length in enumerate(self.plan[: self.round]) if self.sampled(index))
+        self.steps += self.local if self.sampled(self.round) else 0
+
+    def elastic_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.compress is None else {"anchor": self.anchor}
+
+    def load_elastic_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.compress is not None:
+            self.anchor.copy_(tensors["anchor"])
 
     def average_(self, weight: float, ctx: Any) -> bool:
         """Replace the parameters by the workers' ``weight``-weighted average; True if any worker must stop."""
@@ -195,9 +225,9 @@ class LocalSGDWorker(CollectiveWorker):
         buffer[n + 1] = 1.0 if ctx.should_stop() else 0.0
         self.allreduce_(buffer)
         self.count_round()
-        self.flat.params.copy_(buffer[:n].div_(buffer[n]))
+        if buffer[n] > 0:  # else nobody trained this round (federated: only replacements were sampled)
+            self.flat.params.copy_(buffer[:n].div_(buffer[n]))
         return bool(buffer[n + 1] > 0)
-
 
     def counters(self) -> dict[str, Any]:
         counters = super().counters()
@@ -205,28 +235,36 @@ class LocalSGDWorker(CollectiveWorker):
             counters |= compression_counters([self.stream])
         return counters
 
-    def average_compressed_(self, ctx: Any) -> bool:
-        """Move every replica to the last average plus the mean of the workers' compressed changes.
+    def average_compressed_(self, weight: float, ctx: Any) -> bool:
+        """Move every replica to the last average plus the weighted mean of the workers' compressed changes.
 
         Each worker compresses the change it made since the last average
         (what its compressor holds back stays in its residual for the next
         round); the payloads are all-gathered as bytes, so every worker
         decodes the same W payloads and lands on the same parameters. The
-        payloads travel padded to the longest one, and are counted so.
+        payloads travel padded to the longest one, and are counted so. A
+        worker of weight 0 sends no change.
         """
         n = self.flat.numel
-        payload = self.stream.encode((self.flat.params.detach() - self.anchor).cpu())
-        data = torch.frombuffer(bytearray(to_bytes(payload)), dtype=torch.uint8)
-        heads = self.all_gather(torch.tensor([data.numel(), int(ctx.should_stop())], dtype=torch.int64))
-        lengths, stops = heads[0::2].tolist(), heads[1::2]
-        padded = torch.zeros(max(lengths), dtype=torch.uint8)
-        padded[: data.numel()] = data
-        gathered = self.all_gather(padded).view(self.num_workers, -1).cpu()
+        change = (self.flat.params.detach() - self.anchor).cpu() if weight else torch.zeros(n)
+        residual = self.stream.state
+        try:
+            payload = self.stream.encode(change)
+            data = torch.frombuffer(bytearray(to_bytes(payload)), dtype=torch.uint8)
+            heads = self.all_gather(torch.tensor([data.numel(), int(ctx.should_stop()), int(weight > 0)],
+                                                 dtype=torch.int64))
+            lengths, stops, weights = heads[0::3].tolist(), heads[1::3], heads[2::3]
+            padded = torch.zeros(max(lengths), dtype=torch.uint8)
+            padded[: data.numel()] = data
+            gathered = self.all_gather(padded).view(self.num_workers, -1).cpu()
+        except RuntimeError:
+            self.stream.state = residual  # the round is redone in a re-formed group: send this change again
+            raise
         self.count_round()
         mean = torch.zeros(n)
         for row, length in zip(gathered, lengths):
             from_bytes(row[:length].numpy().tobytes(), expected_size=n).add_to_(mean)
-        self.anchor.add_(mean.div_(self.num_workers).to(self.anchor.device))
+        self.anchor.add_(mean.div_(max(int(weights.sum()), 1)).to(self.anchor.device))
         self.flat.params.copy_(self.anchor)
         return bool(stops.any())
 
@@ -270,6 +308,7 @@ class LocalSGD:
     """
 
     name: ClassVar[str] = "local-sgd"
+    restartable: ClassVar[bool] = True  # restart_workers: the group re-forms with the new worker
     average_every: int = 8
     sync_warmup_steps: int = 0
     ensemble: bool = False
@@ -311,6 +350,9 @@ class LocalSGD:
         if self.clients_per_round is not None and self.clients_per_round > job.workers:
             raise ValueError(f"clients_per_round must be in [1, workers={job.workers}], got "
                              f"{self.clients_per_round}; sample at most as many clients as there are workers")
+        if self.ensemble and job.restart_workers:
+            raise ValueError("an ensemble keeps every worker's own model, which a restarted worker has lost; "
+                             "drop restart_workers, or average the models (ensemble=False)")
         check_lockstep_optimizer(job, self.name)
         resolve_backend(self.backend, job.device, job.workers)
         steps = job.total_steps(job.data.num_train // job.workers)
@@ -326,7 +368,7 @@ class LocalSGD:
                          clients_per_round=self.clients_per_round, ensemble=self.ensemble, compress=self.compress,
                          eval_every=job.eval_interval(sum(plan)))
         run = CollectiveRun(make_worker=worker, global_steps=sum(plan) * job.workers, backend=self.backend,
-                            partition=partition)
+                            partition=partition, elastic=True)
         if not self.ensemble:
             return run.run(job, metrics)
         # The coordinator's model is the ensemble; rank 0 hands it the gathered members.

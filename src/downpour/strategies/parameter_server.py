@@ -33,7 +33,7 @@ from downpour.optim import OptimSpec
 from downpour.server import UpdatePolicy
 from downpour.server.role import ServerRole
 from downpour.strategies.base import Evaluator, Job, log_end, log_start
-from downpour.strategies.worker import Progress, Worker, shard_job
+from downpour.strategies.worker import Progress, Worker, WorkerRestarts, shard_job
 from downpour.transport import ParameterClient, Security, new_token
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,9 @@ class ParameterServerRun:
                 )
 
             workers = cluster.start([worker_role(rank) for rank in range(job.workers)])
+            restarts = WorkerRestarts(cluster, metrics, progress, worker_role) if job.restart_workers else None
             cluster.on_death = _Recovery(cluster, metrics, progress, checkpoint, server_roles, addresses, store,
-                                         worker_role if job.restart_workers else None, self.timeout)
+                                         restarts, self.timeout)
             cluster.start_together(workers, timeout=10 * self.timeout)
             log_start(metrics, evaluator)
             started = time.perf_counter()
@@ -281,21 +282,16 @@ class _Recovery:
 
     def __init__(self, cluster: Any, metrics: Metrics, progress: Progress, checkpoint: Checkpointing | None,
                  server_roles: list[ServerRole], addresses: list[str], store: dist.TCPStore,
-                 worker_role: Callable[..., PSWorker] | None, timeout: float) -> None:
-        self.cluster, self.metrics, self.progress = cluster, metrics, progress
+                 workers: WorkerRestarts | None, timeout: float) -> None:
+        self.cluster, self.metrics, self.progress, self.timeout = cluster, metrics, progress, timeout
         self.checkpoint, self.server_roles, self.addresses, self.store = checkpoint, server_roles, addresses, store
-        self.worker_role, self.timeout = worker_role, timeout
-        self.incarnations: dict[int, int] = {}
+        self.workers = workers
 
     def __call__(self, handle: Any) -> bool:
         if handle.kind == "server" and self.checkpoint is not None:
             self._restart_server(handle.rank)
             return True
-        if handle.kind == "worker" and self.worker_role is not None and not self.cluster.ended:
-            # A worker that had done all its steps starts, finds nothing left to do and returns.
-            self._restart_worker(handle.rank)
-            return True
-        return False
+        return self.workers is not None and self.workers(handle)
 
     def _restart_server(self, shard: int) -> None:
         assert self.checkpoint is not None
@@ -312,16 +308,6 @@ class _Recovery:
         self.metrics.log(self.progress.total_steps, {
             "fault/restarted": f"server:{shard}", "fault/restored_version": restored,
             "fault/lost_updates": lost, "fault/restart_seconds": time.perf_counter() - started})
-
-    def _restart_worker(self, rank: int) -> None:
-        started = time.perf_counter()
-        incarnation = self.incarnations[rank] = self.incarnations.get(rank, 0) + 1
-        self.cluster.start([self.worker_role(rank, incarnation)])
-        log.warning("worker %d restarted (incarnation %d) at step %d", rank, incarnation,
-                    self.progress.steps.get(rank, 0))
-        self.metrics.log(self.progress.total_steps, {
-            "fault/restarted": f"worker:{rank}", "fault/incarnation": incarnation,
-            "fault/restart_seconds": time.perf_counter() - started})
 
 
 def _save_progress(checkpoint: Checkpointing, progress: Progress, *, finished: bool) -> None:

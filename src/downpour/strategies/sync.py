@@ -112,6 +112,7 @@ class Sync:
     name: ClassVar[str] = "sync"
     uses_servers: ClassVar[bool] = True
     recoverable: ClassVar[bool] = True  # checkpoints, shard and worker restarts, --resume
+    restartable: ClassVar[bool] = True  # restart_workers
     backup: int = 0
     late: Literal["drop", "fold"] = "drop"
     ema_decay: float = 0.99

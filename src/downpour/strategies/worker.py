@@ -11,6 +11,7 @@ write ``train``; parameter-server workers add a client
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,8 @@ from downpour.data import batches
 from downpour.flat import FlatParams
 from downpour.metrics import Metrics
 from downpour.strategies.base import Evaluator, Job, log_end, log_start
+
+log = logging.getLogger(__name__)
 
 
 def worker_stream(job: Job, rank: int, num_workers: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -94,7 +97,8 @@ class Worker:
             self.connect()
             ctx.ready_and_wait(timeout=10 * self.timeout)
             self._window = (time.perf_counter(), 0)
-            self.train(ctx, worker_stream(self.job, self.rank, self.num_workers, skip=self.start_steps))
+            self.minibatches = worker_stream(self.job, self.rank, self.num_workers, skip=self.steps)
+            self.train(ctx, self.minibatches)
         finally:
             self.report(final=True)
             self.disconnect()
@@ -158,7 +162,12 @@ class Worker:
             self._window = (now, self.samples)
         if final:
             values["worker/done"] = True
+            values |= self.final_report()
         self.ctx.metrics.log(self.steps, values)
+
+    def final_report(self) -> dict[str, Any]:
+        """What the worker's last report adds (a subclass's hook)."""
+        return {}
 
     def snapshot(self, vector: torch.Tensor | None = None, *, final: bool = False) -> None:
         """Hand the coordinator this worker's parameters (or ``vector``) for evaluation."""
@@ -190,6 +199,46 @@ class Progress:
         return sum(self.samples.values())
 
 
+class WorkerRestarts:
+    """Restarts dead workers: the same rank again, as its next incarnation, from its predecessor's last report.
+
+    Called by the cluster with a role that died (``Cluster.on_death``);
+    returns whether it restarted it: not a server, and not once the run ended.
+    A worker that had done all its steps starts, finds nothing left to do and
+    returns.
+
+    Args:
+        cluster: the run's cluster.
+        metrics: where the restart is logged (``fault/restarted``).
+        progress: each worker's last reported steps and samples.
+        make_role: builds worker ``rank``'s role as incarnation ``incarnation``.
+        before: called with the rank before its replacement starts (to tell the survivors).
+    """
+
+    def __init__(self, cluster: Any, metrics: Metrics, progress: Progress,
+                 make_role: Callable[[int, int], Worker], before: Callable[[int], None] | None = None) -> None:
+        self.cluster, self.metrics, self.progress = cluster, metrics, progress
+        self.make_role, self.before = make_role, before
+        self.incarnations: dict[int, int] = {}
+        self.handles: dict[int, Any] = {}  # each rank's newest incarnation
+
+    def __call__(self, handle: Any) -> bool:
+        if handle.kind != "worker" or self.cluster.ended:
+            return False
+        started = time.perf_counter()
+        rank = handle.rank
+        incarnation = self.incarnations[rank] = self.incarnations.get(rank, 0) + 1
+        if self.before is not None:
+            self.before(rank)
+        [self.handles[rank]] = self.cluster.start([self.make_role(rank, incarnation)])
+        log.warning("worker %d restarted (incarnation %d) at step %d", rank, incarnation,
+                    self.progress.steps.get(rank, 0))
+        self.metrics.log(self.progress.total_steps, {
+            "fault/restarted": f"worker:{rank}", "fault/incarnation": incarnation,
+            "fault/restart_seconds": time.perf_counter() - started})
+        return True
+
+
 def shard_job(job: Job, rank: int, **partition: Any) -> Job:
     """Worker ``rank``'s job: its own partition of the training data, no test set."""
     return replace(job, data=job.data.shard(rank, job.workers, seed=job.seed, **partition).train_only())
@@ -213,6 +262,9 @@ class WorkerGroupRun:
         combine: given every final snapshot ``{rank: payload}``, the model, its
             flat parameters and the steps, loads the parameters to evaluate
             (instead of ``final_rank``'s).
+        on_restart: with ``job.restart_workers``, called with a dead worker's
+            rank before its replacement starts (the strategy's workers must be
+            able to take it back).
     """
 
     make_worker: Callable[..., Worker]
@@ -222,6 +274,7 @@ class WorkerGroupRun:
     partition: dict[str, Any] = field(default_factory=dict)
     watch: Callable[[list[Any], int], None] | None = None
     combine: Callable[[dict[int, bytes], nn.Module, FlatParams, int], None] | None = None
+    on_restart: Callable[[int], None] | None = None
     timeout: float = 60.0
 
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
@@ -231,11 +284,16 @@ class WorkerGroupRun:
         metrics.sinks.append(progress)
         evaluator = Evaluator(job, metrics)
         with open_cluster(job.cluster, metrics, tolerate_worker_deaths=self.tolerate_deaths) as cluster:
-            workers = cluster.start([
-                self.make_worker(rank=rank, num_workers=job.workers, job=shard_job(job, rank, **self.partition),
-                                 slow_factor=job.faults.slow.get(rank, 1.0), timeout=self.timeout)
-                for rank in range(job.workers)
-            ])
+
+            def worker_role(rank: int, incarnation: int = 0) -> Worker:
+                return self.make_worker(
+                    rank=rank, num_workers=job.workers, job=shard_job(job, rank, **self.partition),
+                    slow_factor=job.faults.slow.get(rank, 1.0), timeout=self.timeout, incarnation=incarnation,
+                    start_steps=progress.steps.get(rank, 0), start_samples=progress.samples.get(rank, 0))
+
+            workers = cluster.start([worker_role(rank) for rank in range(job.workers)])
+            if job.restart_workers:
+                cluster.on_death = restarts = WorkerRestarts(cluster, metrics, progress, worker_role, self.on_restart)
             cluster.start_together(workers, timeout=10 * self.timeout)
             log_start(metrics, evaluator)
             started = time.perf_counter()
@@ -246,6 +304,8 @@ class WorkerGroupRun:
             def watch() -> None:
                 if evaluator.out_of_time:
                     cluster.request_stop()
+                if job.restart_workers:  # each rank's newest incarnation
+                    workers[:] = [restarts.handles.get(h.rank, h) for h in workers]
                 if self.watch is not None:
                     self.watch(workers, progress.total_steps)
                 for handle in workers:
@@ -260,6 +320,8 @@ class WorkerGroupRun:
                         cluster.request_stop()
 
             cluster.wait_all("worker", timeout=24 * 3600, watch=watch)
+            if job.restart_workers:
+                workers[:] = [restarts.handles.get(h.rank, h) for h in workers]
             finals = {h.rank: h.published["final"][1] for h in workers if "final" in h.published}
             if not finals:
                 raise RuntimeError("no worker published its final parameters")

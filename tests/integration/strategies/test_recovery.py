@@ -187,3 +187,34 @@ def test_an_allreduce_worker_death_ends_the_run_naming_it(digits):
     with pytest.raises(dp.errors.WorkerFailed, match="worker 1"):
         dp.train(model="logistic", data=digits, strategy="allreduce", workers=2, epochs=500, batch_size=16,
                  save=False, faults=dp.Faults(slow={1: 2.0}, kill={1: 1.0}))
+
+
+@pytest.mark.parametrize("strategy", [dp.Allreduce(), dp.LocalSGD(average_every=4)], ids=["allreduce", "local-sgd"])
+def test_a_collective_group_re_forms_with_a_restarted_worker_which_takes_a_survivors_state(digits, strategy):
+    """With restart_workers the survivors leave the broken group and meet the new worker in the elastic rendezvous."""
+    steps = math.ceil(20 * math.ceil(digits.num_train // 3 / 16))  # per worker: 20 epochs of its third
+    result = dp.train(model="mlp", data=digits, strategy=strategy, optimizer=dp.optim("momentum", lr=0.05),
+                      workers=3, epochs=20, batch_size=16, save=False, restart_workers=True,
+                      faults=dp.Faults(kill={1: 1.0}))
+    events = result.history
+    assert any(e.get("fault/restarted") == "worker:1" for e in events)
+    assert {e["rank"] for e in events if "fault/regrouped" in e} == {0, 2}
+    [adopted] = [e for e in events if "fault/adopted_from" in e]
+    assert adopted["rank"] == 1 and adopted["fault/adopted_from"] in (0, 2)
+    finals = {(e["rank"], e["worker/incarnation"]): e for e in events if e.get("worker/done")}
+    assert set(finals) >= {(0, 0), (2, 0), (1, 1)}
+    reborn = finals[1, 1]
+    # The new worker took part to the end, and every replica ended bit-identical: it took the model,
+    # the momentum and the schedule of a survivor, else its steps would have drifted from theirs.
+    assert reborn["comm/rounds"] > 0 and reborn["worker/steps"] == finals[0, 0]["worker/steps"]
+    assert len({finals[key]["worker/params_crc32"] for key in ((0, 0), (2, 0), (1, 1))}) == 1
+    assert result.summary["steps"] >= 3 * steps - 3 * 4  # local SGD drops the steps short of a round
+    assert result.summary["accuracy"] >= 0.93
+
+
+def test_a_worker_restart_is_refused_where_the_workers_cannot_take_it_back(digits):
+    with pytest.raises(ValueError, match="restart_workers is for downpour, sync, allreduce and local-sgd"):
+        dp.train(model="logistic", data=digits, strategy="hogwild", workers=2, save=False, restart_workers=True)
+    with pytest.raises(ValueError, match="ensemble keeps every worker's own model"):
+        dp.train(model="logistic", data=digits, strategy=dp.LocalSGD(average_every=0, ensemble=True), workers=2,
+                 save=False, restart_workers=True)
