@@ -4,9 +4,14 @@ Downpour on MNIST (MLP, 4 workers, 2 shards, Adam 0.001 on the shards,
 batch 32, one epoch) three times: undisturbed; with shard 1 SIGKILLed at
 ``--at`` seconds (it restarts from its checkpoint, every ``--every``
 versions); with worker 2 SIGKILLed at ``--at`` seconds and ``restart_workers``.
+Then allreduce and local SGD (every 8 steps) on MNIST (MLP, 4 workers,
+Nesterov 0.15 with a cosine schedule, batch 64, two epochs), undisturbed and
+with worker 2 SIGKILLed and restarted: the survivors re-form the group with
+it through the elastic rendezvous.
+
 For each fault it prints when the death was noticed, when the replacement
-was serving, when training went on (the restarted shard's first applied
-update, or the new worker's first report), the updates lost, and the run's
+was up, when training went on (the restarted shard's first applied update,
+or the new worker's first report), the updates lost, and the run's
 samples/s against the undisturbed run's.
 
     .venv/bin/python benchmarks/recovery.py
@@ -59,30 +64,46 @@ def main() -> None:
     args = parser.parse_args()
     data = dp.data.load("mnist", data_dir=DATA)
 
-    def run(**kwargs: Any) -> dp.TrainResult:
+    def downpour(**kwargs: Any) -> dp.TrainResult:
         return dp.train(model="mlp", data=data, strategy=dp.Downpour(), optimizer=dp.optim("adam", lr=0.001),
                         workers=4, servers=2, epochs=1, batch_size=32, save=False, **kwargs)
 
-    base = run().summary
-    shard = run(faults=dp.Faults(kill_server={1: args.at}), checkpoint_every=args.every)
-    worker = run(faults=dp.Faults(kill={2: args.at}), restart_workers=True)
-    table = Table(title=f"Recovery: Downpour on MNIST (MLP), 4 workers x 2 shards, fault at {args.at:g} s, "
-                        f"checkpoints every {args.every} versions (torch {torch.__version__})")
-    for column in ("fault", "noticed", "replacement up", "training on", "updates lost", "samples/s",
+    def collective(strategy: Any, **kwargs: Any) -> dp.TrainResult:
+        return dp.train(model="mlp", data=data, strategy=strategy, workers=4, epochs=2, batch_size=64, save=False,
+                        optimizer=dp.optim("nesterov", lr=0.15, schedule="cosine"), **kwargs)
+
+    worker_fault = {"faults": dp.Faults(kill={2: args.at}), "restart_workers": True}
+    groups = [
+        ("Downpour, 4 workers x 2 shards", downpour(), [
+            ("shard 1 SIGKILL", "server:1", downpour(faults=dp.Faults(kill_server={1: args.at}),
+                                                     checkpoint_every=args.every)),
+            ("worker 2 SIGKILL", "worker:2", downpour(**worker_fault))]),
+    ]
+    for name, strategy in (("allreduce, 4 workers", dp.Allreduce()),
+                           ("local SGD every 8 steps, 4 workers", dp.LocalSGD(average_every=8))):
+        groups.append((name, collective(strategy), [
+            ("worker 2 SIGKILL", "worker:2", collective(strategy, **worker_fault))]))
+
+    table = Table(title=f"Recovery on MNIST (MLP), fault at {args.at:g} s, shard checkpoints every {args.every} "
+                        f"versions (torch {torch.__version__})")
+    for column in ("run", "fault", "noticed", "replacement up", "training on", "updates lost", "samples/s",
                    "throughput lost", "accuracy"):
         table.add_column(column, justify="right")
 
     def seconds(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f} s"
 
-    table.add_row("none", "", "", "", "", f"{base['samples_per_second']:,.0f}", "", f"{100 * base['accuracy']:.2f}%")
-    for name, role, result in (("shard 1 SIGKILL", "server:1", shard), ("worker 2 SIGKILL", "worker:2", worker)):
-        s, t = result.summary, _timeline(result.history, role)
-        lost = 1 - s["samples_per_second"] / base["samples_per_second"]
-        table.add_row(name, seconds(t["detected"]), seconds(t["restarted"]), seconds(t["resumed"]),
-                      "-" if t["lost"] is None else f"{t['lost']}", f"{s['samples_per_second']:,.0f}",
-                      f"{100 * lost:.1f}%", f"{100 * s['accuracy']:.2f}%")
-    Console(width=150).print(table)
+    for run, base, faults in groups:
+        b = base.summary
+        table.add_row(run, "none", "", "", "", "", f"{b['samples_per_second']:,.0f}", "",
+                      f"{100 * b['accuracy']:.2f}%")
+        for name, role, result in faults:
+            s, t = result.summary, _timeline(result.history, role)
+            lost = 1 - s["samples_per_second"] / b["samples_per_second"]
+            table.add_row("", name, seconds(t["detected"]), seconds(t["restarted"]), seconds(t["resumed"]),
+                          "-" if t["lost"] is None else f"{t['lost']}", f"{s['samples_per_second']:,.0f}",
+                          f"{100 * lost:.1f}%", f"{100 * s['accuracy']:.2f}%")
+    Console(width=170).print(table)
 
 
 if __name__ == "__main__":

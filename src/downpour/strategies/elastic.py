@@ -162,8 +162,12 @@ class ElasticRendezvous:
 
     ``next_round()`` joins the next round (the first, or the one after a
     member died) and returns that round's store once all ``world_size``
-    members are in it. A dead member is noticed when its heartbeats stop:
-    after ``keep_alive`` seconds times ``keep_alive_attempts``.
+    members are in it. A dead member is dropped from the round it was in
+    when its heartbeats stop: ``keep_alive`` seconds times
+    ``keep_alive_attempts`` after its last one. Until then the round cannot
+    end, so this is most of the time a group takes to re-form. A live
+    member dropped for a late heartbeat loses nothing: the group it formed
+    does not depend on the rendezvous, and it joins the next round like any.
 
     Args:
         store: the coordinator's store, which every member reaches.
@@ -174,7 +178,7 @@ class ElasticRendezvous:
     """
 
     def __init__(self, store: dist.Store, *, world_size: int, host: str, timeout: float,
-                 keep_alive: int = 1, keep_alive_attempts: int = 3) -> None:
+                 keep_alive: float = 0.5, keep_alive_attempts: int = 3) -> None:
         # The handler would otherwise start one more TCPStore in rank 0 for a torchrun-style agent.
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         run_id = "workers"
@@ -182,7 +186,7 @@ class ElasticRendezvous:
         self.handler = DynamicRendezvousHandler.from_backend(
             run_id=run_id, store=store, backend=backend, min_nodes=world_size, max_nodes=world_size,
             local_addr=host, timeout=RendezvousTimeout(join=datetime.timedelta(seconds=timeout)),
-            keep_alive_interval=keep_alive, keep_alive_max_attempt=keep_alive_attempts)
+            keep_alive_interval=keep_alive, keep_alive_max_attempt=keep_alive_attempts)  # type: ignore[arg-type]
         self.rounds = 0
 
     def next_round(self) -> dist.Store:

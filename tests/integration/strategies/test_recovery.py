@@ -199,8 +199,10 @@ def test_a_collective_group_re_forms_with_a_restarted_worker_which_takes_a_survi
     events = result.history
     assert any(e.get("fault/restarted") == "worker:1" for e in events)
     assert {e["rank"] for e in events if "fault/regrouped" in e} == {0, 2}
-    [adopted] = [e for e in events if "fault/adopted_from" in e]
-    assert adopted["rank"] == 1 and adopted["fault/adopted_from"] in (0, 2)
+    # The new worker took a survivor's state (so may a survivor whose last collective failed where the
+    # other's completed: it was a step behind).
+    adopted = {e["rank"]: e["fault/adopted_from"] for e in events if "fault/adopted_from" in e}
+    assert adopted[1] in (0, 2)
     finals = {(e["rank"], e["worker/incarnation"]): e for e in events if e.get("worker/done")}
     assert set(finals) >= {(0, 0), (2, 0), (1, 1)}
     reborn = finals[1, 1]
