@@ -14,12 +14,23 @@ import pytest
 
 import downpour as dp
 from downpour.checkpoint import load_run_state, load_shard
-from tests.integration.strategies.conftest import DOWNPOUR_MNIST_FLAGS
+from tests.integration.strategies.conftest import DOWNPOUR_MNIST, DOWNPOUR_MNIST_FLAGS
 from tests.processes import child_processes
 
 pytestmark = pytest.mark.integration
 
 CHECKPOINT_EVERY = 100  # versions
+# Downpour's recipe with the shards' moving average evaluated: the raw parameters' final accuracy varies
+# by about a point between runs on two cores (one CI run's undisturbed baseline came out at 95.47%); the
+# average's measured 97.30-97.40% over four runs, steady enough for a half-point comparison.
+FLAGS = [*DOWNPOUR_MNIST_FLAGS, "--ema-decay", "0.99", "--evaluate-average"]
+
+
+@pytest.fixture(scope="module")
+def baseline(mnist):
+    """The undisturbed run that faulty and resumed runs are held to."""
+    return dp.train(data=mnist, strategy=dp.Downpour(ema_decay=0.99, evaluate_average=True),
+                    optimizer=dp.optim("adam", lr=0.001), save=False, **DOWNPOUR_MNIST).summary
 
 
 def _train(args: list[str], shared_data: Path) -> subprocess.Popen:
@@ -54,9 +65,9 @@ def _assert_no_process_left(roles: set[int]) -> None:
 
 @pytest.mark.slow
 def test_a_killed_shard_restarts_from_its_checkpoint_and_the_run_completes(
-        shared_data, tmp_path, downpour_mnist_baseline):
+        shared_data, tmp_path, baseline):
     run_dir = tmp_path / "killed"
-    proc = _train([*DOWNPOUR_MNIST_FLAGS, "--dataset", "mnist", "--kill-server", "1@4", "--checkpoint-every", str(CHECKPOINT_EVERY),
+    proc = _train([*FLAGS, "--dataset", "mnist", "--kill-server", "1@4", "--checkpoint-every", str(CHECKPOINT_EVERY),
                    "--run-dir", str(run_dir)], shared_data)
     try:
         roles = _watch(proc, timeout=240)
@@ -74,18 +85,18 @@ def test_a_killed_shard_restarts_from_its_checkpoint_and_the_run_completes(
     assert 0 <= summary["lost_updates"] == restart["fault/lost_updates"] <= CHECKPOINT_EVERY
     assert restart["fault/restored_version"] % CHECKPOINT_EVERY == 0 and restart["fault/restored_version"] > 0
     # Workers reconnected to the shard's new address and trained on: every step was taken.
-    assert summary["steps"] == downpour_mnist_baseline["steps"]
+    assert summary["steps"] == baseline["steps"]
     assert any(e.get("comm/reconnections", 0) > 0 for e in events)
-    assert summary["accuracy"] >= downpour_mnist_baseline["accuracy"] - 0.005, (
-        summary["accuracy"], downpour_mnist_baseline["accuracy"])
+    assert summary["accuracy"] >= baseline["accuracy"] - 0.005, (
+        summary["accuracy"], baseline["accuracy"])
 
 
 @pytest.mark.slow
 def test_a_run_stopped_with_sigint_resumes_to_the_same_steps_and_accuracy(
-        shared_data, tmp_path, downpour_mnist_baseline):
+        shared_data, tmp_path, baseline):
     run_dir = tmp_path / "stopped"
-    halfway = downpour_mnist_baseline["steps"] // 2
-    proc = _train([*DOWNPOUR_MNIST_FLAGS, "--dataset", "mnist", "--checkpoint-every", str(CHECKPOINT_EVERY),
+    halfway = baseline["steps"] // 2
+    proc = _train([*FLAGS, "--dataset", "mnist", "--checkpoint-every", str(CHECKPOINT_EVERY),
                    "--run-dir", str(run_dir)],
                   shared_data)
     try:
@@ -110,7 +121,7 @@ def test_a_run_stopped_with_sigint_resumes_to_the_same_steps_and_accuracy(
             proc.wait()
     _assert_no_process_left(roles)
     state = load_run_state(run_dir / "checkpoints")
-    assert not state["finished"] and halfway <= sum(state["steps"].values()) < downpour_mnist_baseline["steps"]
+    assert not state["finished"] and halfway <= sum(state["steps"].values()) < baseline["steps"]
     # The shards checkpointed as they stopped: nothing the workers pushed is lost.
     versions = [load_shard(run_dir / "checkpoints" / f"shard-{s}.safetensors")["version"] for s in (0, 1)]
     assert versions == [sum(state["steps"].values())] * 2
@@ -124,10 +135,10 @@ def test_a_run_stopped_with_sigint_resumes_to_the_same_steps_and_accuracy(
             resumed.kill()
             resumed.wait()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == downpour_mnist_baseline["steps"]
-    assert summary["samples"] == downpour_mnist_baseline["samples"]
-    assert abs(summary["accuracy"] - downpour_mnist_baseline["accuracy"]) <= 0.005, (
-        summary["accuracy"], downpour_mnist_baseline["accuracy"])
+    assert summary["steps"] == baseline["steps"]
+    assert summary["samples"] == baseline["samples"]
+    assert abs(summary["accuracy"] - baseline["accuracy"]) <= 0.005, (
+        summary["accuracy"], baseline["accuracy"])
     assert load_run_state(run_dir / "checkpoints")["finished"]
     # The resumed part's events follow the first part's in the same log.
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
