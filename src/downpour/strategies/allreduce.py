@@ -132,5 +132,5 @@ class Allreduce:
         steps = job.total_steps(job.data.num_train // job.workers)
         worker = partial(AllreduceWorker, total_steps=steps, bucket_cap_mb=self.bucket_cap_mb,
                          log_every=self.log_every, eval_every=job.eval_interval(steps))
-        return CollectiveRun(make_worker=worker, global_steps=steps * job.workers, backend=self.backend,
-                             elastic=True).run(job, metrics)
+        return CollectiveRun(make_worker=worker, global_steps=steps * job.workers,
+                             backend=self.backend).run(job, metrics)

@@ -402,9 +402,10 @@ class CollectiveRun:
     It hosts the group's rendezvous (a ``TCPStore`` on this machine's address
     as the workers reach it) and gives every worker ``store_address``,
     ``backend``, its rank and the world size. A worker that dies ends the run
-    (the others would wait in their next collective), unless the run is
-    ``elastic`` and ``job.restart_workers``: then its replacement starts and
-    the group re-forms (:mod:`downpour.strategies.elastic`).
+    (the others would wait in their next collective), unless
+    ``job.restart_workers`` (allowed by the strategies whose workers take a
+    member back): then its replacement starts and the group re-forms
+    (:mod:`downpour.strategies.elastic`).
 
     Args:
         make_worker: builds worker ``rank``'s role from keyword arguments
@@ -414,7 +415,6 @@ class CollectiveRun:
         replica: the workers' model factory when the coordinator's model is a
             different one built from the workers' (an ensemble of them).
         partition: keyword arguments for ``Dataset.shard`` (scheme, alpha...).
-        elastic: the workers can take a restarted member back (``restart_workers``).
     """
 
     make_worker: Callable[..., CollectiveWorker]
@@ -422,13 +422,9 @@ class CollectiveRun:
     backend: str = "auto"
     replica: Callable[[], nn.Module] | None = None
     partition: dict[str, Any] = field(default_factory=dict)
-    elastic: bool = False
     timeout: float = 60.0
 
     def run(self, job: Job, metrics: Metrics) -> nn.Module:
-        if job.restart_workers and not self.elastic:
-            raise ValueError("this strategy's workers cannot take a restarted member back; "
-                             "restart_workers is for downpour, sync, allreduce and local-sgd")
         backend = resolve_backend(self.backend, job.device, job.workers)
         host = getattr(job.cluster, "host", "127.0.0.1")  # this machine, as the workers reach it
         store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,

@@ -34,6 +34,7 @@ SGD drops the steps left over after the last full round of an epoch.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -144,6 +145,7 @@ class LocalSGDWorker(CollectiveWorker):
     def prepare(self) -> None:
         super().prepare()
         self.round = self.local = 0  # the round under way, and the local steps taken in it
+        self.round_ends = list(itertools.accumulate(self.plan))  # schedule steps at each round's end
         self.adopted = False
         if self.compress is not None:
             self.stream = Stream(parse(self.compress))
@@ -195,7 +197,7 @@ class LocalSGDWorker(CollectiveWorker):
             if stop or last:
                 return
             # An ensemble's members are evaluated together, at the end.
-            done = sum(self.plan[: self.round])
+            done = self.round_ends[self.round - 1]
             if self.rank == 0 and not self.ensemble and done >= self.next_eval:
                 self.snapshot()
                 self.next_eval = done + self.eval_every
@@ -368,7 +370,7 @@ class LocalSGD:
                          clients_per_round=self.clients_per_round, ensemble=self.ensemble, compress=self.compress,
                          eval_every=job.eval_interval(sum(plan)))
         run = CollectiveRun(make_worker=worker, global_steps=sum(plan) * job.workers, backend=self.backend,
-                            partition=partition, elastic=True)
+                            partition=partition)
         if not self.ensemble:
             return run.run(job, metrics)
         # The coordinator's model is the ensemble; rank 0 hands it the gathered members.

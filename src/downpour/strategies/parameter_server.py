@@ -208,7 +208,7 @@ class ParameterServerRun:
                 )
 
             workers = cluster.start([worker_role(rank) for rank in range(job.workers)])
-            restarts = WorkerRestarts(cluster, metrics, progress, worker_role) if job.restart_workers else None
+            restarts = WorkerRestarts(cluster, metrics, progress, worker_role, workers) if job.restart_workers else None
             cluster.on_death = _Recovery(cluster, metrics, progress, checkpoint, server_roles, addresses, store,
                                          restarts, self.timeout)
             cluster.start_together(workers, timeout=10 * self.timeout)

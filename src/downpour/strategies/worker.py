@@ -212,15 +212,15 @@ class WorkerRestarts:
         metrics: where the restart is logged (``fault/restarted``).
         progress: each worker's last reported steps and samples.
         make_role: builds worker ``rank``'s role as incarnation ``incarnation``.
+        handles: the workers' handles by rank; a replacement takes its rank's place.
         before: called with the rank before its replacement starts (to tell the survivors).
     """
 
-    def __init__(self, cluster: Any, metrics: Metrics, progress: Progress,
-                 make_role: Callable[[int, int], Worker], before: Callable[[int], None] | None = None) -> None:
+    def __init__(self, cluster: Any, metrics: Metrics, progress: Progress, make_role: Callable[[int, int], Worker],
+                 handles: list[Any], before: Callable[[int], None] | None = None) -> None:
         self.cluster, self.metrics, self.progress = cluster, metrics, progress
-        self.make_role, self.before = make_role, before
+        self.make_role, self.handles, self.before = make_role, handles, before
         self.incarnations: dict[int, int] = {}
-        self.handles: dict[int, Any] = {}  # each rank's newest incarnation
 
     def __call__(self, handle: Any) -> bool:
         if handle.kind != "worker" or self.cluster.ended:
@@ -293,7 +293,7 @@ class WorkerGroupRun:
 
             workers = cluster.start([worker_role(rank) for rank in range(job.workers)])
             if job.restart_workers:
-                cluster.on_death = restarts = WorkerRestarts(cluster, metrics, progress, worker_role, self.on_restart)
+                cluster.on_death = WorkerRestarts(cluster, metrics, progress, worker_role, workers, self.on_restart)
             cluster.start_together(workers, timeout=10 * self.timeout)
             log_start(metrics, evaluator)
             started = time.perf_counter()
@@ -304,8 +304,6 @@ class WorkerGroupRun:
             def watch() -> None:
                 if evaluator.out_of_time:
                     cluster.request_stop()
-                if job.restart_workers:  # each rank's newest incarnation
-                    workers[:] = [restarts.handles.get(h.rank, h) for h in workers]
                 if self.watch is not None:
                     self.watch(workers, progress.total_steps)
                 for handle in workers:
@@ -320,8 +318,6 @@ class WorkerGroupRun:
                         cluster.request_stop()
 
             cluster.wait_all("worker", timeout=24 * 3600, watch=watch)
-            if job.restart_workers:
-                workers[:] = [restarts.handles.get(h.rank, h) for h in workers]
             finals = {h.rank: h.published["final"][1] for h in workers if "final" in h.published}
             if not finals:
                 raise RuntimeError("no worker published its final parameters")
