@@ -11,6 +11,8 @@ they rarely touch the same coordinates. A linear model on sparse CSR inputs
 the coordinates of the batch's features (:mod:`downpour.strategies.sparse_linear`);
 any other model takes its optimizer's dense step, each worker with its own
 optimizer over the shared parameters, as PyTorch's ``mnist_hogwild`` does.
+The learning-rate schedule follows the shared model's progress (all the
+workers' updates, over W), not each worker's own count.
 
 The paper's comparators are options: ``lock`` takes one lock around every
 update, ``round_robin`` makes the workers write in turn, in rank order
@@ -180,6 +182,7 @@ class HogwildWorker(Worker):
     shared: torch.Tensor = field(repr=False)
     shared_buffers: list[torch.Tensor] = field(repr=False, default_factory=list)
     gate: UpdateGate = field(repr=False)
+    steps_done: Any = field(repr=False)  # a shared array: every worker's step count, at its rank
     sparse: bool = False
 
     def connect(self) -> None:
@@ -200,17 +203,28 @@ class HogwildWorker(Worker):
                 lr = self.optimizer.param_groups[0]["lr"]
                 update = self._sparse_gradient(x, y, lr)
                 written = self._write(partial(apply_sparse_, self.flat.params, update, alpha=-lr))
-                with warnings.catch_warnings():
-                    # The optimizer only carries the schedule's lr here; it never steps.
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-                    self.scheduler.step()
             else:
                 self.gradient(x, y)
                 written = self._write(self.optimizer.step)
-                self.scheduler.step()
             if not written:
                 break
+            self._follow_schedule()
         self.gate.retire(self.rank, ctx.should_stop, self.timeout)
+
+    def _follow_schedule(self) -> None:
+        """Move the learning-rate schedule to the shared model's progress: every worker's updates, over W.
+
+        One shared model, one schedule: a worker the OS runs less than the
+        others takes its lr from the updates the model has had, and does not
+        write at a high lr after the others have annealed theirs.
+        """
+        self.steps_done[self.rank] = self.steps
+        target = min(sum(self.steps_done) // self.num_workers, self.total_steps)
+        with warnings.catch_warnings():
+            # The sparse path's optimizer only carries the schedule's lr; it never steps.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            while self.scheduler.last_epoch < target:
+                self.scheduler.step()
 
     def _sparse_gradient(self, x: torch.Tensor, y: torch.Tensor, lr: float):
         # Worker.gradient's pacing and counting around a sparse step instead of autograd.
@@ -297,6 +311,7 @@ class Hogwild:
         # Buffers too (batch-norm statistics), as model.share_memory() would: the workers update them in place.
         buffers = [b.share_memory_() for b in model.buffers()]
         gate = UpdateGate.create(self.mode, job.workers)
+        steps_done = multiprocessing.get_context("spawn").RawArray("q", job.workers)
         per_worker = job.total_steps(job.data.num_train // job.workers)
         interval = job.eval_interval(per_worker * job.workers)
         progress = Progress()
@@ -306,7 +321,8 @@ class Hogwild:
             workers = cluster.start([
                 HogwildWorker(rank=rank, num_workers=job.workers, job=shard_job(job, rank), total_steps=per_worker,
                               slow_factor=job.faults.slow.get(rank, 1.0), log_every=self.log_every,
-                              shared=flat.params, shared_buffers=buffers, gate=gate, sparse=sparse)
+                              shared=flat.params, shared_buffers=buffers, gate=gate, steps_done=steps_done,
+                              sparse=sparse)
                 for rank in range(job.workers)
             ])
             cluster.start_together(workers, timeout=600.0)

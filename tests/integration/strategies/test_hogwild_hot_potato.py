@@ -14,7 +14,7 @@ from downpour.data import batches
 from downpour.flat import FlatParams
 from downpour.models import backward, build, default_loss
 from downpour.strategies import Job
-from downpour.strategies.hogwild import Hogwild, UpdateGate
+from downpour.strategies.hogwild import Hogwild, HogwildWorker, UpdateGate
 from downpour.strategies.hot_potato import HotPotato
 from downpour.strategies.sparse_linear import SparseLinearGradient
 from downpour.strategies.worker import shard_job, worker_stream
@@ -36,8 +36,10 @@ def _numel(data, model: str) -> int:
 def test_hogwild_4_workers_reach_96_percent_on_mnist_in_one_epoch(mnist):
     # The coordinator gets no parameters from the workers but the shared
     # memory it evaluates: the accuracy is proof the writes reached it.
+    # Nesterov: with plain momentum, one run in five under CPU load ended
+    # between 95.6% and 96.2%; Nesterov ended at 96.9-97.3% in 18 such runs.
     result = dp.train(model="mlp", data=mnist, strategy=Hogwild(),
-                      optimizer=dp.optim("momentum", lr=0.05, schedule="cosine"),
+                      optimizer=dp.optim("nesterov", lr=0.05, schedule="cosine"),
                       workers=4, epochs=1, eval_every=400, save=False)
     s = result.summary
     assert s["accuracy"] >= 0.96, s
@@ -98,6 +100,23 @@ def test_lazy_l2_over_the_whole_training_set_equals_the_dense_l2_gradient(w8a):
     seen = torch.bincount(w8a.x_train.col_indices(), minlength=w8a.input_shape[0]) > 0
     mask = torch.cat([seen.repeat(w8a.num_classes), torch.ones(w8a.num_classes, dtype=torch.bool)])
     assert torch.allclose(step.update.to_dense()[mask], flat.grads[mask], atol=1e-5)
+
+
+def test_a_hogwild_worker_takes_its_learning_rate_from_every_workers_updates():
+    steps_done = multiprocessing.get_context("spawn").RawArray("q", 4)
+    worker = HogwildWorker(rank=3, num_workers=4, job=None, total_steps=100, shared=torch.zeros(1),
+                           gate=UpdateGate.create("hogwild", 4), steps_done=steps_done)
+    worker.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    worker.scheduler = dp.optim("sgd", lr=1.0, schedule="cosine").build_scheduler(worker.optimizer, 100)
+    steps_done[:3] = [100, 100, 100]  # the others have finished while worker 3 was starved
+    worker.steps = 20
+    worker._follow_schedule()
+    assert list(steps_done) == [100, 100, 100, 20]
+    assert worker.scheduler.last_epoch == (300 + 20) // 4
+    assert worker.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.8)))
+    worker.steps = 100
+    worker._follow_schedule()
+    assert worker.scheduler.last_epoch == 100 and worker.optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
 
 
 def test_hot_potato_equals_sequential_sgd_over_the_shards_in_turn():
