@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from downpour.cluster import LocalCluster, open_cluster
+from downpour.cluster import open_cluster
 from downpour.errors import PeerTimeout, check_range
 from downpour.flat import FlatParams, apply_sparse_
 from downpour.metrics import Metrics
