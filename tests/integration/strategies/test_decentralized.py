@@ -51,7 +51,9 @@ def test_bad_configurations_say_what_is_wrong(digits):
 
 @pytest.mark.slow
 def test_four_peers_reach_96_percent_on_mnist(mnist):
-    result = dp.train(model="mlp", data=mnist, workers=4, epochs=1, batch_size=32,
+    # Two epochs of batch 64 take as long as one of batch 32, and the replicas end with margin:
+    # 97.3-97.7% in five runs under CPU load (one epoch of batch 32: 95.9-97.0%).
+    result = dp.train(model="mlp", data=mnist, workers=4, epochs=2, batch_size=64,
                       strategy=dp.Decentralized(compress="threshold:tau=0.002,entropy"),
                       optimizer=dp.optim("momentum", lr=0.02))
     s = result.summary
