@@ -203,8 +203,8 @@ class LocalCluster(Cluster):
             except queue_lib.Empty:
                 break
             self._handle(handle, item)
-            if time.monotonic() >= deadline:
-                break
+            if handle.finished or handle.failed or time.monotonic() >= deadline:
+                break  # a role ended: the caller looks at once, not at the end of the timeout
         self._check_deaths()
 
     def _handle(self, handle: RoleHandle, item: dict[str, Any]) -> None:
