@@ -68,6 +68,9 @@ class Worker:
     """
 
     kind: ClassVar[str] = "worker"
+    # Whether gradient() leaves the gradient in self.flat.grads (zeroed, then
+    # accumulated into in place); else autograd hands over fresh p.grad tensors.
+    flat_gradients: ClassVar[bool] = True
     rank: int
     num_workers: int
     job: Job = field(repr=False)
@@ -126,7 +129,10 @@ class Worker:
             time.sleep((self.slow_factor - 1) * (now - self._step_started))
             now = time.perf_counter()
         self._step_started = now
-        self.flat.zero_grad_()
+        if self.flat_gradients:
+            self.flat.zero_grad_()
+        else:
+            self.model.zero_grad(set_to_none=True)
         loss = float(backward(self.model, self.job.loss, x.to(self.job.device), y.to(self.job.device)))
         self.steps += 1
         self.samples += len(y)
