@@ -20,10 +20,3 @@ def digits():
 DOWNPOUR_MNIST = dict(model="mlp", workers=4, servers=2, epochs=1, batch_size=32)
 DOWNPOUR_MNIST_FLAGS = ["--strategy", "downpour", "--model", "mlp", "--workers", "4", "--servers", "2",
                         "--epochs", "1", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.001"]
-
-
-@pytest.fixture(scope="session")
-def downpour_mnist_baseline(mnist):
-    """The summary of that run, uncompressed and undisturbed: what faulty runs are held to."""
-    return dp.train(data=mnist, strategy=dp.Downpour(), optimizer=dp.optim("adam", lr=0.001), save=False,
-                    **DOWNPOUR_MNIST).summary

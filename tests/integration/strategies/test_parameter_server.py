@@ -15,6 +15,7 @@ from downpour.flat import FlatParams
 from downpour.models import backward
 from downpour.strategies import Job
 from downpour.strategies.worker import worker_stream
+from tests.integration.strategies.conftest import DOWNPOUR_MNIST
 from tests.processes import child_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -159,19 +160,22 @@ THRESHOLD = "threshold:tau=0.05,entropy"
 
 
 @pytest.fixture(scope="module")
-def compressed_runs(mnist, downpour_mnist_baseline):
+def compressed_runs(mnist):
     """Downpour on MNIST (MLP, 4 workers, 2 shards, one epoch), uncompressed and compressed, by server optimizer.
 
     Top-k's error feedback suits momentum on the shards; Strom's threshold suits Adam, which
     normalizes each coordinate's step, so the fixed +-tau (whatever a layer's gradient scale)
-    costs nothing there. Each is held to the uncompressed run with its own optimizer.
+    costs nothing there. Each is held to the uncompressed run with its own optimizer. The Adam
+    pair evaluates the shards' moving average: the raw parameters of two asynchronous runs differ
+    by up to 0.65 pp either way (measured), more than the half point the pair is held to.
     """
     optimizers = {"momentum": dp.optim("momentum", lr=0.02), "adam": dp.optim("adam", lr=0.001)}
-    runs = {("adam", None): downpour_mnist_baseline}
-    for optimizer, spec in (("momentum", None), ("momentum", "topk:0.005,fp16,entropy"), ("adam", THRESHOLD)):
-        runs[optimizer, spec] = dp.train(model="mlp", data=mnist, strategy=dp.Downpour(compress=spec),
-                                         optimizer=optimizers[optimizer], workers=4, servers=2, epochs=1,
-                                         batch_size=32, save=False).summary
+    average = {"momentum": {}, "adam": {"ema_decay": 0.99, "evaluate_average": True}}
+    runs = {}
+    for optimizer, spec in (("momentum", None), ("momentum", "topk:0.005,fp16,entropy"),
+                            ("adam", None), ("adam", THRESHOLD)):
+        runs[optimizer, spec] = dp.train(data=mnist, strategy=dp.Downpour(compress=spec, **average[optimizer]),
+                                         optimizer=optimizers[optimizer], save=False, **DOWNPOUR_MNIST).summary
     return runs
 
 
@@ -192,7 +196,8 @@ def test_threshold_pushes_over_100x_fewer_bytes_within_half_a_point(compressed_r
     assert threshold["steps"] == plain["steps"]
     # Against float32 pushes (the baseline's own pushes are already sparse where that is smaller).
     assert threshold["compression_ratio"] >= 100 and threshold["bytes_sent"] * 100 <= threshold["bytes_raw"]
-    # Measured at tau 0.05: 1,772-1,793x, 96.59-96.71% against 96.52-96.73% uncompressed. With momentum
+    # Measured at tau 0.05, moving averages: 1,755-1,823x, 97.00-97.25% against 97.30-97.52% uncompressed
+    # (the gap 0.06-0.37 pp over five pairs, two of them under CPU load). With momentum
     # on the shards no tau came within 1 pp: a fixed +-tau caps how fast a coordinate moves, and the
     # last layer's gradients are 10-50x the first layer's.
     assert threshold["accuracy"] >= plain["accuracy"] - 0.005, (threshold["accuracy"], plain["accuracy"])
