@@ -224,6 +224,8 @@ class HogwildWorker(Worker):
         """
         self.steps_done[self.rank] = self.steps
         target = min(sum(self.steps_done) // self.num_workers, self.total_steps)
+        if self.scheduler.last_epoch >= target:
+            return
         with warnings.catch_warnings():
             # The sparse path's optimizer only carries the schedule's lr; it never steps.
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
