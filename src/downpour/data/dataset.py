@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from downpour.data.partition import Scheme, partition
-from downpour.data.rows import is_csr, take_rows
+from downpour.data.rows import is_csr, pack_rows, take_rows, unpack_rows
 from downpour.errors import check_range
 
 
@@ -61,6 +61,15 @@ class Dataset:
                 f"{self.name}: train inputs {tuple(self.x_train.shape[1:])} and test inputs "
                 f"{tuple(self.x_test.shape[1:])} differ in shape or layout"
             )
+
+    def __getstate__(self) -> dict[str, object]:
+        # Sparse inputs travel as their arrays, so a worker process rebuilds
+        # them without torch's per-process warnings (see rows.pack_rows).
+        return {name: pack_rows(value) for name, value in vars(self).items()}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, unpack_rows(value))
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -5,7 +5,9 @@ digest. :func:`fetch` returns its local path after making sure the bytes are
 the published ones: a file already on disk is hashed on every load (cheap
 next to decoding it); a missing file is downloaded to a temporary file in the same folder,
 hashed while it streams, and only renamed into place once the digest matches,
-so a crash or a bad mirror never leaves a half-written or wrong file behind.
+so a crash or a bad mirror never leaves a half-written or wrong file behind;
+folders a failed download created are removed again once empty. A failure
+names, on one line, every URL tried and why it failed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import http.client
 import logging
 import os
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,29 +122,82 @@ def fetch(
             (``$DOWNPOUR_MIRROR/<dataset>/<name>``) and is tried next.
 
     Raises:
-        DataError: The file is missing and may not or could not be downloaded,
-            or its bytes do not match the published digest.
+        DataError: The file is missing and may not or could not be downloaded
+            (the message names each URL tried and its error, on one line), or
+            its bytes do not match the published digest.
+
+    Example:
+        >>> remote = RemoteFile(name="w8a", size=3478239, sha256="b464...")
+        >>> fetch("w8a", remote, Path("data/w8a"), download=True)  # doctest: +SKIP
+        PosixPath('/home/me/data/w8a/w8a')
     """
     path = (folder / remote.name).absolute()
     if path.is_file():
         verify_local(path, remote)
         return path
+    hint = _data_dir_hint(folder)
     if not download:
         raise DataError(
             f"{dataset}: missing {path} (expected {remote.name}, {remote.expected}); "
-            "pass download=True or copy the file there"
+            f"pass download=True or copy the file there{hint}"
         )
     urls = [f"{base.rstrip('/')}/{remote.name}" for base in mirror_bases(dataset, mirror)]
-    failures = []
-    for url in urls:
-        try:
-            _download(url, path, remote)
-            return path
-        except DataError as error:
-            failures.append(str(error))
-    tried = "\n  ".join(failures) or "no mirror configured"
+    failures: list[str] = []
+    created = _missing_folders(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for url in urls:
+            try:
+                _download(url, path, remote)
+                return path
+            except DataError as error:
+                failures.append(str(error))
+    except OSError as error:  # from mkdir: _download raises only DataError
+        failures.append(f"cannot create {path.parent}: {error}")
+    finally:
+        if not path.is_file():  # failed or interrupted: leave the data folder as we found it
+            _remove_empty(created)
+    if not failures:
+        failures.append(
+            f"no mirror is configured for {dataset!r}; pass mirror= or set $DOWNPOUR_MIRROR"
+        )
+    tried = "; ".join(f"({number}) {failure}" for number, failure in enumerate(failures, start=1))
     raise DataError(
-        f"{dataset}: could not download {remote.name} ({remote.expected}) to {path}:\n  {tried}"
+        f"{dataset}: could not download {remote.name} ({remote.expected}) to {path}: {tried}{hint}"
+    )
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download created, deepest first, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process put a file there) or already gone
+            return
+
+
+def _data_dir_hint(folder: Path) -> str:
+    """A note for a relative data folder that does not exist: likely the wrong one.
+
+    ``--data-dir ../shared/data`` run from another folder than intended names a
+    folder that is not there; downloading into a fresh copy of it would be
+    the wrong fix, so the message says where the path was taken from.
+    """
+    data_dir = folder.parent
+    if folder.is_absolute() or data_dir == Path() or data_dir.exists():
+        return ""
+    return (
+        f"; the data folder {str(data_dir)!r} does not exist here ({os.getcwd()}): "
+        "if the files are elsewhere, check --data-dir or $DOWNPOUR_DATA"
     )
 
 
@@ -188,11 +244,15 @@ def _digest_file(path: Path, remote: RemoteFile) -> str:
 
 
 def _download(url: str, path: Path, remote: RemoteFile) -> None:
-    """Stream ``url`` into a temp file beside ``path``; rename into place only if it verifies."""
+    """Stream ``url`` into a temp file beside ``path``; rename into place only if it verifies.
+
+    Raises:
+        DataError: ``"<url>: <why>"``, the underlying error (or the expected and
+            actual digests) stated; nothing is left behind.
+    """
     algorithm = "sha256" if remote.sha256 else "md5"
     hasher = hashlib.new(algorithm)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     except OSError as error:
         raise DataError(f"{url}: cannot write into {path.parent}: {error}") from error
@@ -209,14 +269,27 @@ def _download(url: str, path: Path, remote: RemoteFile) -> None:
         actual = f"{algorithm}:{hasher.hexdigest()}"
         if actual != remote.expected:
             raise DataError(
-                f"{url}: checksum mismatch for {remote.name}: expected {remote.expected}, "
-                f"got {actual}; the download was discarded"
+                f"{url}: checksum mismatch: expected {remote.expected}, got {actual} (discarded)"
             )
         os.chmod(temp, 0o644)  # mkstemp makes it owner-only; a data cache is for everyone
         os.replace(temp, path)
     except (OSError, ValueError, http.client.HTTPException) as error:
         if isinstance(error, DataError):
             raise
-        raise DataError(f"{url}: {error}") from error
+        logger.debug("downloading %s failed", url, exc_info=True)
+        raise DataError(f"{url}: {_reason(error)}") from error
     finally:
         temp.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, without urllib's wrapping: ``[Errno -2] Name or service not known``."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP Error {error.code}: {error.reason}"
+    cause: object = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(cause, TimeoutError) and not getattr(cause, "errno", None):
+        return f"timed out after {_TIMEOUT_S:g} s"
+    text = str(cause)
+    if isinstance(cause, BaseException) and not text:
+        return type(cause).__name__
+    return text

@@ -72,8 +72,8 @@ def test_checksum_mismatch_leaves_nothing(http_root, shared_data, tmp_path, monk
         fetch("mnist", LABELS, folder, download=True)
     message = str(caught.value)
     assert LABELS.name in message and "checksum mismatch" in message
-    assert LABELS.sha256 in message
-    assert hashlib.sha256(bytes(blob)).hexdigest() in message
+    actual = hashlib.sha256(bytes(blob)).hexdigest()
+    assert f"expected sha256:{LABELS.sha256}, got sha256:{actual}" in message
     assert _leftovers(folder) == []
 
 
@@ -91,6 +91,106 @@ def test_unreachable_server_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setitem(download.MIRRORS, "mnist", ["http://127.0.0.1:9/mnist"])
     with pytest.raises(DataError, match="could not download"):
         fetch("mnist", LABELS, tmp_path / "mnist", download=True)
+
+
+def test_failure_names_every_url_and_its_error_on_one_line(http_root, tmp_path, monkeypatch):
+    _, base = http_root
+    urls = [
+        f"https://mirror.invalid/mnist/{LABELS.name}",  # no such host (RFC 2606)
+        f"http://127.0.0.1:9/mnist/{LABELS.name}",  # nothing listens on the discard port
+        f"{base}/nowhere/{LABELS.name}",  # 404
+    ]
+    monkeypatch.setitem(download.MIRRORS, "mnist", [url.rsplit("/", 1)[0] for url in urls])
+    with pytest.raises(DataError) as caught:
+        fetch("mnist", LABELS, tmp_path / "mnist", download=True)
+    message = str(caught.value)
+    # The CLI prints the first line only: the reasons must be on it.
+    assert "\n" not in message
+    assert message.startswith(f"mnist: could not download {LABELS.name} (sha256:{LABELS.sha256})")
+    # Each URL with the underlying error, unwrapped from urllib's "<urlopen error ...>".
+    assert f"(1) {urls[0]}: [Errno " in message
+    assert f"(2) {urls[1]}: [Errno 111] Connection refused" in message
+    assert f"(3) {urls[2]}: HTTP Error 404: File not found" in message
+    assert "urlopen error" not in message
+
+
+def test_no_mirror_says_how_to_add_one(tmp_path, monkeypatch):
+    monkeypatch.setitem(download.MIRRORS, "mnist", [])
+    with pytest.raises(DataError, match=r"no mirror is configured for 'mnist'.*DOWNPOUR_MIRROR"):
+        fetch("mnist", LABELS, tmp_path / "data" / "mnist", download=True)
+    assert not (tmp_path / "data").exists()
+
+
+def test_failure_removes_the_folders_it_created(tmp_path, monkeypatch):
+    monkeypatch.setitem(download.MIRRORS, "mnist", ["http://127.0.0.1:9/mnist"])
+    with pytest.raises(DataError):
+        load("mnist", data_dir=tmp_path / "fresh" / "data")
+    # Neither the dataset folder nor the data folder above it stays behind, empty.
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_keeps_folders_and_files_that_were_there(http_root, tmp_path, monkeypatch):
+    _, base = http_root
+    monkeypatch.setitem(download.MIRRORS, "mnist", [f"{base}/nowhere"])
+    data = tmp_path / "data"
+    (data / "mnist").mkdir(parents=True)
+    (data / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="404"):
+        fetch("mnist", LABELS, data / "mnist", download=True)
+    assert _leftovers(data) == ["mnist", "notes.txt"]
+    assert _leftovers(data / "mnist") == []  # an empty folder we did not make stays
+
+
+def test_failure_stops_removing_at_the_first_folder_that_existed(tmp_path, monkeypatch):
+    monkeypatch.setitem(download.MIRRORS, "mnist", ["http://127.0.0.1:9/mnist"])
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError):
+        fetch("mnist", LABELS, tmp_path / "data" / "mnist" / "deeper", download=True)
+    assert _leftovers(tmp_path) == ["data"]
+    assert _leftovers(tmp_path / "data") == []
+
+
+def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch):
+    def interrupt(url, path, remote):
+        assert path.parent.is_dir()  # fetch made the folders; Ctrl-C comes mid-download
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "_download", interrupt)
+    monkeypatch.setitem(download.MIRRORS, "mnist", ["http://127.0.0.1:9/mnist"])
+    with pytest.raises(KeyboardInterrupt):
+        fetch("mnist", LABELS, tmp_path / "data" / "mnist", download=True)
+    assert _leftovers(tmp_path) == []
+
+
+def test_relative_data_dir_that_does_not_exist_gets_a_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(download.MIRRORS, "mnist", ["http://127.0.0.1:9/mnist"])
+    with pytest.raises(DataError) as caught:
+        load("mnist", data_dir="../shared/data")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "[Errno 111] Connection refused" in message
+    assert f"the data folder '../shared/data' does not exist here ({tmp_path})" in message
+    assert "check --data-dir or $DOWNPOUR_DATA" in message
+    assert _leftovers(tmp_path) == [] and not (tmp_path.parent / "shared").exists()
+    # The same hint when downloads are off, and for a relative $DOWNPOUR_DATA.
+    monkeypatch.setenv("DOWNPOUR_DATA", "elsewhere/data")
+    with pytest.raises(DataError, match=r"missing .*'elsewhere/data' does not exist.*--data-dir"):
+        load("mnist", download=False)
+
+
+@pytest.mark.parametrize("where", ["absolute", "existing"])
+def test_no_hint_for_an_absolute_or_existing_data_dir(where, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(download.MIRRORS, "mnist", ["http://127.0.0.1:9/mnist"])
+    if where == "existing":
+        (tmp_path / "data").mkdir()
+        data_dir = "data"
+    else:
+        data_dir = str(tmp_path / "absent")
+    with pytest.raises(DataError) as caught:
+        load("mnist", data_dir=data_dir)
+    assert "--data-dir" not in str(caught.value)
 
 
 def test_missing_without_download_names_the_path(tmp_path):
