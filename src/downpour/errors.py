@@ -56,6 +56,30 @@ class WorkerFailed(DownpourError):
         self.remote_traceback = traceback
 
 
+class UnguardedMain(DownpourError, RuntimeError):
+    """A script started a local run at import time, outside ``if __name__ == "__main__":``.
+
+    Every local role process starts by importing the main module (that is how
+    multiprocessing's ``forkserver`` and ``spawn`` find what a role was pickled
+    with), so a script that trains at module level would start the run again in
+    each of its roles.
+
+    Example:
+        >>> str(UnguardedMain("/home/me/train.py")).splitlines()[0]
+        'the script /home/me/train.py must guard its entry point with if __name__ == "__main__":'
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f'the script {path} must guard its entry point with if __name__ == "__main__":\n'
+            "every role process of a local run starts by importing the main module (the "
+            "'forkserver' and 'spawn' start methods of multiprocessing re-import it), so a run "
+            "started at module level starts again in each role. Put the call under the guard:\n\n"
+            '    if __name__ == "__main__":\n'
+            "        dp.train(...)")
+        self.path = path
+
+
 def choose(kind: str, name: str, choices) -> str:
     """Return ``name`` if it is one of ``choices``, else raise a helpful ValueError.
 

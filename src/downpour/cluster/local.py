@@ -7,6 +7,15 @@ re-importing torch as a ``spawn``ed process must. Nothing but imports happens
 in the fork server (no threads, no sockets, no CUDA), which is what makes
 forking it safe; the role, its data and its pipe reach the child pickled,
 as with ``spawn``.
+
+Either way a role's process imports the main module before it unpickles its
+role, so a script that starts a run at module level, outside
+``if __name__ == "__main__":``, would start it again in every role: the
+role leaves at once, and the coordinator raises one
+:class:`~downpour.errors.UnguardedMain` naming the script.
+
+Each role's process is titled ``downpour: KIND RANK/COUNT`` (``ps`` shows
+``downpour: worker 3/4``).
 """
 
 from __future__ import annotations
@@ -19,20 +28,29 @@ import os
 import queue as queue_lib
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from setproctitle import setproctitle
+
 from downpour.cluster.base import Cluster
-from downpour.cluster.role import Role, RoleContext
-from downpour.errors import WorkerFailed
+from downpour.cluster.role import Role, RoleContext, process_title, role_counts
+from downpour.errors import UnguardedMain, WorkerFailed
 from downpour.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+
+# Every role's process is named so (multiprocessing's name, not the title ps shows).
+_PROCESS_PREFIX = "downpour-"
+# The exit code of a role whose process, importing the main module, was asked to start a run
+# (sysexits' EX_USAGE): the coordinator raises UnguardedMain for it.
+_UNGUARDED_MAIN_EXIT = 64
 
 
 # What the fork server imports before it forks roles: the slow imports every role makes.
@@ -48,6 +66,42 @@ def _context() -> Any:
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
     return context
+
+
+def _refuse_a_run_while_importing_main() -> None:
+    """Raise UnguardedMain if this process, being started, is still importing the main module.
+
+    A process that multiprocessing starts with ``forkserver`` or ``spawn``
+    runs the main module (as ``__mp_main__``) before it unpickles its role;
+    ``_inheriting`` is multiprocessing's own mark of that phase, the one its
+    "bootstrapping phase" error looks at. A cluster opened then is the
+    script starting a run at import time. The error unwinds the script's own
+    ``with`` and ``finally`` blocks; then, in a role's process, the exit code
+    tells the coordinator, which raises the one error the user sees (instead
+    of a traceback from every role and "exited with code 1").
+    """
+    process = mp.current_process()
+    if not getattr(process, "_inheriting", False):
+        return
+    main = sys.modules.get("__mp_main__") or sys.modules["__main__"]
+    error = UnguardedMain(getattr(main, "__file__", None) or getattr(main, "__name__", "?"))
+    if process.name.startswith(_PROCESS_PREFIX):
+        hook = sys.excepthook
+
+        def exit_quietly(kind, value, tb) -> None:
+            if value is error:
+                os._exit(_UNGUARDED_MAIN_EXIT)
+            hook(kind, value, tb)
+
+        # multiprocessing reports an error of the start-up with sys.excepthook, then exits with 1.
+        sys.excepthook = exit_quietly
+    raise error
+
+
+def _main_path() -> str | None:
+    """The main module's file, which role processes import; None under ``python -c`` or a REPL."""
+    main = sys.modules.get("__main__")
+    return getattr(main, "__file__", None)
 
 
 def _die_with_parent(coordinator_pid: int) -> None:
@@ -75,8 +129,9 @@ def _die_with_parent(coordinator_pid: int) -> None:
         os._exit(1)
 
 
-def _role_main(role: Role, conn, flags, start_time: float, parent_pid: int) -> None:
+def _role_main(role: Role, conn, flags, start_time: float, parent_pid: int, title: str) -> None:
     _die_with_parent(parent_pid)
+    setproctitle(title)
     # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx = RoleContext.create(role.kind, role.rank, conn, flags, start_time)
@@ -128,6 +183,7 @@ class LocalCluster(Cluster):
     """
 
     def __init__(self, metrics: Metrics, *, tolerate_worker_deaths: bool = True) -> None:
+        _refuse_a_run_while_importing_main()
         super().__init__(metrics, tolerate_worker_deaths=tolerate_worker_deaths)
         self._mp = _context()
         self.stop_flag = self._mp.RawValue("b", 0)
@@ -145,12 +201,15 @@ class LocalCluster(Cluster):
     # ----------------------------------------------------------------- start
     def start(self, roles: list[Role]) -> list[RoleHandle]:
         started = []
+        counts = role_counts(roles, self.handles)
         for role in roles:
             receiver, sender = self._mp.Pipe(duplex=False)
+            flags = (self.stop_flag, self.go_flag, self.end_flag)
+            title = process_title(role.kind, role.rank, counts[role.kind])
             process = self._mp.Process(
                 target=_role_main,
-                args=(role, sender, (self.stop_flag, self.go_flag, self.end_flag), self.metrics.start_time, os.getpid()),
-                name=f"downpour-{role.kind}-{role.rank}",
+                args=(role, sender, flags, self.metrics.start_time, os.getpid(), title),
+                name=f"{_PROCESS_PREFIX}{role.kind}-{role.rank}",
                 daemon=True,
             )
             process.start()
@@ -248,6 +307,10 @@ class LocalCluster(Cluster):
                 # Its last messages ("done", or the error with its traceback) may still be in transit.
                 continue
             handle.failed = self._death(handle).split(": ", 1)[1]
+            path = _main_path()
+            if code == _UNGUARDED_MAIN_EXIT and path is not None:
+                # Every role would fail so, and a restarted one too: the run cannot start.
+                raise UnguardedMain(path)
             self._died(handle)
 
     @property

@@ -28,6 +28,11 @@ Both calls run on a control thread of the actor (a Ray concurrency group),
 beside the role's own. So does ``kill``, by which :meth:`RayRoles.kill_at`
 stages a fault: the actor SIGKILLs its own process, on whatever node it is.
 
+Each actor's process is titled ``ray::downpour: KIND RANK/COUNT`` for as
+long as its role runs: ``ps`` shows ``ray::downpour: worker 3/4`` where Ray
+alone would show ``ray::RoleActor.drain``. The ``ray::`` prefix stays, as
+Ray's own tools (``ray stack``) find its workers by it.
+
 Ray is an extra (``pip install downpour-sgd[ray]``); it is imported when a
 cluster is opened, never by ``import downpour``. Every node needs the same
 Python environment with downpour installed.
@@ -40,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -48,12 +54,13 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 from downpour.cluster.base import Cluster
-from downpour.cluster.role import Flag, Role, RoleContext
+from downpour.cluster.role import Flag, Role, RoleContext, process_title, role_counts
 from downpour.errors import WorkerFailed, check_range
 from downpour.metrics import Metrics
 
@@ -185,13 +192,46 @@ def _on_assigned_gpu(role: Any) -> Any:
     return dataclasses.replace(role, job=dataclasses.replace(job, device="cuda"))
 
 
+def _hold_title(title: str) -> None:
+    """Title this actor's process ``ray::TITLE`` for the rest of its life.
+
+    Ray retitles the process around every call it runs (``ray::RoleActor.drain``,
+    then ``ray::RoleActor``), and a drain of the coordinator's is nearly always
+    in flight, so a title set once would not last a second. The process runs
+    this one role until its actor is killed, so the hook Ray retitles through
+    becomes one that keeps the role's title. Ray's own ``setproctitle``, not the
+    package's: in a Ray worker the package's changes nothing.
+    """
+    ray = _ray()
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    set_title = getattr(getattr(ray, "_raylet", None), "setproctitle", None)
+    if set_title is None or not hasattr(worker, "_changeproctitle"):
+        log.debug("this Ray retitles its workers its own way; the role's title is not set")
+        return
+    full_title = f"ray::{title}"
+
+    @contextlib.contextmanager
+    def keep_title(title_during: str, title_after: str) -> Iterator[None]:
+        # Again at every call: the call that created the actor began under Ray's own hook,
+        # which retitles the process once that call returns.
+        set_title(full_title)
+        yield
+
+    worker._changeproctitle = keep_title
+    set_title(full_title)
+
+
 class RoleActor:
     """The Ray actor that runs one role: the role on one thread, the coordinator's calls on another.
 
     Not created directly: :class:`RayRoles` makes one per role.
     """
 
-    def __init__(self, flags: tuple[int, int, int], start_time: float, host: str | None = None) -> None:
+    def __init__(self, flags: tuple[int, int, int], start_time: float, host: str | None = None,
+                 title: str | None = None) -> None:
+        # Titled here, before any call of the coordinator's runs (its calls run on two threads).
+        if title is not None:  # None: the plain class, outside Ray, leaves its process alone
+            _hold_title(title)
         self.stop, self.go, self.end = (Flag(value) for value in flags)
         self.start_time = start_time
         self.host = host  # None: the node's IP
@@ -321,11 +361,14 @@ class RayRoles(Cluster):
         self._check_capacity(roles)
         actor_class = _actor_class()
         started = []
+        counts = role_counts(roles, self.handles)
         for role in roles:
-            actor = actor_class.options(**self._placement(role)).remote(tuple(self._flags), self.metrics.start_time,
-                                                                         self._role_host)
+            title = process_title(role.kind, role.rank, counts[role.kind])
+            actor = actor_class.options(**self._placement(role)).remote(
+                tuple(self._flags), self.metrics.start_time, self._role_host, title)
             handle = RayRoleHandle(role.kind, role.rank, actor, actor.run.remote(role),
-                                   _control(actor.drain).remote(_DRAIN_WAIT_SECONDS), on_gpu=_on_cuda(role))
+                                   _control(actor.drain).remote(_DRAIN_WAIT_SECONDS),
+                                   on_gpu=_on_cuda(role))
             self.handles.append(handle)
             started.append(handle)
         return started

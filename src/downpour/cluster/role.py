@@ -22,6 +22,32 @@ class Role(Protocol):
     def run(self, ctx: RoleContext) -> None: ...
 
 
+def process_title(kind: str, rank: int, count: int) -> str:
+    """What ``ps`` shows for a role's process: its kind, rank and how many roles of its kind run.
+
+    Example:
+        >>> process_title("worker", 3, 4)
+        'downpour: worker 3/4'
+    """
+    return f"downpour: {kind} {rank}/{count}"
+
+
+def role_counts(roles: list[Role], started: list[Any]) -> dict[str, int]:
+    """How many roles of each kind a cluster runs once ``roles`` start beside ``started``.
+
+    Distinct ranks, so a restarted role (a rank started again) is not counted twice.
+
+    Example:
+        >>> from types import SimpleNamespace as R
+        >>> role_counts([R(kind="worker", rank=2)], [R(kind="worker", rank=r) for r in range(4)])
+        {'worker': 4}
+    """
+    ranks: dict[str, set[int]] = {}
+    for role in [*started, *roles]:
+        ranks.setdefault(role.kind, set()).add(role.rank)
+    return {kind: len(found) for kind, found in ranks.items()}
+
+
 class _ConnSink:
     """Sends events to the coordinator over this role's own pipe.
 
