@@ -19,7 +19,8 @@ DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 demo: $(STAMP)
 	$(VENV)/bin/downpour train --strategy downpour --workers 4 --servers 2 --dataset mnist $(DATA_FLAG) \
-		--model mlp --optimizer adam --lr 0.001 --batch-size 32 --ema-decay 0.99 --evaluate-average --epochs 1
+		--model mlp --optimizer adam --lr 0.001 --batch-size 32 --downpour.ema-decay 0.99 --downpour.evaluate-average \
+		--epochs 1
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -8,6 +8,7 @@ Example:
 from downpour import data, models, strategies
 from downpour.api import train
 from downpour.cluster.ray import RayCluster
+from downpour.compare import compare
 from downpour.errors import DownpourError
 from downpour.metrics import TrainResult
 from downpour.optim import optim
@@ -30,7 +31,6 @@ from downpour.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "RayCluster",
     "Allreduce",
     "Boost",
     "Dane",
@@ -41,11 +41,13 @@ __all__ = [
     "Hogwild",
     "HotPotato",
     "LocalSGD",
+    "RayCluster",
     "Sandblaster",
     "SelfieBoost",
     "Single",
     "Sync",
     "TrainResult",
+    "compare",
     "data",
     "models",
     "optim",

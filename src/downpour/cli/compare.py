@@ -3,60 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import sys
-import typing
 from pathlib import Path
-from typing import Any
-
-
-def _strategy_options(extras: list[str]) -> dict[str, dict[str, Any]]:
-    """Parse ``--STRATEGY.OPTION VALUE`` (or ``=VALUE``; a bool option alone means true)."""
-    from downpour.cli import _arg_type
-    from downpour.errors import choose
-    from downpour.strategies import STRATEGIES
-
-    options: dict[str, dict[str, Any]] = {}
-    i = 0
-    while i < len(extras):
-        token = extras[i]
-        if not token.startswith("--") or "." not in token:
-            raise ValueError(f"unrecognized argument {token!r}; strategy options look like --downpour.push-every 4")
-        key, _, value = token[2:].partition("=")
-        strategy, _, option = key.partition(".")
-        choose("strategy", strategy, STRATEGIES)
-        field = option.replace("-", "_")
-        fields = {f.name for f in dataclasses.fields(STRATEGIES[strategy])}
-        if field not in fields:
-            raise ValueError(f"strategy {strategy!r} has no option --{option}; it has: "
-                             f"{', '.join('--' + f.replace('_', '-') for f in sorted(fields))}")
-        annotation = typing.get_type_hints(STRATEGIES[strategy])[field]
-        kind = _arg_type(annotation)
-        if not value:
-            if kind.get("action") is argparse.BooleanOptionalAction and (
-                    i + 1 == len(extras) or extras[i + 1].startswith("--")):
-                value = "true"
-            else:
-                i += 1
-                if i == len(extras):
-                    raise ValueError(f"--{key} needs a value")
-                value = extras[i]
-        if kind.get("action") is argparse.BooleanOptionalAction:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"--{key} takes true or false, got {value!r}")
-            parsed: Any = value.lower() in ("true", "1", "yes")
-        else:
-            try:
-                parsed = kind["type"](value)
-            except ValueError:
-                raise ValueError(f"--{key} expects a {kind['type'].__name__}, got {value!r}") from None
-            if "choices" in kind and parsed not in kind["choices"]:
-                raise ValueError(f"--{key} must be one of {', '.join(map(str, kind['choices']))}, got {value!r}")
-        options.setdefault(strategy, {})[field] = parsed
-        i += 1
-    return options
 
 
 def _workers(text: str) -> list[int]:
@@ -71,7 +21,7 @@ def _workers(text: str) -> list[int]:
 
 def _compare(args: argparse.Namespace) -> int:
     import downpour as dp
-    from downpour.cli import _merged_options, _parse_faults
+    from downpour.cli import _merged_options, _parse_faults, refuse_other_strategies
     from downpour.compare import compare, show
     from downpour.errors import choose
     from downpour.strategies import STRATEGIES
@@ -82,16 +32,15 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError("--strategies needs at least one strategy, e.g. sync,downpour")
     for name in names:
         choose("strategy", name, STRATEGIES)
-    per_strategy = _strategy_options(args.strategy_extras)
-    stray = sorted(set(per_strategy) - set(names))
-    if stray:
-        raise ValueError(f"options given for {', '.join(stray)}, which --strategies does not name")
-    strategies = [dp.strategies.get(name, **per_strategy.get(name, {})) for name in names]
-    optimizer = dp.optim(o["optimizer"], lr=o["lr"], schedule=o["schedule"], warmup_steps=o["warmup_steps"])
+    refuse_other_strategies(o, args, names, f"which --strategies {','.join(names)} does not name")
+    strategies = [dp.strategies.get(name, **o.get(name, {})) for name in names]
+    optimizer = dp.optim(o["optimizer"], lr=o["lr"], schedule=o["schedule"],
+                         warmup_steps=o["warmup_steps"])
     comparison = compare(
-        strategies=strategies, model=o["model"], data=dp.data.load(o["dataset"], data_dir=o["data_dir"]),
-        workers=_workers(args.workers), servers=o["servers"], optimizer=optimizer, epochs=o["epochs"],
-        batch_size=o["batch_size"], max_steps=o["max_steps"], target_accuracy=o["target_accuracy"],
+        strategies=strategies, model=o["model"],
+        data=dp.data.load(o["dataset"], data_dir=o["data_dir"]), workers=_workers(args.workers),
+        servers=o["servers"], optimizer=optimizer, epochs=o["epochs"], batch_size=o["batch_size"],
+        max_steps=o["max_steps"], target_accuracy=o["target_accuracy"],
         budget_seconds=args.budget_seconds, eval_every=o["eval_every"], seed=o["seed"],
         faults=_parse_faults(o["slow_worker"], o["kill_worker"]), out_dir=args.out_dir,
         tensorboard=o["tensorboard"], progress=not args.quiet, cluster=o["cluster"],
@@ -119,14 +68,16 @@ def report_comparison(directory: Path, *, as_json: bool = False) -> int:
 
 
 def add_compare_command(sub) -> None:
-    from downpour.cli import _add_train_flags
+    from downpour.cli import STRATEGY_USAGE, _add_train_flags
 
     p = sub.add_parser(
         "compare", help="run several strategies on one workload and report them side by side",
-        description="Train each strategy on the same workload (data, partitions, model, seed, evaluation "
-                    "schedule), one after another, and write a comparison directory with every run, a "
-                    "summary table, figures and report.html. Strategy options pass through with a prefix, "
-                    "e.g. --downpour.push-every 4 --sync.backup 1.")
+        usage=STRATEGY_USAGE,
+        description="Train each strategy on the same workload (data, partitions, model, seed, "
+                    "evaluation schedule), one after another, and write a comparison directory "
+                    "with every run, a summary table, figures and report.html. Each strategy takes "
+                    "its own options, namespaced by its name: --downpour.push-every 4 "
+                    "--sync.backup 1.")
     p.add_argument("--strategies", required=True, metavar="NAME,...",
                    help="strategies to compare, e.g. sync,downpour,allreduce")
     p.add_argument("--workers", default="4", metavar="N[,N...]",

@@ -22,12 +22,22 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from downpour.cli import (
+    TRAIN_DEFAULTS,
+    add_strategy_flags,
+    refuse_other_strategies,
+    strategy_options,
+)
+
 if TYPE_CHECKING:
     from downpour.flat import ShardRange
     from downpour.transport import Security
     from downpour.transport.security import PemKind
 
 TOKEN_ENV = "DOWNPOUR_TOKEN"
+# The strategy options a hand-started worker uses (the rest live on the servers' own flags).
+WORKER_OPTIONS = {"downpour": ("fetch_every", "push_every", "compress"),
+                  "sync": ("backup", "compress")}
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -150,16 +160,24 @@ def _workload(args: argparse.Namespace):
     factory = partial(models.build, args.model, data.input_shape, data.num_classes)
     return Job(model=factory, loss=models.default_loss(args.model), data=data,
                optimizer=optim(args.optimizer, lr=args.lr), workers=getattr(args, "of", 1),
-               batch_size=getattr(args, "batch_size", 64), epochs=getattr(args, "epochs", 1.0), seed=args.seed)
+               batch_size=getattr(args, "batch_size", TRAIN_DEFAULTS["batch_size"]),
+               epochs=getattr(args, "epochs", TRAIN_DEFAULTS["epochs"]), seed=args.seed)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="mnist", help="dataset every role uses (default mnist)")
+    # The defaults of `downpour train`, so that a run started by hand trains as one started by it.
+    d = TRAIN_DEFAULTS
+    p.add_argument("--dataset", default=d["dataset"],
+                   help=f"dataset every role uses (default {d['dataset']})")
     p.add_argument("--data-dir", help="dataset folder")
-    p.add_argument("--model", default="mlp", help="model every role builds (default mlp)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial parameters (default 0)")
-    p.add_argument("--optimizer", default="adagrad", help="server optimizer (default adagrad)")
-    p.add_argument("--lr", type=float, default=0.03, help="server learning rate (default 0.03)")
+    p.add_argument("--model", default=d["model"],
+                   help=f"model every role builds (default {d['model']})")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help=f"seed of the initial parameters (default {d['seed']})")
+    p.add_argument("--optimizer", default=d["optimizer"],
+                   help=f"server optimizer (default {d['optimizer']})")
+    p.add_argument("--lr", type=float, default=d["lr"],
+                   help=f"server learning rate (default {d['lr']})")
     p.add_argument("--token", help=f"the run's token (or --token-file, or ${TOKEN_ENV})")
     p.add_argument("--token-file", help="file holding the run's token")
     p.add_argument("--events", help="append this role's events to this JSON-lines file")
@@ -207,7 +225,7 @@ def _server(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from downpour import compress
+    from downpour import strategies
     from downpour.cluster.role import StandaloneContext
     from downpour.flat import FlatParams, shard_ranges
     from downpour.metrics import evaluate
@@ -222,23 +240,27 @@ def _worker(args: argparse.Namespace) -> int:
         _address(address)
     if not 0 <= args.rank < args.of:
         raise ValueError(f"--rank must be in [0, {args.of - 1}] for --of {args.of}, got {args.rank}")
+    given = strategy_options(vars(args))
+    refuse_other_strategies(given, args, [args.strategy], f"but --strategy is {args.strategy!r}")
+    # The strategy's config checks the options: a bad compress spec fails before anything connects.
+    config = strategies.get(args.strategy, **given.get(args.strategy, {}))
     job = _workload(args)
     model = job.build_model()
     flat = FlatParams(model)
     ranges = shard_ranges(flat.numel, len(addresses))
     mine = replace(job, data=job.data.shard(args.rank, args.of, seed=job.seed).train_only())
-    if args.compress is not None:
-        compress.parse(args.compress)  # a bad spec fails before anything connects
     _wait_for_servers(addresses, ranges, token, security, args.timeout)
-    common: dict[str, Any] = {"rank": args.rank, "num_workers": args.of, "job": mine, "addresses": addresses,
-                              "ranges": ranges, "token": token, "security": security, "timeout": args.timeout,
-                              "compress": args.compress}
+    common: dict[str, Any] = {"rank": args.rank, "num_workers": args.of, "job": mine,
+                              "addresses": addresses, "ranges": ranges, "token": token,
+                              "security": security, "timeout": args.timeout,
+                              "compress": config.compress}
     if args.strategy == "sync":
-        required = args.of - args.backup
+        required = args.of - config.backup
         worker = SyncWorker(total_steps=job.total_steps(job.data.num_train // required), **common)
     else:
-        worker = DownpourWorker(total_steps=job.total_steps(mine.data.num_train), fetch_every=args.fetch_every,
-                                push_every=args.push_every, **common)
+        worker = DownpourWorker(total_steps=job.total_steps(mine.data.num_train),
+                                fetch_every=config.fetch_every, push_every=config.push_every,
+                                **common)
     worker.run(StandaloneContext.standalone("worker", args.rank, _sinks(args)))
     print(f"worker {args.rank}/{args.of}: {worker.steps} steps, {worker.samples} samples, "
           f"{worker.client.bytes_sent} bytes sent, {worker.client.bytes_received} received", flush=True)
@@ -294,13 +316,12 @@ def add_role_commands(sub) -> None:
     worker.add_argument("--servers", required=True, metavar="ADDR,...", help="the shards' HOST:PORT, in order")
     worker.add_argument("--rank", type=int, required=True, help="this worker's rank r")
     worker.add_argument("--of", type=int, required=True, help="number of workers W")
-    worker.add_argument("--strategy", choices=("downpour", "sync"), default="downpour")
-    worker.add_argument("--backup", type=int, default=0, help="sync: backup workers b")
-    worker.add_argument("--fetch-every", type=int, default=1, help="downpour: n_fetch")
-    worker.add_argument("--push-every", type=int, default=1, help="downpour: n_push")
-    worker.add_argument("--compress", metavar="SPEC", help="compress pushes, e.g. threshold:tau=0.003,entropy")
-    worker.add_argument("--batch-size", type=int, default=64)
-    worker.add_argument("--epochs", type=float, default=1.0)
+    worker.add_argument("--strategy", choices=tuple(WORKER_OPTIONS), default="downpour",
+                        help="downpour (servers with --policy async) or sync (default downpour)")
+    worker.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"],
+                        help=f"mini-batch size (default {TRAIN_DEFAULTS['batch_size']})")
+    worker.add_argument("--epochs", type=float, default=TRAIN_DEFAULTS["epochs"],
+                        help=f"passes over the data (default {TRAIN_DEFAULTS['epochs']:g})")
     worker.add_argument("--timeout", type=float, default=60.0, help="seconds any server may take to answer")
     worker.add_argument("--evaluate", action="store_true", help="print test accuracy of the served model at the end")
     worker.add_argument("--shutdown-servers", action="store_true", help="stop the servers at the end")
@@ -310,6 +331,7 @@ def add_role_commands(sub) -> None:
                         help="use TLS and present this client certificate chain (mutual TLS; needs --tls-key)")
     worker.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert (unencrypted)")
     _common(worker)
+    add_strategy_flags(worker, only=WORKER_OPTIONS)
     worker.set_defaults(func=_worker)
 
     token = sub.add_parser("token", help="print (or write) a new random run token")

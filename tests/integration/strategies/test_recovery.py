@@ -23,7 +23,7 @@ CHECKPOINT_EVERY = 100  # versions
 # Downpour's recipe with the shards' moving average evaluated: the raw parameters' final accuracy varies
 # by about a point between runs on two cores (one CI run's undisturbed baseline came out at 95.47%); the
 # average's measured 97.30-97.40% over four runs, steady enough for a half-point comparison.
-FLAGS = [*DOWNPOUR_MNIST_FLAGS, "--ema-decay", "0.99", "--evaluate-average"]
+FLAGS = [*DOWNPOUR_MNIST_FLAGS, "--downpour.ema-decay", "0.99", "--downpour.evaluate-average"]
 
 
 @pytest.fixture(scope="module")

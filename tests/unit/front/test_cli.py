@@ -7,35 +7,66 @@ import pytest
 from downpour.cli import build_parser, main
 from downpour.metrics import RunDir
 
-# The public CLI surface, frozen: a flag changes only on purpose (update this list with it).
-CLI_SURFACE = {'compare': ['--batch-size', '--budget-seconds', '--cluster', '--config', '--data-dir', '--dataset', '--device',
-             '--epochs', '--eval-every', '--help', '--kill-worker', '--lr', '--max-steps', '--model', '--optimizer',
-             '--out-dir', '--quiet', '--schedule', '--seed', '--servers', '--slow-worker', '--strategies',
-             '--target-accuracy', '--tensorboard', '--warmup-steps', '--workers'],
- 'report': ['--help', '--json'],
- 'server': ['--bind', '--data-dir', '--dataset', '--ema-decay', '--events', '--help', '--insecure', '--late',
-            '--lr', '--max-staleness', '--model', '--num-required', '--of', '--optimizer', '--policy', '--scale-lr',
-            '--seed', '--shard', '--threads', '--tls-ca', '--tls-cert', '--tls-key', '--token', '--token-file'],
- 'token': ['--file', '--help'],
- 'train': ['--alpha', '--average-every', '--backend', '--backup', '--backups', '--batch-size', '--beta',
-           '--bucket-cap-mb', '--checkpoint-every', '--clients-per-round', '--cluster', '--compress', '--config',
-           '--coordinator-device', '--data-dir', '--dataset', '--device', '--ema-decay', '--ensemble', '--epochs',
-           '--eps', '--eta', '--eval-every', '--evaluate-average', '--fanout', '--fetch-every', '--ftol', '--gtol',
-           '--handoff-timeout', '--help', '--kill-server', '--kill-worker', '--l2', '--late', '--local',
-           '--local-batch-size', '--local-lr', '--local-steps', '--lock', '--log-every', '--lr', '--max-iterations',
-           '--max-staleness', '--max-steps', '--memory', '--method', '--model', '--mu', '--no-backups',
-           '--no-ensemble', '--no-evaluate-average', '--no-lock', '--no-round-robin', '--no-sparse-push',
-           '--no-warm-start', '--num-rounds', '--optimizer', '--partition', '--portions', '--push-every', '--quiet',
-           '--restart-workers', '--resume', '--round-robin', '--rounds', '--run-dir', '--sample-size', '--schedule',
-           '--seed', '--send-every', '--server-optimizer', '--servers', '--slow-worker', '--snapshot-every',
-           '--sparse-push', '--sparse-updates', '--staleness', '--step', '--steps-per-round', '--steps-per-turn',
-           '--strategy', '--sync-warmup-steps', '--target-accuracy', '--tensorboard', '--warm-start',
-           '--warmup-steps', '--workers'],
- 'worker': ['--backup', '--batch-size', '--compress', '--data-dir', '--dataset', '--epochs', '--evaluate',
-            '--events', '--fetch-every', '--help', '--lr', '--model', '--of', '--optimizer', '--push-every',
-            '--rank', '--seed', '--servers', '--shutdown-servers', '--strategy', '--timeout', '--tls-ca',
-            '--tls-cert', '--tls-key', '--token', '--token-file']}
-TRAIN_FLAGS = set(CLI_SURFACE["train"])
+# The public CLI surface, frozen: a flag changes only on purpose (update these lists with it).
+# General flags by command; the strategy flags (--STRATEGY.OPTION) follow.
+CLI_SURFACE = {
+    "compare": ["--batch-size", "--budget-seconds", "--cluster", "--config", "--data-dir",
+                "--dataset", "--device", "--epochs", "--eval-every", "--help", "--kill-worker",
+                "--lr", "--max-steps", "--model", "--optimizer", "--out-dir", "--quiet",
+                "--schedule", "--seed", "--servers", "--slow-worker", "--strategies",
+                "--target-accuracy", "--tensorboard", "--warmup-steps", "--workers"],
+    "report": ["--help", "--json"],
+    "server": ["--bind", "--data-dir", "--dataset", "--ema-decay", "--events", "--help",
+               "--insecure", "--late", "--lr", "--max-staleness", "--model", "--num-required",
+               "--of", "--optimizer", "--policy", "--scale-lr", "--seed", "--shard", "--threads",
+               "--tls-ca", "--tls-cert", "--tls-key", "--token", "--token-file"],
+    "token": ["--file", "--help"],
+    "train": ["--batch-size", "--checkpoint-every", "--cluster", "--config", "--data-dir",
+              "--dataset", "--device", "--epochs", "--eval-every", "--help", "--kill-server",
+              "--kill-worker", "--lr", "--max-steps", "--model", "--optimizer", "--quiet",
+              "--restart-workers", "--resume", "--run-dir", "--schedule", "--seed", "--servers",
+              "--slow-worker", "--strategy", "--target-accuracy", "--tensorboard", "--warmup-steps",
+              "--workers"],
+    "worker": ["--batch-size", "--data-dir", "--dataset", "--epochs", "--evaluate", "--events",
+               "--help", "--lr", "--model", "--of", "--optimizer", "--rank", "--seed", "--servers",
+               "--shutdown-servers", "--strategy", "--timeout", "--tls-ca", "--tls-cert",
+               "--tls-key", "--token", "--token-file"],
+}
+# Every strategy's options, as --STRATEGY.OPTION on train and compare (a bool also --STRATEGY.no-X).
+STRATEGY_OPTIONS = {
+    "allreduce": ["backend", "bucket-cap-mb", "log-every"],
+    "boost": ["coordinator-device", "eps", "log-every", "no-warm-start", "num-rounds",
+              "sample-size", "steps-per-round", "warm-start"],
+    "dane": ["alpha", "backend", "eta", "gtol", "l2", "local", "local-batch-size", "local-lr",
+             "local-steps", "log-every", "memory", "mu", "partition", "rounds"],
+    "decentralized": ["compress", "fanout", "log-every", "send-every", "snapshot-every"],
+    "downpour": ["compress", "ema-decay", "evaluate-average", "fetch-every", "log-every",
+                 "max-staleness", "no-evaluate-average", "no-sparse-push", "push-every",
+                 "server-optimizer", "sparse-push", "staleness"],
+    "hogwild": ["lock", "log-every", "no-lock", "no-round-robin", "round-robin", "sparse-updates"],
+    "hot-potato": ["handoff-timeout", "log-every", "steps-per-turn"],
+    "local-sgd": ["alpha", "average-every", "backend", "clients-per-round", "compress", "ensemble",
+                  "log-every", "no-ensemble", "partition", "sync-warmup-steps"],
+    "sandblaster": ["backups", "beta", "ftol", "gtol", "l2", "max-iterations", "memory", "method",
+                    "no-backups", "portions", "step"],
+    "selfieboost": ["coordinator-device", "log-every", "sample-size", "steps-per-round"],
+    "single": ["log-every"],
+    "sync": ["backup", "compress", "ema-decay", "evaluate-average", "late", "log-every",
+             "no-evaluate-average"],
+}
+# The strategy options a hand-started worker takes.
+WORKER_STRATEGY_OPTIONS = {"downpour": ["compress", "fetch-every", "push-every"],
+                           "sync": ["backup", "compress"]}
+
+
+def _strategy_flags(options):
+    return [f"--{strategy}.{option}" for strategy, names in options.items() for option in names]
+
+
+STRATEGY_FLAGS = {"train": _strategy_flags(STRATEGY_OPTIONS),
+                  "compare": _strategy_flags(STRATEGY_OPTIONS),
+                  "worker": _strategy_flags(WORKER_STRATEGY_OPTIONS)}
+TRAIN_FLAGS = set(CLI_SURFACE["train"]) | set(STRATEGY_FLAGS["train"])
 COMMANDS = set(CLI_SURFACE)
 
 
@@ -48,8 +79,9 @@ def test_cli_surface_is_frozen():
     commands = _subparsers(build_parser())
     assert set(commands) == COMMANDS
     for command, flags in CLI_SURFACE.items():
-        found = sorted({s for a in commands[command]._actions for s in a.option_strings if s.startswith("--")})
-        assert found == flags, command
+        found = sorted({s for a in commands[command]._actions for s in a.option_strings
+                        if s.startswith("--")})
+        assert found == sorted([*flags, *STRATEGY_FLAGS.get(command, [])]), command
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["report"]])
