@@ -17,7 +17,7 @@ import torch
 
 import downpour as dp
 from downpour.data import batches
-from downpour.models import backward, build, default_loss
+from downpour.models import build, default_loss
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -31,6 +31,7 @@ from downpour.metrics import (
     summarize,
 )
 from downpour.optim import OptimSpec, optim
+from downpour.run import Coordinator
 from downpour.strategies import Faults, Job, Strategy
 
 log = logging.getLogger(__name__)
@@ -144,10 +145,10 @@ def train(
         loss = models.default_loss(model) if isinstance(model, str) else torch.nn.functional.cross_entropy
     faults = faults or Faults()
     recovery = checkpoint_every is not None or resume or faults.kill_server
-    if recovery and not getattr(strategy, "recoverable", False):
+    if recovery and not strategy.recoverable:
         raise ValueError(f"checkpoints, server restarts and --resume are for the parameter-server strategies "
                          f"(downpour, sync); {strategy.name!r} keeps its state in its workers")
-    if restart_workers and not getattr(strategy, "restartable", False):
+    if restart_workers and not strategy.restartable:
         raise ValueError(f"restart_workers is for downpour, sync, allreduce and local-sgd; {strategy.name!r} "
                          "cannot take a restarted worker back")
     if resume and (run_dir is None or not save):
@@ -178,7 +179,7 @@ def train(
         "dataset": data.name,
         "model": model_name,
         "workers": workers,
-        "servers": servers if _uses_servers(strategy) else 0,
+        "servers": servers if strategy.uses_servers else 0,
         "target_accuracy": target_accuracy,
         "run_dir": str(run.path) if run else None,
         "strategy_config": _describe(strategy),
@@ -212,7 +213,7 @@ def train(
             raise ValueError("tensorboard=True needs a run directory (save=True)")
         metrics.sinks.append(TensorBoardSink(run.path / "tensorboard", start_time=metrics.start_time))
     try:
-        trained = strategy.run(job, metrics)
+        trained = Coordinator(job, metrics).run(strategy)
     finally:
         metrics.close()
         if scratch is not None:
@@ -230,6 +231,3 @@ def _describe_cluster(cluster: Any) -> str:
         return "local"
     return "ray" + (f":{cluster.address}" if cluster.address else "")
 
-
-def _uses_servers(strategy: Strategy) -> bool:
-    return bool(getattr(strategy, "uses_servers", False))

@@ -30,6 +30,7 @@ from downpour.compress.base import ErrorFeedbackState
 from downpour.compress.base import Stream
 from downpour.compress.base import Transform
 from downpour.compress.base import chain
+from downpour.compress.base import compression_counters
 from downpour.compress.base import error_feedback
 from downpour.compress.base import residual_of
 from downpour.compress.coding import code_indices
@@ -72,6 +73,7 @@ __all__ = [
     "ThresholdState",
     "Transform",
     "chain",
+    "compression_counters",
     "code_indices",
     "decode",
     "decode_indices",

@@ -221,3 +221,10 @@ class Stream:
         self.encoded_bytes += payload.nbytes
         self.messages += 1
         return payload
+
+
+def compression_counters(streams) -> dict[str, int]:
+    """A role's cumulative ``comm/*`` counters of its compressed messages (``compress.Stream``)."""
+    return {"comm/raw_bytes": sum(s.raw_bytes for s in streams),
+            "comm/encoded_bytes": sum(s.encoded_bytes for s in streams),
+            "comm/compressed_messages": sum(s.messages for s in streams)}

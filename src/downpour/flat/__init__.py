@@ -5,6 +5,7 @@ dense or sparse update of the same length. Parameter-server shards are
 contiguous ranges of it, balanced by size.
 """
 
+from downpour.flat.buffers import combine_buffers_, decode_buffers_, encode_buffers, has_buffers
 from downpour.flat.vector import FlatParams, flatten, unflatten_into_
 from downpour.flat.shards import ShardRange, shard_ranges
 from downpour.flat.sparse import SparseUpdate, apply_sparse_, sparsify
@@ -14,7 +15,11 @@ __all__ = [
     "ShardRange",
     "SparseUpdate",
     "apply_sparse_",
+    "combine_buffers_",
+    "decode_buffers_",
+    "encode_buffers",
     "flatten",
+    "has_buffers",
     "shard_ranges",
     "sparsify",
     "unflatten_into_",

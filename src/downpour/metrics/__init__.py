@@ -6,7 +6,7 @@ event log (``events.jsonl``) is the single source from which summaries and
 plots are rebuilt.
 """
 
-from downpour.metrics.evaluate import evaluate
+from downpour.models.evaluate import evaluate
 from downpour.metrics.plots import plot_run
 from downpour.metrics.rundir import RunDir, new_run_id
 from downpour.metrics.sinks import (

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from downpour.compress import compression_counters  # noqa: F401  (re-exported: older imports)
 from downpour.metrics.sinks import Event
 
 #: Keys every ``summary.json`` holds, whatever the strategy.
@@ -48,6 +49,9 @@ SUMMARY_KEYS = (
     "restarts",
     "lost_updates",
     "run_dir",
+    "eval_seconds",
+    "wall_seconds",
+    "diverged",
 )
 
 # Counters that roles report cumulatively; the summary adds the last value of each role.
@@ -61,13 +65,6 @@ _CUMULATIVE = {
     "bytes_raw": "comm/raw_bytes",
     "bytes_encoded": "comm/encoded_bytes",
 }
-
-
-def compression_counters(streams) -> dict[str, int]:
-    """A role's cumulative ``comm/*`` counters of its compressed messages (``compress.Stream``)."""
-    return {"comm/raw_bytes": sum(s.raw_bytes for s in streams),
-            "comm/encoded_bytes": sum(s.encoded_bytes for s in streams),
-            "comm/compressed_messages": sum(s.messages for s in streams)}
 
 
 def _last_per_role(events: list[Event], key: str) -> float:
@@ -110,8 +107,10 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
         hit = next((e for e in evals if e["eval/accuracy"] >= target), None)
         time_to_target = None if hit is None else max(0.0, hit["time"] - start)
 
-    seconds = float(end.get("run/seconds", 0.0))
-    train_seconds = float(end.get("run/train_seconds", seconds))
+    # The run's training time, the same for every strategy (downpour.run.coordinator): from the
+    # start mark to the last worker's end, less evaluations only where they stopped training.
+    wall_seconds = float(end.get("run/seconds", 0.0))
+    seconds = float(end.get("run/train_seconds", wall_seconds))
     samples = int(end.get("run/samples", 0))
     summary: dict[str, Any] = {
         "strategy": config.get("strategy"),
@@ -124,7 +123,7 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
         "loss": evals[-1].get("eval/loss") if evals else None,
         "seconds": seconds,
         "samples": samples,
-        "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
+        "samples_per_second": samples / seconds if seconds > 0 else 0.0,
         "steps": int(end.get("run/steps", 0)),
         "target_accuracy": target,
         "time_to_target": time_to_target,
@@ -132,6 +131,9 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
         "staleness_p95": float(np.percentile(staleness, 95)) if staleness else None,
         "staleness_max": float(np.max(staleness)) if staleness else None,
         "run_dir": config.get("run_dir"),
+        "eval_seconds": float(end.get("run/eval_seconds", 0.0)),
+        "wall_seconds": wall_seconds,
+        "diverged": bool(end.get("run/diverged", False)),
     }
     for name, key in _CUMULATIVE.items():
         summary[name] = int(_last_per_role(events, key))

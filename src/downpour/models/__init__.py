@@ -8,6 +8,7 @@ Example:
     >>> loss = backward(model, default_loss("logistic"), x, y)
 """
 
+from downpour.models.evaluate import evaluate as evaluate
 from downpour.models.function import FunctionModel as FunctionModel
 from downpour.models.gradients import backward as backward
 from downpour.models.registry import MODELS as MODELS
@@ -21,5 +22,6 @@ __all__ = [
     "backward",
     "build",
     "default_loss",
+    "evaluate",
     "options_of",
 ]

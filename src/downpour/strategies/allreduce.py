@@ -19,20 +19,17 @@ from functools import partial
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from downpour.errors import check_range
-from downpour.metrics import Metrics
 from downpour.models import FunctionModel
-from downpour.strategies.base import Job
+from downpour.strategies.base import Job, Strategy
 from downpour.strategies.collective import (
     BACKENDS,
     Backend,
-    CollectiveRun,
+    CollectivePlan,
     CollectiveWorker,
     check_lockstep_optimizer,
-    resolve_backend,
 )
 
 
@@ -90,7 +87,7 @@ class AllreduceWorker(CollectiveWorker):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Allreduce:
+class Allreduce(Strategy):
     """Synchronous data parallelism's configuration.
 
     The run is one pass over the data by all workers together: with W workers
@@ -113,6 +110,7 @@ class Allreduce:
 
     name: ClassVar[str] = "allreduce"
     restartable: ClassVar[bool] = True  # restart_workers: the group re-forms with the new worker
+    buffers: ClassVar[str] = "rank 0's, broadcast to every replica before each forward pass (DDP)"
     backend: Backend = "auto"
     bucket_cap_mb: float = 25.0
     log_every: int = 10
@@ -123,14 +121,12 @@ class Allreduce:
         check_range("bucket_cap_mb", self.bucket_cap_mb, 0.0, low_open=True)
         check_range("log_every", self.log_every, 1)
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+    def plan(self, job: Job) -> CollectivePlan:
         check_lockstep_optimizer(job, self.name)
-        resolve_backend(self.backend, job.device, job.workers)
         if isinstance(replace(job, device="cpu").build_model(), FunctionModel):
             raise TypeError("allreduce averages gradients inside autograd (DistributedDataParallel), which a "
                             "FunctionModel bypasses; use strategy local-sgd with average_every=1 instead")
         steps = job.total_steps(job.data.num_train // job.workers)
         worker = partial(AllreduceWorker, total_steps=steps, bucket_cap_mb=self.bucket_cap_mb,
                          log_every=self.log_every, eval_every=job.eval_interval(steps))
-        return CollectiveRun(make_worker=worker, global_steps=steps * job.workers,
-                             backend=self.backend).run(job, metrics)
+        return CollectivePlan(job, make_worker=worker, global_steps=steps * job.workers, backend=self.backend)

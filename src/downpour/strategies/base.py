@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -13,7 +12,6 @@ from torch import nn
 
 from downpour.data import Dataset
 from downpour.errors import check_range
-from downpour.metrics import Metrics, evaluate
 from downpour.models import backward
 from downpour.optim import OptimSpec
 
@@ -22,12 +20,22 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True, kw_only=True)
 class Faults:
-    """Stragglers and failures a user stages: ``slow`` maps rank to a slowdown factor,
-    ``kill`` maps rank to the second (since training started) it is SIGKILLed."""
+    """Stragglers and failures a user stages.
+
+    ``slow`` maps a worker's rank to a slowdown factor; ``kill`` maps it to
+    the second (since training started) it is SIGKILLed, ``kill_at_step`` to
+    the step at which it is (so a test's kill lands at a known point);
+    ``kill_server`` maps a shard to the second it is SIGKILLed.
+
+    Example:
+        >>> Faults(kill_at_step={1: 200}).kill_at_step
+        {1: 200}
+    """
 
     slow: dict[int, float] = field(default_factory=dict)
     kill: dict[int, float] = field(default_factory=dict)
     kill_server: dict[int, float] = field(default_factory=dict)
+    kill_at_step: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for rank, factor in self.slow.items():
@@ -36,6 +44,8 @@ class Faults:
             check_range(f"kill-worker time of rank {rank}", seconds, 0.0)
         for shard, seconds in self.kill_server.items():
             check_range(f"kill-server time of shard {shard}", seconds, 0.0)
+        for rank, step in self.kill_at_step.items():
+            check_range(f"kill-worker step of rank {rank}", step, 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +88,7 @@ class Job:
             check_range("eval_every", self.eval_every, 1)
         if self.max_seconds is not None:
             check_range("max_seconds", self.max_seconds, 0.0, low_open=True)
-        for rank in (*self.faults.slow, *self.faults.kill):
+        for rank in (*self.faults.slow, *self.faults.kill, *self.faults.kill_at_step):
             check_range("faulty worker rank", rank, 0, self.workers - 1)
         for shard in self.faults.kill_server:
             check_range("killed server shard", shard, 0, self.servers - 1)
@@ -107,51 +117,31 @@ class Job:
 
 
 class Strategy(Protocol):
-    """A distributed-training method: one frozen config dataclass with a ``run``.
+    """A distributed-training method: one frozen config dataclass whose ``plan`` says how it runs.
 
-    ``run`` trains the job's model, logs through ``metrics`` (the coordinator's
-    sink) and returns the trained model. The caller owns the run directory and
-    the final evaluation.
+    ``plan(job)`` validates the job for this method and returns a
+    :class:`~downpour.strategies.plan.Plan`; the Coordinator
+    (:mod:`downpour.run`) runs it. What a strategy supports is declared here,
+    with the defaults a strategy class inherits by subclassing ``Strategy``.
+
+    Attributes:
+        name: the registry name (``"downpour"``).
+        uses_servers: the run has parameter-server shards (``servers`` counts them).
+        recoverable: checkpoints, shard restarts and ``resume`` (its state lives on the shards).
+        restartable: a dead worker can be restarted (``restart_workers``).
+        takes_workers: the run has workers (``workers`` counts them).
+        buffers: what the strategy does with a model's buffers (BatchNorm
+            statistics): a line for the docs and ``--help``.
     """
 
     name: ClassVar[str]
+    uses_servers: ClassVar[bool] = False
+    recoverable: ClassVar[bool] = False
+    restartable: ClassVar[bool] = False
+    takes_workers: ClassVar[bool] = True
+    buffers: ClassVar[str] = ""
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module: ...
-
-
-class Evaluator:
-    """Evaluates the coordinator's model on the test set and watches the target and the time budget."""
-
-    def __init__(self, job: Job, metrics: Metrics) -> None:
-        self.job = job
-        self.metrics = metrics
-        self.seconds = 0.0  # time spent evaluating, excluded from samples/s
-        self.reached = False
-        self._started = time.monotonic()
-
-    def begin(self) -> None:
-        """Training starts now: the time budget counts from here."""
-        self._started = time.monotonic()
-
-    @property
-    def out_of_time(self) -> bool:
-        """Whether the job's ``max_seconds`` budget is spent."""
-        budget = self.job.max_seconds
-        return budget is not None and time.monotonic() - self._started >= budget
-
-    def done(self) -> bool:
-        """Whether training should stop: the target is reached or the time budget spent."""
-        return self.reached or self.out_of_time
-
-    def __call__(self, model: nn.Module, step: int, **extra: Any) -> dict[str, float]:
-        started = time.perf_counter()
-        result = evaluate(model, self.job.loss, self.job.data.x_test, self.job.data.y_test)
-        self.seconds += time.perf_counter() - started
-        target = self.job.target_accuracy
-        if target is not None and result["eval/accuracy"] >= target:
-            self.reached = True
-        self.metrics.log(step, {**result, **extra})
-        return result
+    def plan(self, job: Job) -> Any: ...
 
 
 def sgd_step(model: nn.Module, zero_grad: Callable[[], None], optimizer: torch.optim.Optimizer, loss: LossFn,
@@ -176,27 +166,17 @@ def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.LBFGS) or getattr(optimizer, "requires_closure", False)
 
 
-def log_start(metrics: Metrics, evaluator: Evaluator) -> None:
-    """The coordinator's mark that training begins (after processes started and met).
+def refuse_buffers(job: Job, strategy: str, why: str) -> None:
+    """Refuse a model with buffers (BatchNorm statistics) for a strategy that cannot keep them right.
 
-    Times to target, the time budget and time axes count from here, so
-    process start-up is not charged to a strategy.
+    Example:
+        >>> job = Job(model=lambda: nn.BatchNorm1d(2), loss=None, data=None, optimizer=None)  # doctest: +SKIP
+        >>> refuse_buffers(job, "sandblaster", "...")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: strategy 'sandblaster' cannot train a model with buffers ...
     """
-    evaluator.begin()
-    metrics.log(0, {"event": "start"})
-
-
-def log_end(metrics: Metrics, *, steps: int, samples: int, seconds: float, eval_seconds: float, **extra: Any) -> None:
-    """The coordinator's closing event, from which the summary takes steps, samples and time."""
-    metrics.log(
-        steps,
-        {
-            "event": "end",
-            "run/steps": steps,
-            "run/samples": samples,
-            "run/seconds": seconds,
-            "run/train_seconds": max(seconds - eval_seconds, 1e-9),
-            "progress/step": steps,
-            **extra,
-        },
-    )
+    names = [name for name, _ in job.build_model().named_buffers()]
+    if names:
+        raise ValueError(f"strategy {strategy!r} cannot train a model with buffers ({', '.join(names[:3])}"
+                         f"{', ...' if len(names) > 3 else ''}): {why}. Use a model without them (no "
+                         "BatchNorm; GroupNorm or LayerNorm keep no running statistics) or another strategy")

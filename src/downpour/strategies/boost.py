@@ -49,7 +49,7 @@ coordinator without data would only sit idle while the workers compute.
 Rank 0 trains on ``coordinator_device``; the default ``"auto"`` uses a GPU
 where one is present.
 
-One round, over a gloo group (:class:`~downpour.strategies.collective.CollectiveRun`):
+One round, over a gloo group (:class:`~downpour.strategies.collective.CollectivePlan`):
 
 1. Weights: every rank all-gathers a few float64 statistics of its shard:
    log Q_j = log Σ q_i, the error terms, and its stop flag. So every rank
@@ -93,9 +93,8 @@ from downpour.data import batches
 from downpour.data.rows import is_csr, take_rows
 from downpour.errors import check_range
 from downpour.flat import flatten, unflatten_into_
-from downpour.metrics import Metrics
-from downpour.strategies.base import Job, sgd_step
-from downpour.strategies.collective import CollectiveRun, CollectiveWorker
+from downpour.strategies.base import Job, Strategy, refuse_buffers, sgd_step
+from downpour.strategies.collective import CollectivePlan, CollectiveWorker
 
 # Examples per forward pass over a shard (inference only, so larger than a training batch).
 _FORWARD_BATCH = 4096
@@ -515,7 +514,20 @@ def _resolve_device(device: str, job_device: str) -> str:
     return device
 
 
+class VotePlan(CollectivePlan):
+    """Boosting's plan: the coordinator's model is the weighted vote of the rounds' models."""
+
+    def __init__(self, job: Job, *, rounds: int, **kwargs: Any) -> None:
+        super().__init__(job, **kwargs)
+        self.rounds = rounds
+
+    def build_model(self) -> nn.Module:
+        return Vote.build(replace(self.job, device="cpu").build_model, self.rounds)
+
+
 def _check_job(job: Job, name: str) -> None:
+    refuse_buffers(job, name, "rank 0 trains on the selected examples while the other workers score "
+                   "theirs, and only the parameters travel between them")
     if job.faults.slow:
         raise ValueError(f"strategy {name!r} takes every gradient step on rank 0, so a slow worker "
                          f"(faults.slow={job.faults.slow}) is not modeled; stage no slow workers")
@@ -527,7 +539,7 @@ def _placed(cls: type[SamplingWorker], device: str, *, rank: int, job: Job, **kw
 
 
 @dataclass(frozen=True, kw_only=True)
-class Boost:
+class Boost(Strategy):
     """Distributed boosting's configuration. The returned model is a :class:`Vote`.
 
     The run lasts ``num_rounds`` rounds; the job's ``epochs`` and
@@ -554,6 +566,7 @@ class Boost:
     """
 
     name: ClassVar[str] = "boost"
+    buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
     eps: float = 0.01
     sample_size: int | None = None
     num_rounds: int | None = None
@@ -574,26 +587,25 @@ class Boost:
         _check_device(self.coordinator_device)
         check_range("log_every", self.log_every, 1)
 
-    def plan(self, job: Job) -> tuple[int, int, int]:
+    def sizes(self, job: Job) -> tuple[int, int, int]:
         """(k, c, steps per round) for ``job``, the defaults filled in."""
         size = self.sample_size or default_sample_size(job.data.num_train, self.eps)
         steps = self.steps_per_round or 20 * math.ceil(size / job.batch_size)
         return size, self.num_rounds or default_rounds(self.eps), steps
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+    def plan(self, job: Job) -> CollectivePlan:
         _check_job(job, self.name)
         device = _resolve_device(self.coordinator_device, job.device)
-        size, rounds, steps = self.plan(job)
+        size, rounds, steps = self.sizes(job)
         worker = partial(_placed, BoostWorker, device, sample_size=size, num_rounds=rounds, steps_per_round=steps,
                          warm_start=self.warm_start, total_steps=rounds * steps, eval_every=steps,
                          log_every=self.log_every)
-        run = CollectiveRun(make_worker=worker, global_steps=rounds * steps, backend="gloo", replica=job.model)
         # The coordinator's model is the vote; rank 0 publishes it whole (members and weights).
-        return run.run(replace(job, model=partial(Vote.build, job.model, rounds)), metrics)
+        return VotePlan(job, make_worker=worker, global_steps=rounds * steps, backend="gloo", rounds=rounds)
 
 
 @dataclass(frozen=True, kw_only=True)
-class SelfieBoost:
+class SelfieBoost(Strategy):
     """SelfieBoost's configuration.
 
     The run takes the job's ``total_steps()`` gradient steps: its epochs,
@@ -614,6 +626,7 @@ class SelfieBoost:
     """
 
     name: ClassVar[str] = "selfieboost"
+    buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
     sample_size: int = 8192
     steps_per_round: int | None = None
     coordinator_device: str = "auto"
@@ -626,11 +639,11 @@ class SelfieBoost:
         _check_device(self.coordinator_device)
         check_range("log_every", self.log_every, 1)
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+    def plan(self, job: Job) -> CollectivePlan:
         _check_job(job, self.name)
         device = _resolve_device(self.coordinator_device, job.device)
         steps = self.steps_per_round or math.ceil(self.sample_size / job.batch_size)
         total = job.total_steps()
         worker = partial(_placed, SelfieBoostWorker, device, sample_size=self.sample_size, steps_per_round=steps,
                          total_steps=total, eval_every=job.eval_interval(total), log_every=self.log_every)
-        return CollectiveRun(make_worker=worker, global_steps=total, backend="gloo").run(job, metrics)
+        return CollectivePlan(job, make_worker=worker, global_steps=total, backend="gloo")

@@ -36,7 +36,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -46,10 +46,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from downpour.checkpoint import pack_state, unpack_state
 from downpour.errors import choose
-from downpour.metrics import Metrics
 from downpour.strategies.base import Job
 from downpour.strategies.elastic import ElasticRendezvous, RendezvousClosedError
-from downpour.strategies.worker import Worker, WorkerGroupRun, encode_params, worker_stream
+from downpour.strategies.plan import Session
+from downpour.strategies.worker import Worker, WorkerGroupPlan, encode_params, worker_stream
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +365,26 @@ class CollectiveWorker(Worker):
         self.bytes_received += (self.num_workers - 1) * nbytes
         return torch.cat(parts)
 
+    def average_buffers_(self, weight: float = 1.0) -> None:
+        """Replace every floating-point buffer (BatchNorm statistics) by the workers' weighted mean.
+
+        Counters (``num_batches_tracked``) stay each replica's own. Every
+        worker calls it at the same points, as any collective.
+        """
+        floats = [b for b in self.replica.buffers() if b.is_floating_point()]
+        if not floats:
+            return
+        vector = torch.cat([*(b.detach().reshape(-1).float() for b in floats),
+                            torch.ones(1, device=floats[0].device)]).mul_(weight)
+        self.allreduce_(vector)
+        if vector[-1] <= 0:
+            return
+        vector = vector[:-1].div_(vector[-1])
+        offset = 0
+        for buffer in floats:
+            buffer.copy_(vector[offset : offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+
     def vote_to_stop(self, ctx: Any) -> bool:
         """Whether any worker was told to stop, as of the previous vote: all learn it at the same step.
 
@@ -395,53 +415,44 @@ def _rank_device(device: str, rank: int) -> str:
     return device
 
 
-@dataclass(frozen=True, kw_only=True)
-class CollectiveRun:
-    """The coordinator of a collective strategy: a rendezvous, then a :class:`WorkerGroupRun`.
+class CollectivePlan(WorkerGroupPlan):
+    """The plan of a collective strategy: a rendezvous the coordinator hosts, then workers alone.
 
-    It hosts the group's rendezvous (a ``TCPStore`` on this machine's address
-    as the workers reach it) and gives every worker ``store_address``,
-    ``backend``, its rank and the world size. A worker that dies ends the run
-    (the others would wait in their next collective), unless
-    ``job.restart_workers`` (allowed by the strategies whose workers take a
-    member back): then its replacement starts and the group re-forms
+    The coordinator hosts the group's rendezvous (a ``TCPStore`` on this
+    machine's address as the workers reach it) and every worker gets
+    ``store_address``, ``backend``, its rank and the world size. A worker that
+    dies ends the run (the others would wait in their next collective),
+    unless ``job.restart_workers`` (allowed by the strategies whose workers
+    take a member back): then its replacement starts and the group re-forms
     (:mod:`downpour.strategies.elastic`).
 
     Args:
+        job: the run's workload.
         make_worker: builds worker ``rank``'s role from keyword arguments
-            ``rank, num_workers, job, slow_factor, timeout, store_address, backend``.
+            ``rank, num_workers, job, timeout, store_address, backend, elastic, ...``.
         global_steps: steps of all workers together that make the run.
         backend: ``"auto"``, ``"gloo"`` or ``"nccl"``.
-        replica: the workers' model factory when the coordinator's model is a
-            different one built from the workers' (an ensemble of them).
         partition: keyword arguments for ``Dataset.shard`` (scheme, alpha...).
     """
 
-    make_worker: Callable[..., CollectiveWorker]
-    global_steps: int
-    backend: str = "auto"
-    replica: Callable[[], nn.Module] | None = None
-    partition: dict[str, Any] = field(default_factory=dict)
-    timeout: float = 60.0
+    def __init__(self, job: Job, *, make_worker: Callable[..., CollectiveWorker], global_steps: int,
+                 backend: str = "auto", partition: dict[str, Any] | None = None, timeout: float = 60.0) -> None:
+        super().__init__(job, make_worker=make_worker, global_steps=global_steps, tolerate_deaths=False,
+                         final_rank=0, partition=partition, timeout=timeout)
+        self.backend = resolve_backend(backend, job.device, job.workers)
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
-        backend = resolve_backend(self.backend, job.device, job.workers)
-        host = getattr(job.cluster, "host", "127.0.0.1")  # this machine, as the workers reach it
-        store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=10 * self.timeout))
-        store_address = f"{host}:{store.port}"
+    def open(self, session: Session) -> None:
+        self.store = dist.TCPStore(session.host, 0, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=10 * self.timeout))
+        self.store_address = f"{session.host}:{self.store.port}"
 
-        def make(*, rank: int, job: Job, **kwargs: Any) -> CollectiveWorker:
-            job = replace(job, device=_rank_device(job.device, rank))
-            if self.replica is not None:
-                job = replace(job, model=self.replica)
-            return self.make_worker(rank=rank, job=job, store_address=store_address, backend=backend,
-                                    elastic=job.restart_workers, **kwargs)
+    def worker_job(self, rank: int) -> Job:
+        job = super().worker_job(rank)
+        return replace(job, device=_rank_device(job.device, rank))
 
-        def restarting(rank: int) -> None:  # tells the survivors why their collective failed
-            store.add("restarts", 1)
+    def worker_options(self, session: Session, rank: int) -> dict[str, Any]:
+        return {"store_address": self.store_address, "backend": self.backend,
+                "elastic": self.job.restart_workers}
 
-        return WorkerGroupRun(make_worker=make, global_steps=self.global_steps, tolerate_deaths=False,
-                              final_rank=0, partition=self.partition, on_restart=restarting,
-                              timeout=self.timeout).run(job, metrics)
-
+    def before_restart(self, session: Session, rank: int) -> None:
+        self.store.add("restarts", 1)  # tells the survivors why their collective failed

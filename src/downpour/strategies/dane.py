@@ -56,20 +56,17 @@ from functools import partial
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
 
 from downpour.data import batches
 from downpour.data.partition import SCHEMES
 from downpour.errors import check_range, choose
-from downpour.metrics import Metrics
 from downpour.models import backward
-from downpour.strategies.base import Job
+from downpour.strategies.base import Job, Strategy, refuse_buffers
 from downpour.strategies.collective import (
     BACKENDS,
     Backend,
-    CollectiveRun,
+    CollectivePlan,
     CollectiveWorker,
-    resolve_backend,
 )
 from downpour.strategies.worker import worker_stream
 
@@ -291,7 +288,7 @@ def _check_int(name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Dane:
+class Dane(Strategy):
     """DANE's configuration (Shamir, Srebro & Zhang, ICML 2014).
 
     The run is ``rounds`` DANE rounds (capped by the job's ``max_steps``: a
@@ -328,6 +325,7 @@ class Dane:
     """
 
     name: ClassVar[str] = "dane"
+    buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
     rounds: int = 10
     local: Literal["sgd", "lbfgs"] = "lbfgs"
     local_steps: int = 50
@@ -366,8 +364,9 @@ class Dane:
         choose("backend", self.backend, BACKENDS)
         check_range("log_every", self.log_every, 1)
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
-        resolve_backend(self.backend, job.device, job.workers)
+    def plan(self, job: Job) -> CollectivePlan:
+        refuse_buffers(job, self.name, "its local solvers and its exact gradient pass treat the loss as a fixed "
+                       "function of the parameters, which running statistics are not")
         if self.local_batch_size is not None:
             smallest = job.data.num_train // job.workers
             if self.local_batch_size > smallest:
@@ -379,5 +378,5 @@ class Dane:
             partition["alpha"] = self.alpha
         worker = partial(DaneWorker, config=self, total_steps=rounds, log_every=self.log_every,
                          eval_every=job.eval_interval(rounds))
-        return CollectiveRun(make_worker=worker, global_steps=rounds * job.workers, backend=self.backend,
-                             partition=partition).run(job, metrics)
+        return CollectivePlan(job, make_worker=worker, global_steps=rounds * job.workers, backend=self.backend,
+                              partition=partition)

@@ -45,12 +45,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from downpour.compress import Stream, parse
+from downpour.compress import Stream, compression_counters, parse
 from downpour.errors import TransportError, check_range
-from downpour.metrics import Metrics, compression_counters, evaluate
 from downpour.server import ApplyAtOnce, ServerShard
-from downpour.strategies.base import Job
-from downpour.strategies.worker import Worker, WorkerGroupRun, decode_params_
+from downpour.flat import combine_buffers_
+from downpour.models import evaluate
+from downpour.strategies.base import Job, Strategy
+from downpour.strategies.plan import Session
+from downpour.strategies.worker import Worker, WorkerGroupPlan, decode_params_, load_snapshot_
 from downpour.transport import ShardClient, new_token, serve_shard
 
 # Sends a peer may have in flight before its training loop waits for the oldest.
@@ -174,7 +176,7 @@ class Peer(Worker):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Decentralized:
+class Decentralized(Strategy):
     """Decentralized asynchronous SGD's configuration.
 
     Args:
@@ -191,7 +193,7 @@ class Decentralized:
     """
 
     name: ClassVar[str] = "decentralized"
-    uses_servers: ClassVar[bool] = False
+    buffers: ClassVar[str] = "each peer's own; the returned average replica averages them (counters summed)"
     compress: str | None = None
     fanout: int | None = None
     send_every: int = 1
@@ -206,31 +208,35 @@ class Decentralized:
         check_range("send_every", self.send_every, 1)
         check_range("snapshot_every", self.snapshot_every, 1)
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+    def plan(self, job: Job) -> DecentralizedPlan:
         if job.workers < 2:
             raise ValueError(f"decentralized needs at least 2 peers (workers), got {job.workers}")
-        host = getattr(job.cluster, "host", "127.0.0.1")  # this machine, as the peers reach it
-        directory = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                                  timeout=timedelta(seconds=600))
         per_peer = job.total_steps(job.data.num_train // job.workers)
-        peer = partial(Peer, store=(host, directory.port), token=new_token(), compress=self.compress,
-                       fanout=self.fanout, send_every=self.send_every, snapshot_every=self.snapshot_every,
+        peer = partial(Peer, token=new_token(), compress=self.compress, fanout=self.fanout,
+                       send_every=self.send_every, snapshot_every=self.snapshot_every,
                        log_every=self.log_every, total_steps=per_peer)
-        replicas = Replicas(job, metrics)
-        # ``directory`` serves the peers' look-ups until the run returns.
-        return WorkerGroupRun(make_worker=peer, global_steps=per_peer * job.workers,
-                              watch=replicas.watch, combine=replicas.combine).run(job, metrics)
+        return DecentralizedPlan(job, make_worker=peer, global_steps=per_peer * job.workers)
 
 
-class Replicas:
-    """The coordinator's view of the replicas: their distance as training goes, their average at the end."""
+class DecentralizedPlan(WorkerGroupPlan):
+    """The peers, a directory they find each other in, and the coordinator's view of the replicas.
 
-    def __init__(self, job: Job, metrics: Metrics) -> None:
-        self.job, self.metrics = job, metrics
+    It measures the distance between the replicas as training goes, and
+    returns their average at the end (parameters and buffers alike).
+    """
+
+    def open(self, session: Session) -> None:
+        # The directory serves the peers' look-ups until the run returns.
+        self.directory = dist.TCPStore(session.host, 0, is_master=True, wait_for_workers=False,
+                                       timeout=timedelta(seconds=600))
         self.measured: set[tuple[int, ...]] = set()
 
-    def watch(self, handles: list[Any], steps: int) -> None:
+    def worker_options(self, session: Session, rank: int) -> dict[str, Any]:
+        return {"store": (session.host, self.directory.port)}
+
+    def watch(self, session: Session) -> None:
         """Log the largest distance between the live replicas' latest snapshots, once per new set."""
+        handles = session.workers
         latest = {h.rank: h.published["params"] for h in handles if h.alive() and "params" in h.published}
         if len(latest) < 2 or len(latest) < sum(h.alive() for h in handles):
             return
@@ -238,20 +244,22 @@ class Replicas:
         if key in self.measured:
             return
         self.measured.add(key)
-        vectors = [_vector(payload) for _, payload in latest.values()]
-        self.metrics.log(steps, {"decentralized/max_distance": max_distance(vectors)})
+        vectors = [_vector(snapshot[1]) for snapshot in latest.values()]
+        session.metrics.log(session.progress.total_steps, {"decentralized/max_distance": max_distance(vectors)})
 
-    def combine(self, finals: dict[int, bytes], model: nn.Module, flat: Any, steps: int) -> None:
-        """Load the average replica into ``flat``; log one replica's accuracy and the final distance."""
-        vectors = {rank: _vector(payload) for rank, payload in sorted(finals.items())}
-        first = next(iter(vectors))
-        flat.params.copy_(vectors[first])
+    def combine(self, finals: dict[int, tuple], model: nn.Module, session: Session) -> None:
+        """Load the average replica; log one replica's accuracy and the final distance."""
+        finals = dict(sorted(finals.items()))
+        vectors = {rank: _vector(snapshot[1]) for rank, snapshot in finals.items()}
+        first = next(iter(finals))
+        load_snapshot_(model, self.flat, finals[first])
         data = self.job.data
         one = evaluate(model, self.job.loss, data.x_test, data.y_test)
-        flat.params.copy_(torch.stack(list(vectors.values())).mean(0))
-        self.metrics.log(steps, {"decentralized/replica_accuracy": one["eval/accuracy"],
-                                 "decentralized/replica_rank": first,
-                                 "decentralized/final_max_distance": max_distance(list(vectors.values()))})
+        self.flat.params.copy_(torch.stack(list(vectors.values())).mean(0))
+        combine_buffers_(model, [snapshot[2] for snapshot in finals.values() if len(snapshot) > 2])
+        session.metrics.log(session.progress.total_steps, {
+            "decentralized/replica_accuracy": one["eval/accuracy"], "decentralized/replica_rank": first,
+            "decentralized/final_max_distance": max_distance(list(vectors.values()))})
 
 
 def _vector(payload: bytes) -> torch.Tensor:

@@ -17,16 +17,14 @@ from functools import partial
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
 
 from downpour.compress import parse
 from downpour.errors import StaleUpdate, check_range
 from downpour.flat import sparsify
-from downpour.metrics import Metrics
 from downpour.optim import optim
 from downpour.server import ApplyAtOnce, BoundedStaleness
-from downpour.strategies.base import Job
-from downpour.strategies.parameter_server import ParameterServerRun, PSWorker
+from downpour.strategies.base import Job, Strategy
+from downpour.strategies.parameter_server import ParameterServerPlan, PSWorker
 
 
 @dataclass(kw_only=True)
@@ -76,7 +74,7 @@ class DownpourWorker(PSWorker):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Downpour:
+class Downpour(Strategy):
     """Downpour SGD's configuration.
 
     Args:
@@ -103,6 +101,7 @@ class Downpour:
     uses_servers: ClassVar[bool] = True
     recoverable: ClassVar[bool] = True  # checkpoints, shard and worker restarts, --resume
     restartable: ClassVar[bool] = True  # restart_workers
+    buffers: ClassVar[str] = "each worker's own; the coordinator averages the workers' latest"
     fetch_every: int = 1
     push_every: int = 1
     staleness: Literal["none", "scale-lr"] = "none"
@@ -128,7 +127,7 @@ class Downpour:
         elif self.evaluate_average:
             raise ValueError("evaluate_average needs a moving average: set ema_decay (e.g. 0.99)")
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+    def plan(self, job: Job) -> ParameterServerPlan:
         scale = self.staleness == "scale-lr"
         policy = (ApplyAtOnce(scale_lr_by_staleness=scale) if self.max_staleness is None
                   else BoundedStaleness(max_staleness=self.max_staleness, scale_lr_by_staleness=scale))
@@ -139,6 +138,6 @@ class Downpour:
         worker = partial(DownpourWorker, fetch_every=self.fetch_every, push_every=self.push_every,
                          sparse_push=self.sparse_push, compress=self.compress, log_every=self.log_every,
                          total_steps=per_worker)
-        return ParameterServerRun(policy=policy, make_worker=worker, server_optimizer=optimizer,
-                                  global_steps=per_worker * job.workers, ema_decay=self.ema_decay,
-                                  evaluate_average=self.evaluate_average).run(job, metrics)
+        return ParameterServerPlan(job, policy=policy, make_worker=worker, server_optimizer=optimizer,
+                                   global_steps=per_worker * job.workers, ema_decay=self.ema_decay,
+                                   evaluate_average=self.evaluate_average)

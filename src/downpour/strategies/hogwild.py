@@ -39,14 +39,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from downpour.cluster import open_cluster
 from downpour.errors import PeerTimeout, check_range
 from downpour.flat import FlatParams, apply_sparse_
-from downpour.metrics import Metrics
-from downpour.strategies.base import Evaluator, Job, log_end, log_start
+from downpour.strategies.base import Job, Strategy
 from downpour.strategies.collective import check_lockstep_optimizer
 from downpour.strategies.sparse_linear import SparseLinearGradient, supports_sparse_updates
-from downpour.strategies.worker import Progress, Worker, shard_job
+from downpour.strategies.plan import Plan, Session
+from downpour.strategies.worker import Worker, shard_job
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +233,7 @@ class HogwildWorker(Worker):
 
     def _sparse_gradient(self, x: torch.Tensor, y: torch.Tensor, lr: float):
         # Worker.gradient's pacing and counting around a sparse step instead of autograd.
-        now = time.perf_counter()
-        if self.slow_factor > 1 and self._step_started is not None:
-            time.sleep((self.slow_factor - 1) * (now - self._step_started))
-            now = time.perf_counter()
-        self._step_started = now
+        self.pace()
         step = self.sparse_gradient(x, y, lr=lr)
         self.steps += 1
         self.samples += len(y)
@@ -268,7 +263,7 @@ class HogwildWorker(Worker):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Hogwild:
+class Hogwild(Strategy):
     """Hogwild!'s configuration.
 
     Args:
@@ -284,6 +279,7 @@ class Hogwild:
     """
 
     name: ClassVar[str] = "hogwild"
+    buffers: ClassVar[str] = "in shared memory with the parameters, updated in place by every worker"
     lock: bool = False
     round_robin: bool = False
     sparse_updates: Literal["auto", "on", "off"] = "auto"
@@ -301,68 +297,14 @@ class Hogwild:
     def mode(self) -> Mode:
         return "lock" if self.lock else "round_robin" if self.round_robin else "hogwild"
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+    def plan(self, job: Job) -> HogwildPlan:
         if job.cluster is not None:
             raise ValueError("hogwild shares memory on one host; run it on the local cluster (cluster='local')")
         if torch.device(job.device).type != "cpu":
             raise ValueError(f"hogwild shares parameters through this host's shared memory and runs on the "
                              f"CPU only; got device={job.device!r}, use device='cpu'")
         check_lockstep_optimizer(job, self.name)
-        model = job.build_model()
-        sparse = self._sparse(job, model)
-        flat = FlatParams(model)
-        # In place: the model's parameters are views of this storage, so the
-        # coordinator evaluates exactly what the workers write, without copies.
-        flat.params.share_memory_()
-        # Buffers too (batch-norm statistics), as model.share_memory() would: the workers update them in place.
-        buffers = [b.share_memory_() for b in model.buffers()]
-        gate = UpdateGate.create(self.mode, job.workers)
-        steps_done = multiprocessing.get_context("spawn").RawArray("q", job.workers)
-        per_worker = job.total_steps(job.data.num_train // job.workers)
-        interval = job.eval_interval(per_worker * job.workers)
-        progress = Progress()
-        metrics.sinks.append(progress)
-        evaluator = Evaluator(job, metrics)
-        with open_cluster(job.cluster, metrics, tolerate_worker_deaths=True) as cluster:
-            workers = cluster.start([
-                HogwildWorker(rank=rank, num_workers=job.workers, job=shard_job(job, rank), total_steps=per_worker,
-                              slow_factor=job.faults.slow.get(rank, 1.0), log_every=self.log_every,
-                              shared=flat.params, shared_buffers=buffers, gate=gate, steps_done=steps_done,
-                              sparse=sparse)
-                for rank in range(job.workers)
-            ])
-            cluster.start_together(workers, timeout=600.0)
-            log_start(metrics, evaluator)
-            started = time.perf_counter()
-            for rank, seconds in job.faults.kill.items():
-                cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
-            next_eval = interval
-
-            def watch() -> None:
-                nonlocal next_eval
-                for handle in cluster.dead("worker"):
-                    gate.free_dead_(handle.rank)
-                if evaluator.out_of_time:
-                    cluster.request_stop()
-                if progress.total_steps >= next_eval and not evaluator.reached:
-                    evaluator(model, progress.total_steps)  # the shared parameters, read in place
-                    next_eval = progress.total_steps + interval
-                    metrics.log(progress.total_steps, {"progress/step": progress.total_steps})
-                    if evaluator.reached:
-                        cluster.request_stop()
-
-            cluster.wait_all("worker", timeout=24 * 3600, watch=watch)
-            evaluator(model, progress.total_steps)
-            seconds = time.perf_counter() - started
-        metrics.sinks.remove(progress)
-        log_end(metrics, steps=progress.total_steps, samples=progress.total_samples, seconds=seconds,
-                eval_seconds=evaluator.seconds)
-        # Hand back a model in private memory, not a view of the shared segment.
-        trained = job.build_model()
-        FlatParams(trained).load_(flat.params)
-        for private, shared in zip(trained.buffers(), buffers, strict=True):
-            private.copy_(shared)
-        return trained
+        return HogwildPlan(job, self)
 
     def _sparse(self, job: Job, model: nn.Module) -> bool:
         """Whether workers take sparse steps; a ValueError when ``"on"`` cannot be honoured."""
@@ -380,3 +322,55 @@ class Hogwild:
         if linear and not plain_sgd:
             log.info("hogwild takes dense steps: sparse updates need the plain 'sgd' optimizer, got %r", spec.name)
         return linear and plain_sgd
+
+
+class HogwildPlan(Plan):
+    """Hogwild's plan: the coordinator's model lives in shared memory, and the workers write into it.
+
+    The coordinator evaluates exactly what the workers write, in place and
+    without copies, and hands back a private copy at the end.
+    """
+
+    def __init__(self, job: Job, config: Hogwild) -> None:
+        super().__init__(job)
+        self.config = config
+        self.gate = UpdateGate.create(config.mode, job.workers)
+        self.steps_done = multiprocessing.get_context("spawn").RawArray("q", job.workers)
+        self.per_worker = job.total_steps(job.data.num_train // job.workers)
+        self.global_steps = self.per_worker * job.workers
+
+    def build_model(self) -> nn.Module:
+        model = self.job.build_model()
+        self.sparse = self.config._sparse(self.job, model)
+        return model
+
+    def open(self, session: Session) -> None:
+        # In place: the model's parameters are views of this storage, so the
+        # coordinator evaluates exactly what the workers write, without copies.
+        self.flat.params.share_memory_()
+        # Buffers too (batch-norm statistics), as model.share_memory() would: the workers update them in place.
+        self.shared_buffers = [b.share_memory_() for b in self.flat.module.buffers()]
+
+    def worker(self, session: Session, rank: int, *, incarnation: int = 0, start_steps: int = 0,
+               start_samples: int = 0) -> HogwildWorker:
+        return HogwildWorker(rank=rank, num_workers=self.job.workers, job=shard_job(self.job, rank),
+                             total_steps=self.per_worker, log_every=self.config.log_every,
+                             shared=self.flat.params, shared_buffers=self.shared_buffers, gate=self.gate,
+                             steps_done=self.steps_done, sparse=self.sparse, incarnation=incarnation,
+                             start_steps=start_steps, start_samples=start_samples)
+
+    def watch(self, session: Session) -> None:
+        for handle in session.workers:
+            if handle.failed:
+                self.gate.free_dead_(handle.rank)
+
+    def read(self, session: Session, model: nn.Module, *, final: bool) -> bool:
+        return True  # the shared parameters and buffers, read in place
+
+    def result(self, model: nn.Module) -> nn.Module:
+        # Hand back a model in private memory, not a view of the shared segment.
+        trained = self.job.build_model()
+        FlatParams(trained).load_(self.flat.params)
+        for private, shared in zip(trained.buffers(), self.shared_buffers, strict=True):
+            private.copy_(shared)
+        return trained

@@ -30,12 +30,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from downpour.errors import check_range
-from downpour.metrics import Metrics
-from downpour.strategies.base import Job
-from downpour.strategies.collective import CollectiveRun, CollectiveWorker, check_lockstep_optimizer
+from downpour.flat import decode_buffers_, encode_buffers
+from downpour.strategies.base import Job, Strategy
+from downpour.strategies.collective import CollectivePlan, CollectiveWorker, check_lockstep_optimizer
 
 # The header sent before the parameters: the turn the potato starts, and the
 # turn at which the run stopped early (or -1), so waiting workers learn of it.
@@ -111,6 +110,10 @@ class HotPotatoWorker(CollectiveWorker):
             params = self.flat.params.detach().to(self.comm_device)
             dist.send(params, peer, group=self.group)
             self.bytes_sent += params.numel() * 4
+            if self.has_buffers:  # the potato carries the model's buffers (BatchNorm statistics) too
+                buffers = torch.frombuffer(bytearray(encode_buffers(self.model)), dtype=torch.uint8)
+                dist.send(buffers, peer, group=self.group)
+                self.bytes_sent += buffers.numel()
             self.rounds += 1
             self.pushes += 1
 
@@ -129,13 +132,18 @@ class HotPotatoWorker(CollectiveWorker):
             if buffer is not params:
                 params.copy_(buffer)
             self.bytes_received += buffer.numel() * 4
+            if self.has_buffers:
+                buffers = torch.empty(len(encode_buffers(self.model)), dtype=torch.uint8)
+                dist.recv(buffers, peer, group=self.group)
+                decode_buffers_(self.model, buffers.numpy().tobytes())
+                self.bytes_received += buffers.numel()
             self.rounds += 1
             self.pulls += 1
         return stopped_at
 
 
 @dataclass(frozen=True, kw_only=True)
-class HotPotato:
+class HotPotato(Strategy):
     """Hot-potato SGD's configuration.
 
     Args:
@@ -150,6 +158,7 @@ class HotPotato:
     """
 
     name: ClassVar[str] = "hot-potato"
+    buffers: ClassVar[str] = "carried with the parameters from worker to worker"
     steps_per_turn: int | None = None
     handoff_timeout: float = 600.0
     log_every: int = 10
@@ -160,14 +169,14 @@ class HotPotato:
         check_range("handoff_timeout", self.handoff_timeout, 0.0, low_open=True)
         check_range("log_every", self.log_every, 1)
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+    def plan(self, job: Job) -> CollectivePlan:
         check_lockstep_optimizer(job, self.name)
         shard = math.ceil(job.data.num_train / job.workers)
         per_turn = self.steps_per_turn or job.steps_per_epoch(shard)
         run_steps = job.total_steps()  # the potato's: one epoch is one pass over all shards together
         worker = partial(HotPotatoWorker, steps_per_turn=per_turn, total_steps=run_steps,
                          eval_every=job.eval_interval(run_steps), log_every=self.log_every)
-        # A dead worker drops the potato or breaks the ring, so the run ends with it (CollectiveRun).
+        # A dead worker drops the potato or breaks the ring, so the run ends with it (a collective plan).
         # A collective worker's group times out after ten times its timeout: the hand-off timeout.
-        return CollectiveRun(make_worker=worker, global_steps=run_steps, backend="gloo",
-                             timeout=self.handoff_timeout / 10).run(job, metrics)
+        return CollectivePlan(job, make_worker=worker, global_steps=run_steps, backend="gloo",
+                              timeout=self.handoff_timeout / 10)

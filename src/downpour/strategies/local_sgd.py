@@ -46,20 +46,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from downpour.compress import Stream, parse
+from downpour.compress import Stream, compression_counters, parse
 from downpour.data.partition import SCHEMES
 from downpour.errors import check_range, choose
-from downpour.metrics import Metrics, compression_counters, evaluate
-from downpour.strategies.base import Job
+from downpour.flat import encode_buffers
+from downpour.models import evaluate
+from downpour.strategies.base import Job, Strategy
 from downpour.strategies.collective import (
     BACKENDS,
     Backend,
-    CollectiveRun,
+    CollectivePlan,
     CollectiveWorker,
     check_lockstep_optimizer,
-    resolve_backend,
 )
-from downpour.strategies.worker import Progress
+from downpour.strategies.plan import Session
 from downpour.transport.payload import from_bytes, to_bytes
 
 
@@ -159,8 +159,13 @@ class LocalSGDWorker(CollectiveWorker):
         if self.ensemble:
             members = self.all_gather(self.flat.params)
             self.count_round()
+            # The ensemble's buffers are its members' end to end, as its parameters are.
+            buffers = b""
+            if self.has_buffers:
+                mine = torch.frombuffer(bytearray(encode_buffers(self.replica)), dtype=torch.uint8)
+                buffers = self.all_gather(mine).cpu().numpy().tobytes()
             if self.rank == 0:
-                self.snapshot(members, final=True)
+                self.snapshot(members, final=True, buffers=buffers)
         elif self.rank == 0 or self.elastic:  # an elastic group's rank 0 may be a late replacement
             self.snapshot(final=True)
 
@@ -193,6 +198,7 @@ class LocalSGDWorker(CollectiveWorker):
             weight = 0.0 if self.adopted or not sampled else (
                 float(self.job.data.num_train) if self.clients_per_round is not None else 1.0)
             stop = self.average_compressed_(weight, ctx) if self.compress is not None else self.average_(weight, ctx)
+            self.average_buffers_(weight)
             self.round, self.local = self.round + 1, 0
             if stop or last:
                 return
@@ -280,7 +286,7 @@ def _advance(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> Non
 
 
 @dataclass(frozen=True, kw_only=True)
-class LocalSGD:
+class LocalSGD(Strategy):
     """Parameter averaging's configuration (local SGD, post-local SGD, one-shot, ensemble, FedAvg).
 
     The run is one pass over the data by all workers together, as for
@@ -311,6 +317,7 @@ class LocalSGD:
 
     name: ClassVar[str] = "local-sgd"
     restartable: ClassVar[bool] = True  # restart_workers: the group re-forms with the new worker
+    buffers: ClassVar[str] = "averaged with the parameters at every average (counters kept)"
     average_every: int = 8
     sync_warmup_steps: int = 0
     ensemble: bool = False
@@ -348,7 +355,7 @@ class LocalSGD:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         check_range("log_every", self.log_every, 1)
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+    def plan(self, job: Job) -> CollectivePlan:
         if self.clients_per_round is not None and self.clients_per_round > job.workers:
             raise ValueError(f"clients_per_round must be in [1, workers={job.workers}], got "
                              f"{self.clients_per_round}; sample at most as many clients as there are workers")
@@ -356,7 +363,6 @@ class LocalSGD:
             raise ValueError("an ensemble keeps every worker's own model, which a restarted worker has lost; "
                              "drop restart_workers, or average the models (ensemble=False)")
         check_lockstep_optimizer(job, self.name)
-        resolve_backend(self.backend, job.device, job.workers)
         steps = job.total_steps(job.data.num_train // job.workers)
         if self.clients_per_round is None:
             plan = plan_rounds(steps, self.average_every, self.sync_warmup_steps)
@@ -369,25 +375,27 @@ class LocalSGD:
         worker = partial(LocalSGDWorker, plan=tuple(plan), total_steps=sum(plan), log_every=self.log_every,
                          clients_per_round=self.clients_per_round, ensemble=self.ensemble, compress=self.compress,
                          eval_every=job.eval_interval(sum(plan)))
-        run = CollectiveRun(make_worker=worker, global_steps=sum(plan) * job.workers, backend=self.backend,
-                            partition=partition)
-        if not self.ensemble:
-            return run.run(job, metrics)
-        # The coordinator's model is the ensemble; rank 0 hands it the gathered members.
-        progress = Progress()
-        metrics.sinks.append(progress)
-        ensemble = replace(run, replica=job.model).run(
-            replace(job, model=partial(Ensemble.build, job.model, job.workers)), metrics)
-        metrics.sinks.remove(progress)
-        self._report_ensemble(ensemble, job, metrics, progress.total_steps)
-        return ensemble
+        kind = EnsemblePlan if self.ensemble else CollectivePlan
+        return kind(job, make_worker=worker, global_steps=sum(plan) * job.workers, backend=self.backend,
+                    partition=partition)
 
-    @staticmethod
-    def _report_ensemble(ensemble: Ensemble, job: Job, metrics: Metrics, step: int) -> None:
-        """The ensemble's and the averaged model's test accuracy, side by side."""
-        results = {}
-        for label, model in (("ensemble", ensemble), ("averaged", ensemble.average())):
-            values = evaluate(model, job.loss, job.data.x_test, job.data.y_test)
+
+class EnsemblePlan(CollectivePlan):
+    """Local SGD with ``ensemble``: the coordinator's model is the ensemble of the W replicas.
+
+    Rank 0 hands it the gathered members; the ensemble's and the averaged
+    model's test accuracy are reported side by side.
+    """
+
+    def build_model(self) -> nn.Module:
+        return Ensemble.build(replace(self.job, device="cpu").build_model, self.job.workers)
+
+    def finish(self, session: Session, model: nn.Module) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        data = self.job.data
+        for label, member in (("ensemble", model), ("averaged", model.average())):
+            values = evaluate(member, self.job.loss, data.x_test, data.y_test)
             results[f"eval/{label}_accuracy"] = values["eval/accuracy"]
             results[f"eval/{label}_loss"] = values["eval/loss"]
-        metrics.log(step, results)
+        session.metrics.log(session.progress.total_steps, results)
+        return {}

@@ -1,10 +1,9 @@
-"""What the parameter-server strategies share: the coordinator and the worker's scaffolding.
+"""What the parameter-server strategies share: their plan and the worker's scaffolding.
 
 Downpour and sync use the same server and the same worker; only the
 server's update policy and the worker's inner loop differ (sync vs. async is
-a policy, not a second component). The coordinator starts the shards, then
-the workers, evaluates the served parameters as training goes, and stops
-everything at the end.
+a policy, not a second component). Their plan has the coordinator start the
+shards, then the workers, and evaluate the served parameters as training goes.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,16 +23,15 @@ import torch.distributed as dist
 from torch import nn
 
 from downpour.checkpoint import Checkpointing, VersionFile, load_run_state, save_run_state
-from downpour.cluster import LocalCluster, open_cluster
-from downpour.compress import Stream, parse
+from downpour.compress import Stream, compression_counters, parse
 from downpour.errors import PeerUnavailable
-from downpour.flat import FlatParams, ShardRange, shard_ranges
-from downpour.metrics import Metrics, compression_counters
+from downpour.flat import ShardRange, combine_buffers_, shard_ranges
 from downpour.optim import OptimSpec
 from downpour.server import UpdatePolicy
 from downpour.server.role import ServerRole
-from downpour.strategies.base import Evaluator, Job, log_end, log_start
-from downpour.strategies.worker import Progress, Worker, WorkerRestarts, shard_job
+from downpour.strategies.base import Job
+from downpour.strategies.plan import Plan, Progress, Session
+from downpour.strategies.worker import Worker, shard_job
 from downpour.transport import ParameterClient, Security, new_token
 
 log = logging.getLogger(__name__)
@@ -46,6 +44,7 @@ class PSWorker(Worker):
     addresses: list[str]
     ranges: list[ShardRange]
     token: str = field(repr=False)
+    publish_buffers: ClassVar[bool] = True  # the shards hold the parameters; the buffers are the workers'
     compress: str | None = None  # a compress.parse spec for pushes; one stream per shard
     security: Security | None = None  # TLS to the shards (hand-started roles)
     directory: ShardDirectory | None = None  # where restarted shards say they are now
@@ -146,168 +145,124 @@ _STORES: dict[tuple[str, int], dist.TCPStore] = {}
 _STORE_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True, kw_only=True)
-class ParameterServerRun:
-    """The coordinator of a parameter-server run.
+class ParameterServerPlan(Plan):
+    """The plan of a parameter-server run: shards first, then workers with a client for every shard.
+
+    The coordinator evaluates the served parameters (or their moving
+    average), pulled from the shards, with the buffers the workers report:
+    the shards hold the parameters, the workers' own replicas the buffers
+    (BatchNorm statistics), which the coordinator averages (counters summed)
+    over the workers' latest reports. The shards never see the buffers:
+    running statistics are not gradients, and an optimizer must not step them.
 
     Args:
+        job: the run's workload.
         policy: the shards' update policy.
         make_worker: builds worker ``rank``'s role from the common keyword arguments.
         server_optimizer: the optimizer the shards apply gradients with.
         global_steps: steps of all workers together that make the run (for
             evaluation timing and the progress bar).
-        evaluate_average: evaluate the shards' moving average, not the parameters.
-        check: called every poll with the cluster; raises to end the run.
+        ema_decay: the shards keep a moving average of the parameters with this decay.
+        evaluate_average: evaluate (and return) the shards' moving average, not the parameters.
+        check: called every poll with the workers' handles; raises to end the run.
     """
 
-    policy: UpdatePolicy
-    make_worker: Callable[..., PSWorker]
-    server_optimizer: OptimSpec
-    global_steps: int
-    ema_decay: float | None = None
-    evaluate_average: bool = False
-    check: Callable[[LocalCluster], None] | None = None
-    timeout: float = 60.0
+    def __init__(self, job: Job, *, policy: UpdatePolicy, make_worker: Callable[..., PSWorker],
+                 server_optimizer: OptimSpec, global_steps: int, ema_decay: float | None = None,
+                 evaluate_average: bool = False, check: Callable[[list[Any]], None] | None = None,
+                 timeout: float = 60.0) -> None:
+        super().__init__(job)
+        self.policy, self.make_worker, self.server_optimizer = policy, make_worker, server_optimizer
+        self.global_steps, self.ema_decay, self.evaluate_average = global_steps, ema_decay, evaluate_average
+        self.check, self.timeout = check, timeout
+        self.checkpointing: Checkpointing | None = job.checkpoint
+        self.client: ParameterClient | None = None
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
-        model = replace(job, device="cpu").build_model()  # the coordinator evaluates on the host
-        flat = FlatParams(model)
-        ranges = shard_ranges(flat.numel, job.servers)
-        token = new_token()
-        checkpoint: Checkpointing | None = job.checkpoint
-        progress = Progress()
-        if checkpoint is not None and checkpoint.resume:
-            _restore_progress(checkpoint, progress)
-        metrics.sinks.append(progress)
-        evaluator = Evaluator(job, metrics)
-        interval = job.eval_interval(self.global_steps)
-        interrupted = False
-        with open_cluster(job.cluster, metrics) as cluster:
-            host = getattr(cluster, "host", "127.0.0.1")
-            store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                                  timeout=datetime.timedelta(seconds=self.timeout))
-            directory = ShardDirectory(host, store.port, timeout=self.timeout)
-            server_roles = [
-                ServerRole(rank=r.shard, shard=r, initial=flat.params[r.start : r.stop].clone(),
-                           optimizer=self.server_optimizer, policy=self.policy, token=token,
-                           ema_decay=self.ema_decay, checkpoint=checkpoint,
-                           restore=checkpoint is not None and checkpoint.resume)
-                for r in ranges
-            ]
-            servers = cluster.start(server_roles)
-            addresses = [cluster.wait_published(h, "address", timeout=10 * self.timeout) for h in servers]
-            for shard, address in enumerate(addresses):
-                store.set(f"shard/{shard}", address)
+    def open(self, session: Session) -> None:
+        self.ranges = shard_ranges(self.flat.numel, self.job.servers)
+        self.token = new_token()
+        if self.checkpointing is not None and self.checkpointing.resume:
+            _restore_progress(self.checkpointing, session.progress)
+        self.store = dist.TCPStore(session.host, 0, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=self.timeout))
+        self.directory = ShardDirectory(session.host, self.store.port, timeout=self.timeout)
 
-            def worker_role(rank: int, incarnation: int = 0) -> PSWorker:
-                return self.make_worker(
-                    rank=rank, num_workers=job.workers, addresses=list(addresses), ranges=ranges, token=token,
-                    job=shard_job(job, rank), slow_factor=job.faults.slow.get(rank, 1.0), timeout=self.timeout,
-                    directory=directory, start_steps=progress.steps.get(rank, 0),
-                    start_samples=progress.samples.get(rank, 0), incarnation=incarnation,
-                )
+    def servers(self, session: Session) -> list[ServerRole]:
+        checkpoint = self.checkpointing
+        self.server_roles = [
+            ServerRole(rank=r.shard, shard=r, initial=self.flat.params[r.start : r.stop].clone(),
+                       optimizer=self.server_optimizer, policy=self.policy, token=self.token,
+                       ema_decay=self.ema_decay, checkpoint=checkpoint,
+                       restore=checkpoint is not None and checkpoint.resume)
+            for r in self.ranges
+        ]
+        return self.server_roles
 
-            workers = cluster.start([worker_role(rank) for rank in range(job.workers)])
-            restarts = WorkerRestarts(cluster, metrics, progress, worker_role, workers) if job.restart_workers else None
-            cluster.on_death = _Recovery(cluster, metrics, progress, checkpoint, server_roles, addresses, store,
-                                         restarts, self.timeout)
-            cluster.start_together(workers, timeout=10 * self.timeout)
-            log_start(metrics, evaluator)
-            started = time.perf_counter()
-            for rank, seconds in job.faults.kill.items():
-                cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
-            for shard, seconds in job.faults.kill_server.items():
-                cluster.kill_at(servers[shard], metrics.elapsed() + seconds)
+    def serving(self, session: Session) -> None:
+        for shard, address in enumerate(session.addresses):
+            self.store.set(f"shard/{shard}", address)
 
-            def recover(shard: int, error: PeerUnavailable) -> str:
-                # The coordinator restarts shards itself (in poll), so it polls while it waits.
-                deadline = time.monotonic() + self.timeout
-                while addresses[shard] == error.peer:
-                    if time.monotonic() > deadline:
-                        raise error
-                    cluster.poll(0.05)
-                return addresses[shard]
+        def recover(shard: int, error: PeerUnavailable) -> str:
+            # The coordinator restarts shards itself (in poll), so it polls while it waits.
+            deadline = time.monotonic() + self.timeout
+            while session.addresses[shard] == error.peer:
+                if time.monotonic() > deadline:
+                    raise error
+                session.poll(0.05)
+            return session.addresses[shard]
 
-            with ParameterClient(addresses, ranges, token, timeout=self.timeout, recover=recover) as client:
-                next_eval = progress.total_steps + interval
+        self.client = ParameterClient(session.addresses, self.ranges, self.token, timeout=self.timeout,
+                                      recover=recover)
 
-                def watch() -> None:
-                    nonlocal next_eval
-                    if self.check is not None:
-                        self.check(cluster)
-                    if evaluator.out_of_time:
-                        cluster.request_stop()
-                    if progress.total_steps >= next_eval and not evaluator.reached:
-                        client.pull_all(out=flat.params, average=self.evaluate_average)
-                        evaluator(model, progress.total_steps)
-                        next_eval = progress.total_steps + interval
-                        metrics.log(progress.total_steps, {"progress/step": progress.total_steps})
-                        if checkpoint is not None:
-                            _save_progress(checkpoint, progress, finished=False)
-                        if evaluator.reached:
-                            cluster.request_stop()
+    def worker(self, session: Session, rank: int, *, incarnation: int = 0, start_steps: int = 0,
+               start_samples: int = 0) -> PSWorker:
+        job = self.job
+        return self.make_worker(
+            rank=rank, num_workers=job.workers, addresses=list(session.addresses), ranges=self.ranges,
+            token=self.token, job=shard_job(job, rank), timeout=self.timeout, directory=self.directory,
+            start_steps=start_steps, start_samples=start_samples, incarnation=incarnation)
 
-                try:
-                    cluster.wait_all("worker", timeout=24 * 3600, watch=watch)
-                except KeyboardInterrupt:
-                    # Stop cleanly so the run can be resumed: workers finish their step and push it,
-                    # then the shards write their final checkpoints as they end. A second Ctrl-C aborts.
-                    interrupted = True
-                    log.warning("interrupted: stopping workers, then checkpointing the shards")
-                    cluster.request_stop()
-                    cluster.wait_all("worker", timeout=self.timeout)
-                if not interrupted:
-                    client.pull_all(out=flat.params, average=self.evaluate_average)
-                    evaluator(model, progress.total_steps)
-                seconds = time.perf_counter() - started
-                cluster.end()
-                cluster.wait_all("server", timeout=self.timeout)
-                if checkpoint is not None:
-                    _save_progress(checkpoint, progress, finished=not interrupted)
-        metrics.sinks.remove(progress)
-        if interrupted:
-            raise KeyboardInterrupt
-        log_end(metrics, steps=progress.total_steps, samples=progress.total_samples, seconds=seconds,
-                eval_seconds=evaluator.seconds)
-        return model
+    def on_death(self, session: Session, handle: Any) -> bool:
+        if handle.kind != "server" or self.checkpointing is None:
+            return False
+        self._restart_server(session, handle.rank)
+        return True
 
-
-class _Recovery:
-    """What the coordinator does when a role dies: restart a shard from its checkpoint, or a worker.
-
-    Called by the cluster's poll with the dead role's handle; returns whether
-    it restarted it (else the cluster treats the death as before: a dead shard
-    ends the run, a dead worker is left behind).
-    """
-
-    def __init__(self, cluster: Any, metrics: Metrics, progress: Progress, checkpoint: Checkpointing | None,
-                 server_roles: list[ServerRole], addresses: list[str], store: dist.TCPStore,
-                 workers: WorkerRestarts | None, timeout: float) -> None:
-        self.cluster, self.metrics, self.progress, self.timeout = cluster, metrics, progress, timeout
-        self.checkpoint, self.server_roles, self.addresses, self.store = checkpoint, server_roles, addresses, store
-        self.workers = workers
-
-    def __call__(self, handle: Any) -> bool:
-        if handle.kind == "server" and self.checkpoint is not None:
-            self._restart_server(handle.rank)
-            return True
-        return self.workers is not None and self.workers(handle)
-
-    def _restart_server(self, shard: int) -> None:
-        assert self.checkpoint is not None
+    def _restart_server(self, session: Session, shard: int) -> None:
+        assert self.checkpointing is not None
         started = time.perf_counter()
-        reached = VersionFile.read(self.checkpoint.version_path(shard))
-        [handle] = self.cluster.start([replace(self.server_roles[shard], restore=True)])
-        address = self.cluster.wait_published(handle, "address", timeout=self.timeout)
+        reached = VersionFile.read(self.checkpointing.version_path(shard))
+        [handle] = session.start([replace(self.server_roles[shard], restore=True)])
+        session.servers[shard] = handle
+        address = session.wait_published(handle, "address", timeout=self.timeout)
         restored = int(handle.published["restored_version"])
-        self.addresses[shard] = address
+        session.addresses[shard] = address
         self.store.set(f"shard/{shard}", address)
         lost = None if reached is None else max(0, reached - restored)
         log.warning("server shard %d restarted at %s from version %d (%s updates lost)", shard, address,
                     restored, "unknown" if lost is None else lost)
-        self.metrics.log(self.progress.total_steps, {
+        session.metrics.log(session.progress.total_steps, {
             "fault/restarted": f"server:{shard}", "fault/restored_version": restored,
             "fault/lost_updates": lost, "fault/restart_seconds": time.perf_counter() - started})
+
+    def watch(self, session: Session) -> None:
+        if self.check is not None:
+            self.check(session.workers)
+
+    def read(self, session: Session, model: nn.Module, *, final: bool) -> bool:
+        assert self.client is not None, "read before the shards served"
+        self.client.pull_all(out=self.flat.params, average=self.evaluate_average)
+        buffers = [h.published["buffers"][1] for h in session.workers if "buffers" in h.published]
+        combine_buffers_(model, buffers)
+        return True
+
+    def checkpoint(self, session: Session, *, finished: bool) -> None:
+        if self.checkpointing is not None:
+            _save_progress(self.checkpointing, session.progress, finished=finished)
+
+    def close(self, session: Session) -> None:
+        if self.client is not None:
+            self.client.close()
 
 
 def _save_progress(checkpoint: Checkpointing, progress: Progress, *, finished: bool) -> None:

@@ -29,27 +29,22 @@ import datetime
 import itertools
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch.distributed as dist
 from torch import nn
 
-from downpour.cluster import open_cluster
 from downpour.errors import PeerTimeout, check_range, choose
-from downpour.flat import FlatParams, shard_ranges
-from downpour.metrics import Metrics
+from downpour.flat import shard_ranges
 from downpour.optim.batch import BETAS, METHODS, Result, Stopping, minimize
 from downpour.server import SumPortions
 from downpour.server.role import ServerRole
 from downpour.server.vectors import MAX_VECTORS, Op, axpy, dot, scale
-from downpour.strategies.base import Evaluator, Job, log_end, log_start
+from downpour.strategies.base import Job, Strategy, refuse_buffers
 from downpour.strategies.parameter_server import PSWorker
-from downpour.strategies.worker import Progress
+from downpour.strategies.plan import Plan, Session
 from downpour.transport import ParameterClient, new_token
 
 # How long the coordinator waits on a pass before it looks at the workers again
@@ -190,7 +185,7 @@ class ShardSpace:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Sandblaster:
+class Sandblaster(Strategy):
     """Sandblaster's configuration.
 
     Args:
@@ -211,6 +206,7 @@ class Sandblaster:
 
     name: ClassVar[str] = "sandblaster"
     uses_servers: ClassVar[bool] = True
+    buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
     method: Literal["lbfgs", "agd", "cg"] = "lbfgs"
     beta: Literal["fr", "hs"] = "fr"
     memory: int = 10
@@ -233,96 +229,79 @@ class Sandblaster:
         if self.step is not None:
             check_range("step", self.step, 0.0, low_open=True)
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
-        model = replace(job, device="cpu").build_model()
-        flat = FlatParams(model)
-        progress = Progress()
-        metrics.sinks.append(progress)
-        evaluator = Evaluator(job, metrics)
-        with sandblaster_space(job, metrics, portions=self.portions, backups=self.backups, l2=self.l2) as space:
-            log_start(metrics, evaluator)
-            started = time.perf_counter()
-            space.stage_faults()
-
-            def log(result: Result) -> None:
-                metrics.log(result.iterations, {
-                    "batch/objective": result.objective, "batch/iterations": result.iterations,
-                    "batch/evaluations": result.evaluations, "batch/pass_seconds": space.pass_seconds[-1],
-                    "coordinator/bytes_received": space.bytes_received,
-                    "coordinator/bytes_sent": space.client.bytes_sent,
-                    "progress/step": progress.total_steps,
-                })
-
-            result = minimize(self.method, space, memory=self.memory, beta=self.beta, step=self.step,
-                              stop=Stopping(max_iterations=self.max_iterations, gtol=self.gtol, ftol=self.ftol),
-                              callback=log)
-            received = space.bytes_received  # before the final pull, which is the result, not the method
-            space.client.pull_all(out=flat.params)
-            seconds = time.perf_counter() - started
-        evaluator(model, progress.total_steps)
-        metrics.sinks.remove(progress)
-        log_end(metrics, steps=progress.total_steps, samples=progress.total_samples, seconds=seconds,
-                eval_seconds=evaluator.seconds, **{
-                    "run/iterations": result.iterations, "batch/objective": result.objective,
-                    "batch/evaluations": result.evaluations, "batch/converged": result.converged,
-                    "batch/passes": space.passes, "coordinator/bytes_received": received,
-                    "coordinator/bytes_per_iteration": received / max(result.iterations, 1),
-                    "batch/pass_seconds_mean": float(np.mean(space.pass_seconds)),
-                })
-        return model
+    def plan(self, job: Job) -> SandblasterPlan:
+        refuse_buffers(job, self.name, "a gradient pass computes the loss over fixed portions of the data "
+                       "with the same parameters, and running statistics would change between portions")
+        return SandblasterPlan(job, self)
 
 
-@contextmanager
-def sandblaster_space(job: Job, metrics: Metrics, *, portions: int = 16, backups: bool = True,
-                      l2: float = 0.0, timeout: float = 60.0) -> Iterator[ShardSpace]:
-    """Start shards holding the job's initial parameters and workers holding its data; yield their space.
+class SandblasterPlan(Plan):
+    """Shards holding the job's initial parameters, workers holding its data, the method driven here."""
 
-    Any batch method of :mod:`downpour.optim.batch` can run on the space;
-    ``space.client.pull_all()`` reads the parameters. Every process ends
-    when the block does.
-    """
-    flat = FlatParams(replace(job, device="cpu").build_model())
-    ranges = shard_ranges(flat.numel, job.servers)
-    token = new_token()
-    portions = min(portions, job.data.num_train)
-    host = getattr(job.cluster, "host", "127.0.0.1")  # this machine, as the workers reach it
-    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout))
-    with open_cluster(job.cluster, metrics) as cluster:
-        servers = cluster.start([
-            ServerRole(rank=r.shard, shard=r, initial=flat.params[r.start : r.stop].clone(),
-                       optimizer=job.optimizer, policy=SumPortions(), token=token)
-            for r in ranges
-        ])
-        addresses = [cluster.wait_published(h, "address", timeout=10 * timeout) for h in servers]
-        make = partial(SandblasterWorker, store_address=f"{host}:{store.port}", portions=portions,
-                       backups=backups, addresses=addresses, ranges=ranges, token=token, total_steps=0,
-                       timeout=timeout)
-        workers = cluster.start([
-            make(rank=rank, num_workers=job.workers, job=replace(job, data=job.data.train_only()),
-                 slow_factor=job.faults.slow.get(rank, 1.0))
-            for rank in range(job.workers)
-        ])
-        cluster.start_together(workers, timeout=10 * timeout)
+    def __init__(self, job: Job, config: Sandblaster, *, timeout: float = 60.0) -> None:
+        super().__init__(job)
+        self.config, self.timeout = config, timeout
+        self.portions = min(config.portions, job.data.num_train)
 
+    def open(self, session: Session) -> None:
+        self.ranges = shard_ranges(self.flat.numel, self.job.servers)
+        self.token = new_token()
+        self.store = dist.TCPStore(session.host, 0, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=self.timeout))
+
+    def servers(self, session: Session) -> list[ServerRole]:
+        return [ServerRole(rank=r.shard, shard=r, initial=self.flat.params[r.start : r.stop].clone(),
+                           optimizer=self.job.optimizer, policy=SumPortions(), token=self.token)
+                for r in self.ranges]
+
+    def worker(self, session: Session, rank: int, *, incarnation: int = 0, start_steps: int = 0,
+               start_samples: int = 0) -> SandblasterWorker:
+        return SandblasterWorker(
+            rank=rank, num_workers=self.job.workers, job=replace(self.job, data=self.job.data.train_only()),
+            store_address=f"{session.host}:{self.store.port}", portions=self.portions,
+            backups=self.config.backups, addresses=list(session.addresses), ranges=self.ranges,
+            token=self.token, total_steps=0, timeout=self.timeout, incarnation=incarnation)
+
+    def drive(self, session: Session) -> dict[str, Any]:
         def watch() -> None:
-            cluster.poll(0.0)
-            if not cluster.running("worker"):
+            session.poll(0.0)
+            if not any(h.alive() and not h.failed for h in session.workers):
                 raise RuntimeError("every sandblaster worker has died; no gradient pass can finish")
 
-        def stage_faults() -> None:
-            for rank, seconds in job.faults.kill.items():
-                cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
+        config = self.config
+        self.client = ParameterClient(session.addresses, self.ranges, self.token, timeout=self.timeout)
+        space = ShardSpace(self.client, self.store, examples=self.job.data.num_train, portions=self.portions,
+                           l2=config.l2, watch=watch, timeout=self.timeout)
 
-        with ParameterClient(addresses, ranges, token, timeout=timeout) as client:
-            space = ShardSpace(client, store, examples=job.data.num_train, portions=portions, l2=l2,
-                               watch=watch, timeout=timeout)
-            space.stage_faults = stage_faults
-            try:
-                yield space
-            finally:
-                store.set(f"pass/{space.passes + 1}", _END)
-                cluster.request_stop()
-        cluster.wait_all("worker", timeout=timeout)
-        cluster.end()
-        cluster.wait_all("server", timeout=timeout)
+        def log(result: Result) -> None:
+            session.metrics.log(result.iterations, {
+                "batch/objective": result.objective, "batch/iterations": result.iterations,
+                "batch/evaluations": result.evaluations, "batch/pass_seconds": space.pass_seconds[-1],
+                "coordinator/bytes_received": space.bytes_received,
+                "coordinator/bytes_sent": space.client.bytes_sent,
+                "progress/step": session.progress.total_steps,
+            })
+
+        try:
+            result = minimize(config.method, space, memory=config.memory, beta=config.beta, step=config.step,
+                              stop=Stopping(max_iterations=config.max_iterations, gtol=config.gtol,
+                                            ftol=config.ftol),
+                              callback=log)
+        finally:
+            self.store.set(f"pass/{space.passes + 1}", _END)
+        received = space.bytes_received  # before the final pull, which is the result, not the method
+        return {
+            "run/iterations": result.iterations, "batch/objective": result.objective,
+            "batch/evaluations": result.evaluations, "batch/converged": result.converged,
+            "batch/passes": space.passes, "coordinator/bytes_received": received,
+            "coordinator/bytes_per_iteration": received / max(result.iterations, 1),
+            "batch/pass_seconds_mean": float(np.mean(space.pass_seconds)) if space.pass_seconds else 0.0,
+        }
+
+    def read(self, session: Session, model: nn.Module, *, final: bool) -> bool:
+        self.client.pull_all(out=self.flat.params)
+        return True
+
+    def close(self, session: Session) -> None:
+        if getattr(self, "client", None) is not None:
+            self.client.close()

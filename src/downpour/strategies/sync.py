@@ -18,14 +18,12 @@ from functools import partial
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
 
 from downpour.compress import parse
 from downpour.errors import TransportError, WorkerFailed, check_range
-from downpour.metrics import Metrics
 from downpour.server import Synchronous
-from downpour.strategies.base import Job
-from downpour.strategies.parameter_server import ParameterServerRun, PSWorker
+from downpour.strategies.base import Job, Strategy
+from downpour.strategies.parameter_server import ParameterServerPlan, PSWorker
 
 
 # How long one wait for a round to close lasts before the worker looks at the stop flag.
@@ -92,7 +90,7 @@ class SyncWorker(PSWorker):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Sync:
+class Sync(Strategy):
     """Synchronous parameter-server SGD's configuration.
 
     Args:
@@ -113,6 +111,7 @@ class Sync:
     uses_servers: ClassVar[bool] = True
     recoverable: ClassVar[bool] = True  # checkpoints, shard and worker restarts, --resume
     restartable: ClassVar[bool] = True  # restart_workers
+    buffers: ClassVar[str] = "each worker's own; the coordinator averages the workers' latest"
     backup: int = 0
     late: Literal["drop", "fold"] = "drop"
     ema_decay: float = 0.99
@@ -126,7 +125,7 @@ class Sync:
         check_range("backup", self.backup, 0)
         check_range("ema_decay", self.ema_decay, 0.0, 1.0, low_open=True)
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
+    def plan(self, job: Job) -> ParameterServerPlan:
         required = job.workers - self.backup
         if required < 1:
             raise ValueError(f"backup must be smaller than workers ({job.workers}), got {self.backup}")
@@ -134,18 +133,17 @@ class Sync:
         # epoch of the data needs at that rate.
         rounds = job.total_steps(job.data.num_train // required)
 
-        def check(cluster) -> None:
-            dead = cluster.dead("worker")
-            if len(cluster.running("worker")) + sum(h.finished for h in cluster.handles
-                                                    if h.kind == "worker") < required and dead:
+        def check(workers: list[Any]) -> None:
+            dead = [h for h in workers if h.failed]
+            if sum(not h.failed for h in workers) < required and dead:
                 victim = dead[0]
                 raise WorkerFailed(victim.kind, victim.rank, "localhost",
                                    f"{victim.failed}; sync needs {required} live workers per round and "
                                    f"has {self.backup} backup(s), so the run cannot go on")
 
         worker = partial(SyncWorker, compress=self.compress, log_every=self.log_every, total_steps=rounds)
-        return ParameterServerRun(
-            policy=Synchronous(num_required=required, late=self.late), make_worker=worker,
+        return ParameterServerPlan(
+            job, policy=Synchronous(num_required=required, late=self.late), make_worker=worker,
             server_optimizer=job.optimizer, global_steps=rounds * job.workers, ema_decay=self.ema_decay,
             evaluate_average=self.evaluate_average, check=check,
-        ).run(job, metrics)
+        )

@@ -1,17 +1,19 @@
-"""What every worker shares, and the coordinator of strategies made of workers alone.
+"""What every worker shares, and the plan of strategies made of workers alone.
 
 A worker builds its replica, reads an endless stream of mini-batches from
-its own shard, computes gradients (slowed down when a straggler is staged),
-reports progress and traffic, and can hand a snapshot of its parameters to
-the coordinator, which evaluates it. Strategies subclass :class:`Worker` and
-write ``train``; parameter-server workers add a client
-(:mod:`downpour.strategies.parameter_server`).
+its own shard, computes gradients (slowed down, or killed at a step, when a
+fault is staged), reports progress and traffic, and can hand a snapshot of
+its parameters and buffers to the coordinator, which evaluates it.
+Strategies subclass :class:`Worker` and write ``train``; parameter-server
+workers add a client (:mod:`downpour.strategies.parameter_server`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -21,11 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from downpour.cluster import open_cluster
 from downpour.data import batches
-from downpour.flat import FlatParams
-from downpour.metrics import Metrics
-from downpour.strategies.base import Evaluator, Job, log_end, log_start
+from downpour.flat import FlatParams, decode_buffers_, encode_buffers, has_buffers
+from downpour.strategies.base import Job
+from downpour.strategies.plan import Plan, Session
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ class Worker:
     start_steps: int = 0
     start_samples: int = 0
     incarnation: int = 0
+    kill_at_step: int | None = None  # a staged fault: SIGKILL this process when it reaches that step
+    # Publish the model's buffers with every report (where no snapshot carries them: the shards
+    # hold the parameters, the workers the buffers).
+    publish_buffers: ClassVar[bool] = False
 
     def run(self, ctx: Any) -> None:
         torch.set_num_threads(self.threads)
@@ -92,6 +97,7 @@ class Worker:
         self.ctx = ctx
         self.model = self.job.build_model()
         self.flat = FlatParams(self.model)
+        self.has_buffers = has_buffers(self.model)
         self.samples = self.steps = self.dropped = self.refused = self.discarded = 0
         self.steps, self.samples = self.start_steps, self.start_samples
         self.bytes_sent = self.bytes_received = self.pushes = self.pulls = self.rounds = 0
@@ -124,11 +130,7 @@ class Worker:
         """
         from downpour.models import backward
 
-        now = time.perf_counter()
-        if self.slow_factor > 1 and self._step_started is not None:
-            time.sleep((self.slow_factor - 1) * (now - self._step_started))
-            now = time.perf_counter()
-        self._step_started = now
+        self.pace()
         if self.flat_gradients:
             self.flat.zero_grad_()
         else:
@@ -139,6 +141,23 @@ class Worker:
         if self.steps % self.log_every == 0:
             self.report(loss=loss)
         return loss
+
+    def pace(self) -> None:
+        """Before a step: the staged faults. A slow worker sleeps; a worker killed at this step dies."""
+        now = time.perf_counter()
+        if self.slow_factor > 1 and self._step_started is not None:
+            time.sleep((self.slow_factor - 1) * (now - self._step_started))
+            now = time.perf_counter()
+        self._step_started = now
+        if self.kill_at_step is not None and self.steps >= self.kill_at_step:
+            self._die()
+
+    def _die(self) -> None:
+        """The staged fault: this process is SIGKILLed at this step, as a crashed machine would be."""
+        log.warning("staged fault: worker %d killed at step %d", self.rank, self.steps)
+        self.ctx.metrics.log(self.steps, {"fault/killed": f"worker:{self.rank}",
+                                          "fault/killed_at_step": self.steps})
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def discard(self, samples: int) -> None:
         """Take back ``samples`` whose gradient was dropped or refused: they trained nothing."""
@@ -169,80 +188,25 @@ class Worker:
         if final:
             values["worker/done"] = True
             values |= self.final_report()
+        if self.publish_buffers and self.has_buffers:
+            self.ctx.publish("buffers", (self.steps, encode_buffers(self.model)))
         self.ctx.metrics.log(self.steps, values)
 
     def final_report(self) -> dict[str, Any]:
         """What the worker's last report adds (a subclass's hook)."""
         return {}
 
-    def snapshot(self, vector: torch.Tensor | None = None, *, final: bool = False) -> None:
-        """Hand the coordinator this worker's parameters (or ``vector``) for evaluation."""
+    def snapshot(self, vector: torch.Tensor | None = None, *, final: bool = False,
+                 buffers: bytes | None = None) -> None:
+        """Hand the coordinator this worker's parameters (or ``vector``) and buffers for evaluation.
+
+        The snapshot is ``(steps, parameters, buffers)``, raw bytes both
+        (:func:`encode_params`, :func:`downpour.flat.encode_buffers`).
+        """
         payload = encode_params(self.flat.params if vector is None else vector)
-        self.ctx.publish("final" if final else "params", (self.steps, payload))
-
-
-class Progress:
-    """A sink that keeps each worker's latest step and sample counts (for evaluation timing)."""
-
-    def __init__(self) -> None:
-        self.steps: dict[int, int] = {}
-        self.samples: dict[int, int] = {}
-
-    def write(self, event: dict[str, Any]) -> None:
-        if event.get("role") == "worker" and "worker/steps" in event:
-            self.steps[event["rank"]] = event["worker/steps"]
-            self.samples[event["rank"]] = event["worker/samples"]
-
-    def close(self) -> None:
-        pass
-
-    @property
-    def total_steps(self) -> int:
-        return sum(self.steps.values())
-
-    @property
-    def total_samples(self) -> int:
-        return sum(self.samples.values())
-
-
-class WorkerRestarts:
-    """Restarts dead workers: the same rank again, as its next incarnation, from its predecessor's last report.
-
-    Called by the cluster with a role that died (``Cluster.on_death``);
-    returns whether it restarted it: not a server, and not once the run ended.
-    A worker that had done all its steps starts, finds nothing left to do and
-    returns.
-
-    Args:
-        cluster: the run's cluster.
-        metrics: where the restart is logged (``fault/restarted``).
-        progress: each worker's last reported steps and samples.
-        make_role: builds worker ``rank``'s role as incarnation ``incarnation``.
-        handles: the workers' handles by rank; a replacement takes its rank's place.
-        before: called with the rank before its replacement starts (to tell the survivors).
-    """
-
-    def __init__(self, cluster: Any, metrics: Metrics, progress: Progress, make_role: Callable[[int, int], Worker],
-                 handles: list[Any], before: Callable[[int], None] | None = None) -> None:
-        self.cluster, self.metrics, self.progress = cluster, metrics, progress
-        self.make_role, self.handles, self.before = make_role, handles, before
-        self.incarnations: dict[int, int] = {}
-
-    def __call__(self, handle: Any) -> bool:
-        if handle.kind != "worker" or self.cluster.ended:
-            return False
-        started = time.perf_counter()
-        rank = handle.rank
-        incarnation = self.incarnations[rank] = self.incarnations.get(rank, 0) + 1
-        if self.before is not None:
-            self.before(rank)
-        [self.handles[rank]] = self.cluster.start([self.make_role(rank, incarnation)])
-        log.warning("worker %d restarted (incarnation %d) at step %d", rank, incarnation,
-                    self.progress.steps.get(rank, 0))
-        self.metrics.log(self.progress.total_steps, {
-            "fault/restarted": f"worker:{rank}", "fault/incarnation": incarnation,
-            "fault/restart_seconds": time.perf_counter() - started})
-        return True
+        if buffers is None:
+            buffers = encode_buffers(self.model) if self.has_buffers else b""
+        self.ctx.publish("final" if final else "params", (self.steps, payload, buffers))
 
 
 def shard_job(job: Job, rank: int, **partition: Any) -> Job:
@@ -250,90 +214,72 @@ def shard_job(job: Job, rank: int, **partition: Any) -> Job:
     return replace(job, data=job.data.shard(rank, job.workers, seed=job.seed, **partition).train_only())
 
 
-@dataclass(frozen=True, kw_only=True)
-class WorkerGroupRun:
-    """The coordinator of a strategy made of workers alone (no servers).
+def load_snapshot_(model: nn.Module, flat: FlatParams, snapshot: tuple) -> None:
+    """Load a published snapshot ``(steps, parameters, buffers)`` into ``model`` (``flat`` its params)."""
+    decode_params_(snapshot[1], flat.params)
+    if len(snapshot) > 2 and snapshot[2]:
+        decode_buffers_(model, snapshot[2])
 
-    Starts the workers together, evaluates the latest parameter snapshot any
-    worker published (``Worker.snapshot``), and at the end the snapshot
-    published as ``final`` by ``final_rank`` (or the latest one).
+
+class WorkerGroupPlan(Plan):
+    """The plan of a strategy made of workers alone (no servers).
+
+    The workers publish parameter snapshots (``Worker.snapshot``), each new
+    one evaluated; at the end the coordinator's model is the snapshot
+    published as ``final`` by ``final_rank`` (or any), or what
+    :meth:`combine` makes of all the final ones.
 
     Args:
+        job: the run's workload.
         make_worker: builds worker ``rank``'s role from keyword arguments
-            ``rank, num_workers, job, slow_factor, timeout``.
+            ``rank, num_workers, job, timeout, incarnation, start_steps, start_samples``.
         global_steps: steps of all workers together that make the run.
         tolerate_deaths: whether the run goes on when a worker dies.
+        final_rank: whose final snapshot is the model.
         partition: keyword arguments for ``Dataset.shard`` (scheme, alpha...).
-        watch: called at every poll with the workers' handles and the steps so far.
-        combine: given every final snapshot ``{rank: payload}``, the model, its
-            flat parameters and the steps, loads the parameters to evaluate
-            (instead of ``final_rank``'s).
-        on_restart: with ``job.restart_workers``, called with a dead worker's
-            rank before its replacement starts (the strategy's workers must be
-            able to take it back).
     """
 
-    make_worker: Callable[..., Worker]
-    global_steps: int
-    tolerate_deaths: bool = True
-    final_rank: int = 0
-    partition: dict[str, Any] = field(default_factory=dict)
-    watch: Callable[[list[Any], int], None] | None = None
-    combine: Callable[[dict[int, bytes], nn.Module, FlatParams, int], None] | None = None
-    on_restart: Callable[[int], None] | None = None
-    timeout: float = 60.0
+    snapshots = True
 
-    def run(self, job: Job, metrics: Metrics) -> nn.Module:
-        model = replace(job, device="cpu").build_model()
-        flat = FlatParams(model)
-        progress = Progress()
-        metrics.sinks.append(progress)
-        evaluator = Evaluator(job, metrics)
-        with open_cluster(job.cluster, metrics, tolerate_worker_deaths=self.tolerate_deaths) as cluster:
+    def __init__(self, job: Job, *, make_worker: Callable[..., Worker], global_steps: int,
+                 tolerate_deaths: bool = True, final_rank: int = 0, partition: dict[str, Any] | None = None,
+                 timeout: float = 60.0) -> None:
+        super().__init__(job)
+        self.make_worker, self.global_steps = make_worker, global_steps
+        self.tolerate_worker_deaths, self.final_rank = tolerate_deaths, final_rank
+        self.partition = partition or {}
+        self.timeout = timeout
+        self._evaluated: set[int] = set()
 
-            def worker_role(rank: int, incarnation: int = 0) -> Worker:
-                return self.make_worker(
-                    rank=rank, num_workers=job.workers, job=shard_job(job, rank, **self.partition),
-                    slow_factor=job.faults.slow.get(rank, 1.0), timeout=self.timeout, incarnation=incarnation,
-                    start_steps=progress.steps.get(rank, 0), start_samples=progress.samples.get(rank, 0))
+    def worker(self, session: Session, rank: int, *, incarnation: int = 0, start_steps: int = 0,
+               start_samples: int = 0) -> Worker:
+        return self.make_worker(rank=rank, num_workers=self.job.workers, job=self.worker_job(rank),
+                                timeout=self.timeout, incarnation=incarnation, start_steps=start_steps,
+                                start_samples=start_samples, **self.worker_options(session, rank))
 
-            workers = cluster.start([worker_role(rank) for rank in range(job.workers)])
-            if job.restart_workers:
-                cluster.on_death = WorkerRestarts(cluster, metrics, progress, worker_role, workers, self.on_restart)
-            cluster.start_together(workers, timeout=10 * self.timeout)
-            log_start(metrics, evaluator)
-            started = time.perf_counter()
-            for rank, seconds in job.faults.kill.items():
-                cluster.kill_at(workers[rank], metrics.elapsed() + seconds)
-            evaluated: set[int] = set()
+    def worker_job(self, rank: int) -> Job:
+        """Worker ``rank``'s job: its partition of the training data, no test set."""
+        return shard_job(self.job, rank, **self.partition)
 
-            def watch() -> None:
-                if evaluator.out_of_time:
-                    cluster.request_stop()
-                if self.watch is not None:
-                    self.watch(workers, progress.total_steps)
-                for handle in workers:
-                    snapshot = handle.published.get("params")
-                    if snapshot is None or id(snapshot) in evaluated or evaluator.reached:
-                        continue
-                    evaluated.add(id(snapshot))
-                    decode_params_(snapshot[1], flat.params)
-                    evaluator(model, progress.total_steps)
-                    metrics.log(progress.total_steps, {"progress/step": progress.total_steps})
-                    if evaluator.reached:
-                        cluster.request_stop()
+    def worker_options(self, session: Session, rank: int) -> dict[str, Any]:
+        """Keyword arguments a family adds to every worker (a store's address, say)."""
+        return {}
 
-            cluster.wait_all("worker", timeout=24 * 3600, watch=watch)
-            finals = {h.rank: h.published["final"][1] for h in workers if "final" in h.published}
+    def read(self, session: Session, model: nn.Module, *, final: bool) -> bool:
+        if final:
+            finals = {h.rank: h.published["final"] for h in session.workers if "final" in h.published}
             if not finals:
-                raise RuntimeError("no worker published its final parameters")
-            if self.combine is not None:
-                self.combine(finals, model, flat, progress.total_steps)
-            else:
-                decode_params_(finals.get(self.final_rank) or next(iter(finals.values())), flat.params)
-            evaluator(model, progress.total_steps)
-            seconds = time.perf_counter() - started
-        metrics.sinks.remove(progress)
-        log_end(metrics, steps=progress.total_steps, samples=progress.total_samples, seconds=seconds,
-                eval_seconds=evaluator.seconds)
-        return model
+                return False
+            self.combine(finals, model, session)
+            return True
+        for handle in session.workers:
+            snapshot = handle.published.get("params")
+            if snapshot is not None and id(snapshot) not in self._evaluated:
+                self._evaluated.add(id(snapshot))
+                load_snapshot_(model, self.flat, snapshot)
+                return True
+        return False
+
+    def combine(self, finals: dict[int, tuple], model: nn.Module, session: Session) -> None:
+        """Load the model to return from every worker's final snapshot: ``final_rank``'s by default."""
+        load_snapshot_(model, self.flat, finals.get(self.final_rank) or next(iter(finals.values())))

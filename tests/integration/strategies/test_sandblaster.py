@@ -1,16 +1,10 @@
 """Sandblaster: batch methods driven by a coordinator, vectors on real gRPC shards, portions on real workers."""
 
-from functools import partial
-
 import numpy as np
 import pytest
 
 import downpour as dp
-from downpour.metrics import Metrics
-from downpour.optim.batch import Stopping, minimize
-from downpour.server.vectors import scale
-from downpour.strategies import Job
-from downpour.strategies.sandblaster import Sandblaster, sandblaster_space
+from downpour.strategies.sandblaster import Sandblaster
 from tests.integration.strategies.logistic import flat64, objective, scipy_optimum
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -57,23 +51,29 @@ def test_what_the_coordinator_receives_per_iteration_does_not_grow_with_the_mode
 
 
 def test_conjugate_gradients_and_accelerated_descent_reach_the_optimum(digits):
-    # One set of shards and workers; every method starts from zero parameters on it.
+    # Every method starts from zero parameters on fresh shards and workers.
     l2 = 1e-2  # strongly convex, with a condition number the accelerated method gets through quickly
     f, _ = objective(digits, l2)
     reference = scipy_optimum(digits, l2, gtol=1e-8)
-    job = Job(model=partial(dp.models.build, "logistic", digits.input_shape, digits.num_classes),
-              loss=dp.models.default_loss("logistic"), data=digits, optimizer=dp.optim("sgd", lr=0.1),
-              workers=2, servers=2)
     reached = {}
-    with sandblaster_space(job, Metrics([]), portions=8, l2=l2) as space:
-        for method, beta in [("cg", "fr"), ("cg", "hs"), ("agd", "fr")]:
-            space.ops(scale("x", 0.0))
-            result = minimize(method, space, beta=beta, stop=Stopping(max_iterations=400, ftol=1e-10))
-            _, x = space.client.pull_all()
-            reached[method, beta] = f(x.double().numpy())[0]
-            assert abs(reached[method, beta] - result.objective) < 1e-5  # what the method saw is what the shards hold
+    for method, beta in [("cg", "fr"), ("cg", "hs"), ("agd", "fr")]:
+        result = dp.train(model=zeroed_logistic(digits), data=digits, workers=2, servers=2, save=False,
+                          strategy=Sandblaster(method=method, beta=beta, l2=l2, portions=8,
+                                               max_iterations=400, ftol=1e-10))
+        reached[method, beta] = f(flat64(result.model))[0]
+        # What the method saw is what the shards hold.
+        assert abs(reached[method, beta] - end_event(result)["batch/objective"]) < 1e-5
     for value in reached.values():
         assert abs(value - reference.fun) <= 1e-4 * abs(reference.fun), (reached, reference.fun)
+
+
+def zeroed_logistic(data):
+    def build():
+        model = dp.models.build("logistic", data.input_shape, data.num_classes)
+        for p in model.parameters():
+            p.data.zero_()
+        return model
+    return build
 
 
 def test_backup_portions_keep_a_straggler_from_holding_up_a_pass(mnist_part):

@@ -35,8 +35,8 @@ def test_the_plan_fills_in_only_what_is_not_given():
     job = dp.strategies.Job(model=lambda: nn.Linear(2, 2), loss=nn.functional.cross_entropy,
                             data=dp.data.load("synthetic", n=1000, d=4, seed=0), optimizer=dp.optim("sgd"),
                             batch_size=50)
-    assert Boost(eps=0.05).plan(job) == (160, 3, 20 * 4)
-    assert Boost(eps=0.05, sample_size=7, num_rounds=2, steps_per_round=9).plan(job) == (7, 2, 9)
+    assert Boost(eps=0.05).sizes(job) == (160, 3, 20 * 4)
+    assert Boost(eps=0.05, sample_size=7, num_rounds=2, steps_per_round=9).sizes(job) == (7, 2, 9)
 
 
 # ------------------------------------------------------------------ sampling

@@ -1,0 +1,5 @@
+"""The run layer: the one Coordinator that runs every strategy's plan."""
+
+from downpour.run.coordinator import Coordinator, Divergence, Evaluator
+
+__all__ = ["Coordinator", "Divergence", "Evaluator"]
