@@ -7,18 +7,27 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from downpour.checkpoint import Checkpointing, VersionFile, load_shard, save_shard
 from downpour.flat import ShardRange
-from downpour.optim import OptimSpec
 from downpour.server.policy import UpdatePolicy
 from downpour.server.shard import ServerShard
 from downpour.transport import Security, serve_shard
 
 log = logging.getLogger(__name__)
+
+
+class OptimizerSpec(Protocol):
+    """What a shard needs of its optimizer's spec (a :class:`downpour.optim.OptimSpec`): a builder.
+
+    The server layer sits below ``downpour.optim``, whose batch methods drive
+    the shards' vector operations, so it names only this seam.
+    """
+
+    def build(self, params: Any) -> torch.optim.Optimizer: ...
 
 
 @dataclass(kw_only=True)
@@ -40,7 +49,7 @@ class ServerRole:
     rank: int
     shard: ShardRange
     initial: torch.Tensor = field(repr=False)
-    optimizer: OptimSpec
+    optimizer: OptimizerSpec
     policy: UpdatePolicy
     token: str = field(repr=False)
     host: str | None = None  # None: the host the cluster gives the role (127.0.0.1 locally)
