@@ -85,6 +85,9 @@ class Divergence:
     def write(self, event: dict[str, Any]) -> None:
         if self.reason is not None:
             return
+        if event.get("worker/non_finite_update"):
+            self.reason = f"worker {event.get('rank')} sent a non-finite update at step {event.get('step', '?')}"
+            return
         for key in ("train/loss", "eval/loss", "batch/objective"):
             value = event.get(key)
             if not isinstance(value, (int, float)):

@@ -32,7 +32,7 @@ from downpour.server.role import ServerRole
 from downpour.strategies.base import Job
 from downpour.strategies.plan import Plan, Progress, Session
 from downpour.strategies.worker import Worker, shard_job
-from downpour.transport import ParameterClient, Security, new_token
+from downpour.transport import ParameterClient, Refused, Security, new_token
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,15 @@ class PSWorker(Worker):
             flat = update.reshape(-1)
             update = [stream.encode(flat[r.start : r.stop]) for stream, r in zip(self.streams, self.ranges)]
         self.rounds += 1
-        return self.client.push_all(self.rank, versions, update)
+        try:
+            return self.client.push_all(self.rank, versions, update)
+        except Refused as error:
+            if error.reason != "NON_FINITE":
+                raise
+            # The shard keeps its parameters; the run has diverged, which the coordinator reports.
+            log.warning("worker %d: a shard refused a non-finite update: %s", self.rank, error.detail)
+            self.ctx.metrics.log(self.steps, {"worker/non_finite_update": error.detail})
+            return []
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import signal
 import time
@@ -138,8 +139,8 @@ class Worker:
         loss = float(backward(self.model, self.job.loss, x.to(self.job.device), y.to(self.job.device)))
         self.steps += 1
         self.samples += len(y)
-        if self.steps % self.log_every == 0:
-            self.report(loss=loss)
+        if self.steps % self.log_every == 0 or not math.isfinite(loss):
+            self.report(loss=loss)  # a non-finite loss at once: the coordinator stops a diverged run
         return loss
 
     def pace(self) -> None:

@@ -1,0 +1,60 @@
+"""What the one Coordinator does for every strategy: targets, divergence, faults at a step."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import downpour as dp
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def own_accuracy(model, data) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+
+
+@pytest.mark.parametrize("strategy", ["single", "downpour", "allreduce"])
+def test_a_run_that_reaches_its_target_returns_the_model_that_reached_it(strategy, digits):
+    # Evaluations every 5 steps; the workers go on a little after the target is reached, and
+    # what they do then must not be what is returned or reported.
+    result = dp.train(model="logistic", data=digits, strategy=strategy, workers=2, epochs=20,
+                      optimizer=dp.optim("sgd", lr=0.5), target_accuracy=0.9, eval_every=5, save=False)
+    summary = result.summary
+    assert summary["time_to_target"] is not None, summary
+    assert summary["accuracy"] >= 0.9, summary
+    assert abs(own_accuracy(result.model, digits) - summary["accuracy"]) <= 0.001
+
+
+@pytest.mark.parametrize("strategy", ["single", "downpour"])
+def test_a_diverged_run_says_so(strategy, digits, caplog):
+    with caplog.at_level(logging.WARNING, logger="downpour.run"):
+        result = dp.train(model="mlp", data=digits, strategy=strategy, workers=2, epochs=3,
+                          optimizer=dp.optim("sgd", lr=80.0), save=False)
+    assert result.summary["diverged"] is True
+    assert any(e.get("event") == "diverged" for e in result.history)
+    assert "diverged" in caplog.text
+    # It stopped early instead of training on to the end at chance accuracy.
+    assert result.summary["steps"] < 3 * len(digits.y_train) / 64
+
+
+def test_a_calm_run_has_not_diverged(digits):
+    result = dp.train(model="logistic", data=digits, epochs=1, save=False)
+    assert result.summary["diverged"] is False
+
+
+def test_a_worker_killed_at_a_step_dies_at_that_step_and_the_run_goes_on(digits):
+    # Hogwild goes on without a dead worker; the kill lands at step 20 of worker 1, whatever the clock.
+    result = dp.train(model="logistic", data=digits, strategy="hogwild", workers=2, epochs=2,
+                      optimizer=dp.optim("sgd", lr=0.5),
+                      faults=dp.Faults(kill_at_step={1: 20}), save=False)
+    killed = [e for e in result.history if e.get("fault/killed") == "worker:1"]
+    assert [e["fault/killed_at_step"] for e in killed] == [20]
+    assert any(e.get("fault/died") == "worker:1" for e in result.history)
+    steps = {e["rank"]: e["worker/steps"] for e in result.history if "worker/steps" in e}
+    assert steps[1] == 20 and steps[0] > 20, steps
+    assert result.summary["accuracy"] > 0.85
