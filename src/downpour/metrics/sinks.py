@@ -70,13 +70,36 @@ class MemorySink:
 
 
 class ProgressSink:
-    """A rich progress bar: steps, loss, accuracy, samples/s and ETA.
+    """Progress as the run goes: steps (or the strategy's own unit), loss, accuracy, samples/s.
 
-    Reads ``train/loss``, ``eval/accuracy`` and ``train/samples_per_second``
-    from coordinator or worker-0 events; the total comes from ``total_steps``.
+    The total and its unit come from the coordinator's ``start`` event
+    (``progress/total``, ``progress/unit``); the count from every worker's
+    ``worker/steps`` (or the coordinator's ``progress/step``). Samples per
+    second are the summary's: samples so far over the time since the start
+    mark, and at the end exactly the summary's figure. On a terminal it is a
+    rich progress bar; elsewhere (a log file, CI) a plain line every
+    ``interval`` seconds and one at the end, never cut columns.
     """
 
-    def __init__(self, total_steps: int | None, description: str = "training") -> None:
+    def __init__(self, total_steps: int | None, description: str = "training", *,
+                 terminal: bool | None = None, interval: float = 5.0, stream: Any = None) -> None:
+        import sys
+
+        self.stream = stream if stream is not None else sys.stderr
+        self.terminal = self.stream.isatty() if terminal is None else terminal
+        self.description, self.total, self.unit, self.interval = description, total_steps, "steps", interval
+        self.completed, self.loss, self.acc, self.rate = 0, "-", "-", "-"
+        self.loss_label = "loss"
+        self._start: float | None = None
+        self._last_line = -math.inf
+        self._worker_steps: dict[int, int] = {}
+        self._worker_samples: dict[int, int] = {}
+        self._progress = None
+        if self.terminal:
+            self._progress, self._task = self._bar(total_steps)
+
+    def _bar(self, total: int | None) -> tuple[Any, Any]:
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -86,44 +109,72 @@ class ProgressSink:
             TimeRemainingColumn,
         )
 
-        self._progress = Progress(
+        progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[unit]}"),
+            TextColumn("{task.fields[label]} {task.fields[loss]}"),
             TextColumn("acc {task.fields[acc]}"),
             TextColumn("{task.fields[rate]} samples/s"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            console=Console(file=self.stream),
             transient=False,
         )
-        self._task = self._progress.add_task(description, total=total_steps, loss="-", acc="-", rate="-")
-        self._worker_steps: dict[int, int] = {}
-        self._worker_rates: dict[int, float] = {}
-        self._progress.start()
+        task = progress.add_task(self.description, total=total, loss="-", acc="-", rate="-", unit=self.unit,
+                                 label=self.loss_label)
+        progress.start()
+        return progress, task
 
     def write(self, event: Event) -> None:
-        fields: dict[str, Any] = {}
-        if "train/loss" in event and event["train/loss"] is not None:
-            fields["loss"] = f"{event['train/loss']:.4f}"
-        if "eval/accuracy" in event and event["eval/accuracy"] is not None:
-            fields["acc"] = f"{event['eval/accuracy']:.4f}"
-        if event.get("train/samples_per_second"):
-            if event.get("role") == "worker":  # every worker's rate, added up
-                self._worker_rates[event["rank"]] = event["train/samples_per_second"]
-                fields["rate"] = f"{sum(self._worker_rates.values()):,.0f}"
-            else:
-                fields["rate"] = f"{event['train/samples_per_second']:,.0f}"
+        now = float(event.get("time", 0.0))
+        if event.get("event") == "start":
+            self._start = now
+            if event.get("progress/total"):
+                self.total = int(event["progress/total"])
+            self.unit = event.get("progress/unit", self.unit)
+        for key, label in (("train/loss", "loss"), ("train/objective", "objective")):
+            if isinstance(event.get(key), (int, float)):
+                self.loss, self.loss_label = f"{event[key]:.4f}", label
+        if isinstance(event.get("eval/accuracy"), (int, float)):
+            self.acc = f"{event['eval/accuracy']:.4f}"
         if event.get("role") == "worker" and "worker/steps" in event:
-            self._worker_steps[event["rank"]] = event["worker/steps"]
-            fields["completed"] = sum(self._worker_steps.values())
-        elif "progress/step" in event:
-            fields["completed"] = event["progress/step"]
-        if fields:
-            self._progress.update(self._task, **fields)
+            self._worker_samples[event["rank"]] = event.get("worker/samples", 0)
+            if self.unit == "steps":
+                self._worker_steps[event["rank"]] = event["worker/steps"]
+                self.completed = sum(self._worker_steps.values())
+        elif event.get("role", "coordinator") == "coordinator" and "progress/step" in event:
+            self.completed = int(event["progress/step"])
+        samples = event.get("progress/samples", sum(self._worker_samples.values()))
+        if self._start is not None and now > self._start and samples:
+            self.rate = f"{samples / (now - self._start):,.0f}"
+        if event.get("event") == "end":
+            self.completed = int(event.get("run/steps", self.completed))
+            if self.unit != "steps":
+                self.completed = int(event.get("run/iterations") or event.get("progress/step") or self.completed)
+            train = event.get("run/train_seconds")
+            if train:
+                self.rate = f"{event.get('run/samples', 0) / train:,.0f}"
+            if self.total is not None and self.completed > self.total:
+                self.total = self.completed  # a run that took more than planned ends full, not past the end
+        self._show(now, final=event.get("event") == "end")
+
+    def _show(self, now: float, *, final: bool = False) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=self.total, completed=self.completed, loss=self.loss,
+                                  acc=self.acc, rate=self.rate, unit=self.unit, label=self.loss_label)
+            return
+        if not final and now - self._last_line < self.interval:
+            return
+        self._last_line = now
+        total = f"/{self.total}" if self.total else ""
+        print(f"{self.description}: {self.unit} {self.completed}{total}, {self.loss_label} {self.loss}, "
+              f"acc {self.acc}, {self.rate} samples/s, {now:.1f} s", file=self.stream, flush=True)
 
     def close(self) -> None:
-        self._progress.stop()
+        if self._progress is not None:
+            self._progress.stop()
 
 
 class TensorBoardSink:

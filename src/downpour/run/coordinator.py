@@ -195,7 +195,7 @@ class Coordinator:
         session = _Session(self.job, self.metrics, self.progress, self)
         plan.open(session)
         try:
-            self._start()
+            self._start(plan)
             started = time.perf_counter()
             extra = plan.drive(session) or {}
             seconds = time.perf_counter() - started
@@ -224,7 +224,7 @@ class Coordinator:
                     for rank in range(plan.num_workers())])
                 cluster.on_death = _Deaths(plan, session)
                 cluster.start_together(session.workers, timeout=10 * self.timeout)
-                self._start()
+                self._start(plan)
                 started = time.perf_counter()
                 self._stage_faults(cluster, session)
                 extra: dict[str, Any] = {}
@@ -255,14 +255,15 @@ class Coordinator:
         self._end(plan, session, model, wall=seconds, train=seconds, extra=extra)
         return plan.result(model)
 
-    def _start(self) -> None:
+    def _start(self, plan: Plan) -> None:
         """The mark that training begins (after processes started and met).
 
         Times to target, the time budget and time axes count from here, so
         process start-up is not charged to a strategy.
         """
         self.evaluator.begin()
-        self.metrics.log(0, {"event": "start"})
+        self.metrics.log(0, {"event": "start", "progress/total": plan.global_steps or None,
+                             "progress/unit": plan.unit})
 
     def _stage_faults(self, cluster: Any, session: _Session) -> None:
         faults = self.job.faults

@@ -449,6 +449,8 @@ class SelfieBoostWorker(SamplingWorker):
     (92.5% against 98.3% test accuracy after one epoch of steps).
     """
 
+    loss_key: ClassVar[str] = "train/objective"  # the SelfieBoost objective, not a loss
+
     steps_per_round: int
 
     def train(self, ctx: Any, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -95,6 +95,7 @@ class Plan:
     Attributes:
         global_steps: steps of all workers together that make the run (the
             progress bar's total and the evaluation interval's base).
+        unit: what ``global_steps`` counts (``"steps"``, or a batch method's ``"iterations"``).
         tolerate_worker_deaths: whether the run goes on when a worker dies.
         inline: training runs in the coordinator's own thread (:meth:`drive`),
             so its evaluations stop training and are subtracted from its time.
@@ -104,6 +105,7 @@ class Plan:
     """
 
     global_steps: int = 0
+    unit: str = "steps"
     tolerate_worker_deaths: bool = True
     inline: bool = False
     snapshots: bool = False

@@ -242,6 +242,7 @@ class SandblasterPlan(Plan):
         super().__init__(job)
         self.config, self.timeout = config, timeout
         self.portions = min(config.portions, job.data.num_train)
+        self.global_steps, self.unit = config.max_iterations, "iterations"
 
     def open(self, session: Session) -> None:
         self.ranges = shard_ranges(self.flat.numel, self.job.servers)
@@ -279,7 +280,7 @@ class SandblasterPlan(Plan):
                 "batch/evaluations": result.evaluations, "batch/pass_seconds": space.pass_seconds[-1],
                 "coordinator/bytes_received": space.bytes_received,
                 "coordinator/bytes_sent": space.client.bytes_sent,
-                "progress/step": session.progress.total_steps,
+                "progress/step": result.iterations,
             })
 
         try:

@@ -83,6 +83,7 @@ class SinglePlan(Plan):
                         "train/lr": scheduler.get_last_lr()[0],
                         "train/samples_per_second": window_samples / max(now - window_start, 1e-9),
                         "progress/step": step,
+                        "progress/samples": samples,
                     })
                     window_start, window_samples = now, 0
                 if (step % interval == 0 or step == total) and step < total:

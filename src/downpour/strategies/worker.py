@@ -89,6 +89,9 @@ class Worker:
     # Publish the model's buffers with every report (where no snapshot carries them: the shards
     # hold the parameters, the workers the buffers).
     publish_buffers: ClassVar[bool] = False
+    # What the loss a worker reports is: the training loss, or a method's own objective (which may be
+    # negative, as SelfieBoost's is).
+    loss_key: ClassVar[str] = "train/loss"
 
     def run(self, ctx: Any) -> None:
         torch.set_num_threads(self.threads)
@@ -183,7 +186,7 @@ class Worker:
             **self.counters(),
         }
         if loss is not None:
-            values["train/loss"] = loss
+            values[self.loss_key] = loss
             values["train/samples_per_second"] = (self.samples - samples_then) / max(now - start, 1e-9)
             self._window = (now, self.samples)
         if final:
