@@ -52,6 +52,10 @@ SUMMARY_KEYS = (
     "eval_seconds",
     "wall_seconds",
     "diverged",
+    "attempts",
+    "majority_share",
+    "balanced_accuracy",
+    "degenerate",
 )
 
 # Counters that roles report cumulatively; the summary adds the last value of each role.
@@ -65,6 +69,22 @@ _CUMULATIVE = {
     "bytes_raw": "comm/raw_bytes",
     "bytes_encoded": "comm/encoded_bytes",
 }
+
+
+def degenerate(evaluation: dict[str, Any]) -> bool:
+    """Whether an evaluation is of a model that learnt nothing beyond the class shares.
+
+    It predicts a single class, or its accuracy is within half a point of
+    the majority class's share (what always predicting that class scores).
+
+    Example:
+        >>> degenerate({"eval/accuracy": 0.9703, "eval/majority_share": 0.9703, "eval/predicted_classes": 1})
+        True
+    """
+    if "eval/majority_share" not in evaluation:
+        return False
+    return (evaluation.get("eval/predicted_classes", 2) <= 1
+            or abs(evaluation["eval/accuracy"] - evaluation["eval/majority_share"]) <= 0.005)
 
 
 def _last_per_role(events: list[Event], key: str) -> float:
@@ -100,18 +120,32 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
         for stale, count in (e.get("ps/staleness_counts") or {}).items():
             staleness.extend([int(stale)] * int(count))
 
-    # Times count from the coordinator's start mark (training, not process start-up).
-    start = next((e["time"] for e in events if e.get("event") == "start"), 0.0)
+    # Times count from the coordinator's start mark (training, not process start-up), and on
+    # from the attempts before it in a resumed run.
     time_to_target = None
     if target is not None:
-        hit = next((e for e in evals if e["eval/accuracy"] >= target), None)
-        time_to_target = None if hit is None else max(0.0, hit["time"] - start)
+        start, before = 0.0, 0.0
+        for e in events:
+            if e.get("role", "coordinator") != "coordinator":
+                continue
+            if e.get("event") == "start":
+                start = e["time"]
+            elif e.get("event") == "interrupted":
+                before += float(e.get("run/seconds", 0.0))
+            elif (e.get("eval/accuracy") or -1.0) >= target:
+                time_to_target = before + max(0.0, e["time"] - start)
+                break
 
     # The run's training time, the same for every strategy (downpour.run.coordinator): from the
     # start mark to the last worker's end, less evaluations only where they stopped training.
-    wall_seconds = float(end.get("run/seconds", 0.0))
-    seconds = float(end.get("run/train_seconds", wall_seconds))
+    # A resumed run's log holds every attempt: each interrupted one's time adds to the last one's,
+    # while steps and samples are counted on from where the workers were (the last end holds them all).
+    attempts = [e for e in events if e.get("event") in ("interrupted", "end")]
+    wall_seconds = sum(float(e.get("run/seconds", 0.0)) for e in attempts)
+    seconds = sum(float(e.get("run/train_seconds", e.get("run/seconds", 0.0))) for e in attempts)
+    eval_seconds = sum(float(e.get("run/eval_seconds", 0.0)) for e in attempts)
     samples = int(end.get("run/samples", 0))
+    last_eval = evals[-1] if evals else {}
     summary: dict[str, Any] = {
         "strategy": config.get("strategy"),
         "dataset": config.get("dataset"),
@@ -131,9 +165,13 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
         "staleness_p95": float(np.percentile(staleness, 95)) if staleness else None,
         "staleness_max": float(np.max(staleness)) if staleness else None,
         "run_dir": config.get("run_dir"),
-        "eval_seconds": float(end.get("run/eval_seconds", 0.0)),
+        "eval_seconds": eval_seconds,
         "wall_seconds": wall_seconds,
         "diverged": bool(end.get("run/diverged", False)),
+        "majority_share": last_eval.get("eval/majority_share"),
+        "balanced_accuracy": last_eval.get("eval/balanced_accuracy"),
+        "degenerate": degenerate(last_eval),
+        "attempts": max(1, sum(1 for e in events if e.get("event") == "start")),
     }
     for name, key in _CUMULATIVE.items():
         summary[name] = int(_last_per_role(events, key))

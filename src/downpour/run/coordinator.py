@@ -29,6 +29,7 @@ from torch import nn
 
 from downpour.cluster import open_cluster
 from downpour.metrics import Metrics, evaluate
+from downpour.metrics.summary import degenerate
 from downpour.strategies import Job, Strategy
 from downpour.strategies.plan import Plan, Progress
 from downpour.strategies.worker import Worker
@@ -47,6 +48,7 @@ class Evaluator:
         self.metrics = metrics
         self.seconds = 0.0  # time spent evaluating
         self.reached = False
+        self.last: dict[str, float] = {}
         self._started = time.monotonic()
 
     def begin(self) -> None:
@@ -62,6 +64,7 @@ class Evaluator:
     def __call__(self, model: nn.Module, step: int, **extra: Any) -> dict[str, float]:
         started = time.perf_counter()
         result = evaluate(model, self.job.loss, self.job.data.x_test, self.job.data.y_test)
+        self.last = result
         self.seconds += time.perf_counter() - started
         target = self.job.target_accuracy
         if target is not None and result["eval/accuracy"] >= target:
@@ -251,6 +254,11 @@ class Coordinator:
             finally:
                 plan.close(session)
         if interrupted:
+            # This attempt's training time, so that a resumed run's summary covers every attempt.
+            self.metrics.log(self.progress.total_steps, {
+                "event": "interrupted", "run/steps": self.progress.total_steps,
+                "run/samples": self.progress.total_samples, "run/seconds": seconds,
+                "run/train_seconds": seconds, "run/eval_seconds": self.evaluator.seconds})
             raise KeyboardInterrupt
         self._end(plan, session, model, wall=seconds, train=seconds, extra=extra)
         return plan.result(model)
@@ -312,6 +320,12 @@ class Coordinator:
              extra: dict[str, Any]) -> None:
         extra = {**extra, **plan.finish(session, model)}
         self._note_divergence()
+        last = self.evaluator.last
+        if degenerate(last):
+            log.warning("the model scores %.4f, which predicting the majority class alone would score "
+                        "(%.4f of the test set; it predicts %d class(es)): it has learnt nothing beyond the "
+                        "class shares. Train longer, raise the learning rate, or weight the classes.",
+                        last["eval/accuracy"], last["eval/majority_share"], last["eval/predicted_classes"])
         steps = extra.pop("run/steps", self.progress.total_steps)
         samples = extra.pop("run/samples", self.progress.total_samples)
         self.metrics.log(steps, {
