@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 # An index costs 4 bytes (int32) and a value 4 (float32) on the wire.
@@ -33,12 +34,50 @@ def sparsify(vector: torch.Tensor, *, force: bool = False) -> SparseUpdate | Non
 
     A sparse entry costs twice a dense one (index and value), so sparse pays
     off only below 50% density; ``force=True`` returns it regardless.
+
+    The entries are counted before any index is made: counting reads the
+    vector once, while ``torch.nonzero`` (about 20x the cost) would build
+    the indices of a dense gradient only to throw them away. An entry is a
+    value whose bits are not all zero, so a ``-0.0`` counts and travels
+    (adding it changes nothing; a gradient accumulated onto zeros never
+    holds one, since ``0.0 + -0.0`` is ``0.0``).
+
+    Example:
+        >>> sparsify(torch.tensor([0.0, 2.0, 0.0, 0.0, 0.0]))
+        SparseUpdate(indices=tensor([1]), values=tensor([2.]), size=5)
+        >>> sparsify(torch.ones(5)) is None
+        True
     """
-    flat = vector.reshape(-1)
-    indices = torch.nonzero(flat, as_tuple=False).reshape(-1)
-    if not force and indices.numel() * _SPARSE_BYTES_PER_ENTRY >= flat.numel() * _DENSE_BYTES_PER_ENTRY:
+    flat = vector.detach().reshape(-1)
+    bits = _bits(flat)
+    if not force and not sparse_is_smaller(_count_entries(bits), flat.numel()):
         return None
-    return SparseUpdate(indices, flat[indices].clone(), flat.numel())
+    indices = torch.nonzero(bits, as_tuple=False).reshape(-1)
+    return SparseUpdate(indices, flat.index_select(0, indices), flat.numel())
+
+
+def sparse_is_smaller(nnz: int, size: int) -> bool:
+    """Whether ``nnz`` (index, value) pairs take fewer bytes than ``size`` dense values."""
+    return nnz * _SPARSE_BYTES_PER_ENTRY < size * _DENSE_BYTES_PER_ENTRY
+
+
+# Floating dtypes and the integers of their width: comparing bits with zero is
+# 2-4x faster than comparing floats (no NaN rules).
+_BIT_DTYPES = {torch.float32: torch.int32, torch.float64: torch.int64,
+               torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _bits(flat: torch.Tensor) -> torch.Tensor:
+    """``flat``'s bits as integers of its width (a view, no copy); integers as they are."""
+    dtype = _BIT_DTYPES.get(flat.dtype)
+    return flat if dtype is None else flat.view(dtype)
+
+
+def _count_entries(bits: torch.Tensor) -> int:
+    if bits.device.type == "cpu":
+        # NumPy's count is about twice torch's on one thread (~60 us for 2 MB).
+        return int(np.count_nonzero(bits.numpy()))
+    return int(torch.count_nonzero(bits))
 
 
 def apply_sparse_(vector: torch.Tensor, update: SparseUpdate, alpha: float = 1.0) -> torch.Tensor:

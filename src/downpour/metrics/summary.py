@@ -56,6 +56,8 @@ SUMMARY_KEYS = (
     "majority_share",
     "balanced_accuracy",
     "degenerate",
+    "converged",
+    "stop_reason",
 )
 
 # Counters that roles report cumulatively; the summary adds the last value of each role.
@@ -171,6 +173,9 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
         "majority_share": last_eval.get("eval/majority_share"),
         "balanced_accuracy": last_eval.get("eval/balanced_accuracy"),
         "degenerate": degenerate(last_eval),
+        # Batch and second-order methods: whether they met their tolerance, and why they stopped.
+        "converged": end.get("batch/converged"),
+        "stop_reason": end.get("batch/stop_reason"),
         "attempts": max(1, sum(1 for e in events if e.get("event") == "start")),
     }
     for name, key in _CUMULATIVE.items():

@@ -61,6 +61,9 @@ class Result:
     iterations: int = 0
     evaluations: int = 0
     converged: bool = False
+    # Why it stopped: the gradient's norm or the objective's change met its tolerance, the
+    # callback asked, or the iteration cap was reached without either.
+    reason: str = "reached max_iterations without meeting gtol or ftol"
     history: list[float] = field(default_factory=list)  # the objective after each iteration
 
 
@@ -145,8 +148,13 @@ def _descent(result: Result, before: float, f: float, gg: float, stop: Stopping,
     """
     result.objective = f
     result.history.append(f)
-    result.converged = math.sqrt(max(gg, 0.0)) <= stop.gtol or stop.flat(before, f)
+    if math.sqrt(max(gg, 0.0)) <= stop.gtol:
+        result.converged, result.reason = True, f"gradient norm {math.sqrt(max(gg, 0.0)):.3g} <= gtol {stop.gtol:g}"
+    elif stop.flat(before, f):
+        result.converged, result.reason = True, f"objective change {before - f:.3g} within ftol {stop.ftol:g}"
     asked = callback is not None and bool(callback(result))
+    if asked and not result.converged:
+        result.reason = "stopped by its callback"
     return result.converged or asked
 
 
@@ -162,7 +170,7 @@ def lbfgs(space: Space, *, memory: int = 10, stop: Stopping = Stopping(), callba
     pairs: list[tuple[int, float, float]] = []  # (slot, rho, y.y / y.s), oldest first
     slot = 0
     if math.sqrt(gg) <= stop.gtol:
-        result.converged = True
+        result.converged, result.reason = True, "gradient norm within gtol at the start"
         return result
     while result.iterations < stop.max_iterations:
         # The direction d = -H g by the two-loop recursion, run on the vectors where they lie.
@@ -221,7 +229,7 @@ def agd(space: Space, *, step: float | None = None, stop: Stopping = Stopping(),
     t = step if step is not None else 1.0 / max(math.sqrt(gg), 1e-12)
     theta = 1.0
     if math.sqrt(gg) <= stop.gtol:
-        result.converged = True
+        result.converged, result.reason = True, "gradient norm within gtol at the start"
         return result
     while result.iterations < stop.max_iterations:
         space.ops(copy("gy", "g"))
@@ -286,7 +294,7 @@ def cg(space: Space, *, beta: str = "fr", stop: Stopping = Stopping(), callback:
     f, (gg,) = space.evaluate(dot("g", "g"))
     result = Result(objective=f, evaluations=1)
     if math.sqrt(gg) <= stop.gtol:
-        result.converged = True
+        result.converged, result.reason = True, "gradient norm within gtol at the start"
         return result
     (slope,) = space.ops(copy("d", "g"), scale("d", -1.0), dot("g", "d"))
     t = min(1.0, 1.0 / math.sqrt(gg))

@@ -326,6 +326,9 @@ class Coordinator:
                         "(%.4f of the test set; it predicts %d class(es)): it has learnt nothing beyond the "
                         "class shares. Train longer, raise the learning rate, or weight the classes.",
                         last["eval/accuracy"], last["eval/majority_share"], last["eval/predicted_classes"])
+        if extra.get("batch/converged") is False:
+            log.warning("%s did not converge: it %s; raise its max_iterations or loosen gtol/ftol.",
+                        type(plan).__name__.removesuffix("Plan").lower(), extra.get("batch/stop_reason"))
         steps = extra.pop("run/steps", self.progress.total_steps)
         samples = extra.pop("run/samples", self.progress.total_samples)
         self.metrics.log(steps, {

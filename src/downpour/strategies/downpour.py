@@ -20,7 +20,7 @@ import torch
 
 from downpour.compress import parse
 from downpour.errors import StaleUpdate, check_range
-from downpour.flat import sparsify
+from downpour.flat import SparseUpdate, sparsify
 from downpour.optim import optim
 from downpour.server import ApplyAtOnce, BoundedStaleness
 from downpour.strategies.base import Job, Strategy
@@ -59,7 +59,14 @@ class DownpourWorker(PSWorker):
     def _push(self, versions: list[int], update: torch.Tensor, samples: int) -> None:
         # "Only send parameters updated": models with sparse inputs touch few
         # coordinates per batch, and then (index, value) pairs are smaller.
-        payload = (sparsify(update.cpu()) if self.sparse_push and not self.streams else None) or update
+        # sparsify counts before it makes indices, so a dense gradient costs
+        # one read here; the decision is made where the gradient lies, and
+        # only what is sent comes to the host.
+        payload: torch.Tensor | SparseUpdate = update
+        if self.sparse_push and not self.streams:
+            sparse = sparsify(update)
+            if sparse is not None:
+                payload = SparseUpdate(sparse.indices.cpu(), sparse.values.cpu(), sparse.size)
         try:
             results = self.push(versions, payload)
         except StaleUpdate:

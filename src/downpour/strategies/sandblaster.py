@@ -294,6 +294,7 @@ class SandblasterPlan(Plan):
         return {
             "run/iterations": result.iterations, "batch/objective": result.objective,
             "batch/evaluations": result.evaluations, "batch/converged": result.converged,
+            "batch/stop_reason": result.reason,
             "batch/passes": space.passes, "coordinator/bytes_received": received,
             "coordinator/bytes_per_iteration": received / max(result.iterations, 1),
             "batch/pass_seconds_mean": float(np.mean(space.pass_seconds)) if space.pass_seconds else 0.0,

@@ -58,3 +58,16 @@ def test_a_worker_killed_at_a_step_dies_at_that_step_and_the_run_goes_on(digits)
     steps = {e["rank"]: e["worker/steps"] for e in result.history if "worker/steps" in e}
     assert steps[1] == 20 and steps[0] > 20, steps
     assert result.summary["accuracy"] > 0.85
+
+
+def test_a_batch_method_says_whether_it_converged_and_why_it_stopped(digits, caplog):
+    with caplog.at_level(logging.WARNING, logger="downpour.run"):
+        capped = dp.train(model="logistic", data=digits, strategy=dp.Sandblaster(max_iterations=3), workers=2,
+                          save=False)
+    assert capped.summary["converged"] is False
+    assert "max_iterations" in capped.summary["stop_reason"]
+    assert "did not converge" in caplog.text
+    done = dp.train(model="logistic", data=digits, strategy=dp.Sandblaster(max_iterations=500, gtol=1e-3,
+                                                                           l2=1e-2), workers=2, save=False)
+    assert done.summary["converged"] is True, done.summary["stop_reason"]
+    assert "gtol" in done.summary["stop_reason"] or "ftol" in done.summary["stop_reason"]
