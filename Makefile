@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install proto bench clean browser
+.PHONY: demo test test-fast lint install proto bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,15 @@ demo: $(STAMP)
 		--model mlp --optimizer adam --lr 0.001 --batch-size 32 --downpour.ema-decay 0.99 --downpour.evaluate-average \
 		--epochs 1
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The unit tests and no real training run: a couple of seconds' check while developing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not integration"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 
 # The report test renders report.html in headless Chromium; install Debian's
 # package where apt-get works (as root), and carry on without it elsewhere

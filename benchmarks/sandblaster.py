@@ -34,7 +34,7 @@ from downpour.strategies.sandblaster import Sandblaster
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
-from tests.integration.strategies.logistic import objective  # the tests' float64 objective
+from tests.integration.strategies.logistic import objective  # noqa: E402  (the tests' float64 objective)
 
 
 def end_event(result) -> dict:
