@@ -27,7 +27,7 @@ import downpour as dp
 from downpour.data import batches
 from downpour.models import build, default_loss
 from downpour.strategies.allreduce import Allreduce
-from downpour.strategies.worker import free_port
+from downpour.cluster.ray_nodes import free_port
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

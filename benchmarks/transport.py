@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import time
 from typing import Self
 
 import torch
 
+from downpour.cluster.ray_nodes import free_port
 from downpour.flat import ShardRange, shard_ranges
 from downpour.server import ServerShard
 from downpour.transport import ParameterClient, ShardClient, new_token, serve_shard
@@ -114,12 +114,6 @@ def ps_round(numel: int, num_shards: int, rounds: int, shared_memory: bool) -> d
     return {"push": push_s, "pull": pull_s, "round": round_s, "wire": [wire], "shared": [shared]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _gloo(rank: int, port: int, numel: int, rounds: int, results) -> None:
     import torch.distributed as dist
 
@@ -140,7 +134,7 @@ def _gloo(rank: int, port: int, numel: int, rounds: int, results) -> None:
 
 def gloo_all_reduce(numel: int, rounds: int) -> dict[str, list]:
     context = mp.get_context("spawn")
-    results, port = context.Queue(), _free_port()
+    results, port = context.Queue(), free_port()
     processes = [
         context.Process(target=_gloo, args=(rank, port, numel, rounds, results))
         for rank in range(2)

@@ -73,16 +73,16 @@ def loopback_ray(*, num_nodes: int = 3, cpus_per_node: int = 2,
 def _start(ray: Path, temp_dir: Path, token: str, num_nodes: int, cpus_per_node: int,
            object_store_bytes: int) -> RayNodes:
     env = {**os.environ, _MARK: token, "RAY_USAGE_STATS_ENABLED": "0"}
-    port = _free_port()
+    port = free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node), "--num-gpus", "0",
               "--object-store-memory", str(object_store_bytes), "--disable-usage-stats"]
     head = ["--head", "--port", str(port), "--temp-dir", str(temp_dir), "--include-dashboard", "false",
-            "--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port())]
+            "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port())]
     # One node at a time: nodes starting together on one host may pick the same free port for a service.
     for node in range(num_nodes):
         where = head if node == 0 else ["--address", f"127.0.0.1:{port}"]
         started = subprocess.run(
-            [str(ray), "start", *where, *common, "--dashboard-agent-listen-port", str(_free_port())],
+            [str(ray), "start", *where, *common, "--dashboard-agent-listen-port", str(free_port())],
             env=env, capture_output=True, text=True, timeout=_START_TIMEOUT, check=False)
         if started.returncode != 0:
             raise RuntimeError(f"ray start of node {node} failed ({started.returncode}):\n"
@@ -90,7 +90,7 @@ def _start(ray: Path, temp_dir: Path, token: str, num_nodes: int, cpus_per_node:
     return RayNodes(address=f"127.0.0.1:{port}", num_nodes=num_nodes, cpus_per_node=cpus_per_node)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
