@@ -157,7 +157,7 @@ def test_bad_configurations_fail_before_any_process_starts(digits, monkeypatch):
     def no_cluster(*args, **kwargs):
         raise AssertionError("a process was about to start")
 
-    monkeypatch.setattr("downpour.strategies.worker.open_cluster", no_cluster)
+    monkeypatch.setattr("downpour.run.coordinator.open_cluster", no_cluster)
     with pytest.raises(ValueError, match=r"average_every must be in \[0, inf\], got -1"):
         LocalSGD(average_every=-1)
     with pytest.raises(ValueError, match="clients_per_round must be in .*workers=3.*got 4"):

@@ -157,7 +157,7 @@ def test_bad_options_fail_with_clear_errors_before_any_process_starts(digits, mo
     def no_cluster(*args, **kwargs):
         raise AssertionError("a process was about to start")
 
-    monkeypatch.setattr("downpour.strategies.worker.open_cluster", no_cluster)
+    monkeypatch.setattr("downpour.run.coordinator.open_cluster", no_cluster)
     with pytest.raises(ValueError, match=r"unknown local solver 'newton'; choose one of: lbfgs, sgd"):
         Dane(local="newton")
     with pytest.raises(ValueError, match=r"rounds must be in \[1, inf\], got 0"):

@@ -156,7 +156,7 @@ def no_cluster(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a process was started before the bad input was refused")
 
-    monkeypatch.setattr("downpour.strategies.hogwild.open_cluster", refuse)
+    monkeypatch.setattr("downpour.run.coordinator.open_cluster", refuse)
 
 
 def test_hogwild_on_a_gpu_is_refused_before_any_process_starts(no_cluster):

@@ -1,5 +1,7 @@
 """Sandblaster: batch methods driven by a coordinator, vectors on real gRPC shards, portions on real workers."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -68,12 +70,14 @@ def test_conjugate_gradients_and_accelerated_descent_reach_the_optimum(digits):
 
 
 def zeroed_logistic(data):
-    def build():
-        model = dp.models.build("logistic", data.input_shape, data.num_classes)
-        for p in model.parameters():
-            p.data.zero_()
-        return model
-    return build
+    return partial(_zeroed_logistic, data.input_shape, data.num_classes)
+
+
+def _zeroed_logistic(input_shape, num_classes):
+    model = dp.models.build("logistic", input_shape, num_classes)
+    for p in model.parameters():
+        p.data.zero_()
+    return model
 
 
 def test_backup_portions_keep_a_straggler_from_holding_up_a_pass(mnist_part):
