@@ -38,8 +38,12 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         for name, workers, strategy, optimizer in configurations([int(w) for w in args.workers.split(",")]):
-            result = dp.train(model=model, data=data, strategy=strategy, optimizer=optimizer, workers=workers,
-                              servers=args.servers, epochs=args.epochs, target_accuracy=args.target, save=False)
+            config = strategy if not isinstance(strategy, str) else dp.strategies.get(strategy)
+            roles = {"workers": workers} if config.takes_workers else {}
+            if config.uses_servers:
+                roles["servers"] = args.servers
+            result = dp.train(model=model, data=data, strategy=strategy, optimizer=optimizer, epochs=args.epochs,
+                              target_accuracy=args.target, save=False, **roles)
             s = result.summary
             traffic = (s["bytes_sent"] + s["bytes_received"]) / max(s["steps"], 1)
             rows.append((model, name, workers, s["time_to_target"], s["accuracy"], s["seconds"],

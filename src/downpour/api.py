@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from downpour import data as data_lib
 from downpour import models
 from downpour import strategies
 from downpour.checkpoint import Checkpointing
-from downpour.cluster import parse_cluster
 from downpour.data import Dataset
 from downpour.metrics import (
     MemorySink,
@@ -30,20 +30,26 @@ from downpour.metrics import (
     plot_run,
     summarize,
 )
-from downpour.optim import OptimSpec, optim
-from downpour.run import Coordinator
-from downpour.strategies import Faults, Job, Strategy
+from downpour.optim import OptimSpec
+from downpour.run import Coordinator, RunConfig
+from downpour.strategies import Faults, Strategy
 
 log = logging.getLogger(__name__)
 
 
-def _resolve_model(model: str | Callable[[], nn.Module], dataset: Dataset) -> tuple[Callable[[], nn.Module], str]:
+def _model_name(model: Callable[[], nn.Module]) -> str:
+    return getattr(model, "__qualname__", type(model).__name__)
+
+
+def _resolve_model(model: str | Callable[[], nn.Module],
+                   dataset: Dataset) -> tuple[Callable[[], nn.Module], str]:
     if isinstance(model, str):
         models.build(model, dataset.input_shape, dataset.num_classes)  # validates the name early
         return partial(models.build, model, dataset.input_shape, dataset.num_classes), model
     if callable(model):
-        return model, getattr(model, "__qualname__", type(model).__name__)
-    raise TypeError(f"model must be a model name or a factory returning an nn.Module, got {type(model).__name__}")
+        return model, _model_name(model)
+    raise TypeError(f"model must be a model name or a factory returning an nn.Module, "
+                    f"got {type(model).__name__}")
 
 
 def _describe(value: Any) -> Any:
@@ -60,37 +66,57 @@ def _describe(value: Any) -> Any:
     return getattr(value, "__qualname__", repr(value))
 
 
+class _Unset:
+    """The default of a keyword not given: the RunConfig (or ``config``) decides."""
+
+    def __repr__(self) -> str:
+        return "<from RunConfig>"
+
+
+UNSET: Any = _Unset()
+
+# train()'s keywords that are not run options: what it trains and how this call reports.
+_NOT_OPTIONS = frozenset({"model", "data", "loss", "save", "progress", "options", "config"})
+
+
 def train(
     *,
-    model: str | Callable[[], nn.Module],
-    data: Dataset | str,
-    strategy: Strategy | str = "single",
+    model: str | Callable[[], nn.Module] = UNSET,
+    data: Dataset | str = UNSET,
+    strategy: Strategy | str = UNSET,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    optimizer: OptimSpec | None = None,
-    workers: int = 1,
-    servers: int = 1,
-    epochs: float = 1.0,
-    batch_size: int = 64,
-    max_steps: int | None = None,
-    target_accuracy: float | None = None,
-    eval_every: int | None = None,
-    max_seconds: float | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    faults: Faults | None = None,
-    run_dir: str | Path | None = None,
-    runs_root: str | Path = "runs",
+    optimizer: OptimSpec | None = UNSET,
+    workers: int = UNSET,
+    servers: int = UNSET,
+    epochs: float = UNSET,
+    batch_size: int = UNSET,
+    max_steps: int | None = UNSET,
+    target_accuracy: float | None = UNSET,
+    eval_every: int | None = UNSET,
+    max_seconds: float | None = UNSET,
+    seed: int = UNSET,
+    device: str = UNSET,
+    faults: Faults | None = UNSET,
+    run_dir: str | Path | None = UNSET,
+    runs_root: str | Path = UNSET,
     save: bool = True,
     progress: bool = False,
-    tensorboard: bool = False,
-    data_dir: str | Path | None = None,
-    cluster: Any = None,
-    checkpoint_every: str | int | None = None,
-    restart_workers: bool = False,
-    resume: bool = False,
+    tensorboard: bool = UNSET,
+    data_dir: str | Path | None = UNSET,
+    cluster: Any = UNSET,
+    checkpoint_every: str | int | None = UNSET,
+    restart_workers: bool = UNSET,
+    resume: bool = UNSET,
     options: dict[str, Any] | None = None,
+    config: RunConfig | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with a distributed ``strategy``.
+
+    Every keyword but ``model``, ``data``, ``loss``, ``save``, ``progress`` and
+    ``options`` is an option of :class:`downpour.run.RunConfig`, which holds its
+    default and its description; one not given takes ``config``'s value (or the
+    default). A strategy that does not read an option that is set (``epochs``
+    for ``sandblaster``, ``servers`` for ``hogwild``) is an error naming both.
 
     Args:
         model: a reference model name (``"mlp"``, ``"cnn"``, ...) or a factory
@@ -99,8 +125,8 @@ def train(
         strategy: a strategy config (``downpour.Single()``, ...) or its name.
         loss: loss on (outputs, labels); defaults to the reference model's
             own loss, else cross-entropy.
-        optimizer: ``downpour.optim(name, lr=...)``; defaults to SGD, lr 0.05.
-        workers, servers: role counts, for strategies that use them.
+        optimizer: ``downpour.optim(name, lr=...)``.
+        workers, servers: role counts.
         epochs, batch_size, max_steps: how much to train (per worker batch).
         target_accuracy: stop once test accuracy reaches it.
         eval_every: steps between evaluations (default: ten per run).
@@ -110,8 +136,8 @@ def train(
         progress: show a progress bar.
         tensorboard: also write the metrics as TensorBoard event files in
             ``<run_dir>/tensorboard``.
-        cluster: where roles run: ``None`` or ``"local"`` (processes on this
-            machine), ``"ray"`` (a local Ray), ``"ray:ADDRESS"`` or a
+        cluster: where roles run: ``"local"`` (processes on this machine),
+            ``"ray"`` (a local Ray), ``"ray:ADDRESS"`` or a
             :class:`downpour.cluster.ray.RayCluster` (an existing Ray cluster).
         checkpoint_every: server shards checkpoint every N versions (``200``)
             or S seconds (``"30s"``) into ``<run_dir>/checkpoints``, with the
@@ -126,46 +152,50 @@ def train(
             (same arguments as the first time).
         options: the command line's options, kept in ``config.json`` so that
             ``downpour train --resume RUN_DIR`` can rebuild the run.
+        config: the whole configuration at once; the keywords above override it.
 
     Returns:
         A :class:`TrainResult` with the model, event history and summary.
 
     Example:
         >>> import downpour as dp
-        >>> result = dp.train(model="logistic", data="digits", epochs=1, save=False)  # doctest: +SKIP
+        >>> result = dp.train(model="logistic", data="digits", save=False)  # doctest: +SKIP
         >>> result.summary["accuracy"] > 0.9  # doctest: +SKIP
         True
+        >>> config = RunConfig.of(dataset="digits", model="logistic", workers=2, strategy=dp.Sync())
+        >>> dp.train(config=config, save=False)  # doctest: +SKIP
     """
-    if isinstance(data, str):
-        data = data_lib.load(data, data_dir=data_dir)
-    if isinstance(strategy, str):
-        strategy = strategies.get(strategy)
-    factory, model_name = _resolve_model(model, data)
-    if loss is None:
-        loss = models.default_loss(model) if isinstance(model, str) else torch.nn.functional.cross_entropy
-    faults = faults or Faults()
-    recovery = checkpoint_every is not None or resume or faults.kill_server
-    if recovery and not strategy.recoverable:
-        raise ValueError(f"checkpoints, server restarts and --resume are for the parameter-server strategies "
-                         f"(downpour, sync); {strategy.name!r} keeps its state in its workers")
-    if restart_workers and not strategy.restartable:
-        raise ValueError(f"restart_workers is for downpour, sync, allreduce and local-sgd; {strategy.name!r} "
-                         "cannot take a restarted worker back")
-    if resume and (run_dir is None or not save):
+    given = {name: value for name, value in locals().items()
+             if name not in _NOT_OPTIONS and value is not UNSET}
+    for name in ("optimizer", "faults"):  # None has always meant "the default" for these two
+        if given.get(name, UNSET) is None:
+            del given[name]
+    if isinstance(given.get("strategy"), str):
+        given["strategy"] = strategies.get(given["strategy"])
+    if model is not UNSET:
+        given["model"] = model if isinstance(model, str) else _model_name(model)
+    if data is not UNSET:
+        given["dataset"] = data if isinstance(data, str) else getattr(data, "name", "data")
+    config = RunConfig.of(config, **given)
+    if config.checkpoint.resume and not save:
         raise ValueError("resume needs the run_dir of the stopped run (and save=True)")
-    job = Job(
-        model=factory, loss=loss, data=data, optimizer=optimizer or optim("sgd", lr=0.05),
-        workers=workers, servers=servers, epochs=epochs, batch_size=batch_size, max_steps=max_steps,
-        target_accuracy=target_accuracy, eval_every=eval_every, max_seconds=max_seconds, seed=seed, device=device,
-        faults=faults, cluster=parse_cluster(cluster), restart_workers=restart_workers,
-    )
+    if isinstance(data, (str, _Unset)):
+        data = data_lib.load(config.data.dataset, data_dir=config.data.data_dir)
+    # A model given by name is the config's (the keyword's, if given); a factory is used as it is.
+    named = config.model.name if isinstance(model, (str, _Unset)) else model
+    factory, model_name = _resolve_model(named, data)
+    if loss is None:
+        loss = models.default_loss(named) if isinstance(named, str) else F.cross_entropy
+    strategy, faults, checkpoint_every = config.strategy, config.faults, config.checkpoint.every
+    resume, run_dir = config.checkpoint.resume, config.output.run_dir
+    job = config.job(model=factory, loss=loss, data=data)
     # The run directory only once the job is known to be valid.
     if not save:
         run = None
     elif resume:
         run = RunDir.reopen(run_dir)
     else:
-        run = RunDir.create(run_dir, strategy.name, runs_root)
+        run = RunDir.create(run_dir, strategy.name, config.output.runs_root)
     scratch = None
     checkpoint = None
     if checkpoint_every is not None or resume or faults.kill_server:
@@ -174,27 +204,28 @@ def train(
         folder = Path(scratch.name) if scratch else run.path / "checkpoints"
         checkpoint = Checkpointing.parse(str(checkpoint_every or 100), folder, resume=resume)
         job = dataclasses.replace(job, checkpoint=checkpoint)
-    config = {
+    description = {
         "strategy": strategy.name,
         "dataset": data.name,
         "model": model_name,
-        "workers": workers,
-        "servers": servers if strategy.uses_servers else 0,
-        "target_accuracy": target_accuracy,
+        "workers": job.workers,
+        "servers": job.servers if strategy.uses_servers else 0,
+        "target_accuracy": job.target_accuracy,
         "run_dir": str(run.path) if run else None,
         "strategy_config": _describe(strategy),
         "optimizer": _describe(job.optimizer),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "max_steps": max_steps,
-        "eval_every": eval_every,
-        "max_seconds": max_seconds,
-        "seed": seed,
-        "device": device,
+        "epochs": job.epochs,
+        "batch_size": job.batch_size,
+        "max_steps": job.max_steps,
+        "eval_every": job.eval_every,
+        "max_seconds": job.max_seconds,
+        "seed": job.seed,
+        "device": job.device,
         "faults": _describe(job.faults),
         "cluster": _describe_cluster(job.cluster),
-        "checkpoint_every": None if checkpoint is None else (checkpoint.every_versions or f"{checkpoint.every_seconds:g}s"),
-        "restart_workers": restart_workers,
+        "checkpoint_every": None if checkpoint is None
+        else (checkpoint.every_versions or f"{checkpoint.every_seconds:g}s"),
+        "restart_workers": job.restart_workers,
         "options": options,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpus": torch.get_num_threads()},
@@ -203,27 +234,29 @@ def train(
     sinks: list = [history]
     if run:
         if not resume:  # a resumed run keeps its config.json and appends to its events
-            run.write_config(config)
+            run.write_config(description)
         sinks.append(run.events_sink())
     if progress:
         sinks.append(ProgressSink(job.total_steps(), description=strategy.name))
     metrics = Metrics(sinks)
-    if tensorboard:
+    if config.output.tensorboard:
         if run is None:
             raise ValueError("tensorboard=True needs a run directory (save=True)")
-        metrics.sinks.append(TensorBoardSink(run.path / "tensorboard", start_time=metrics.start_time))
+        metrics.sinks.append(TensorBoardSink(run.path / "tensorboard",
+                                             start_time=metrics.start_time))
     try:
         trained = Coordinator(job, metrics).run(strategy)
     finally:
         metrics.close()
         if scratch is not None:
             scratch.cleanup()
-    summary = summarize(history.events, config)
+    summary = summarize(history.events, description)
     if run:
         run.save_model(trained)
         plot_run(history.events, run.path, title=f"{strategy.name} · {data.name} · {model_name}")
         run.write_summary(summary)
-    return TrainResult(model=trained, history=history.events, summary=summary, run_dir=run.path if run else None)
+    return TrainResult(model=trained, history=history.events, summary=summary,
+                       run_dir=run.path if run else None)
 
 
 def _describe_cluster(cluster: Any) -> str:

@@ -8,6 +8,7 @@ self-contained ``report.html``.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -21,14 +22,17 @@ from torch import nn
 
 from downpour import data as data_lib
 from downpour import strategies as strategy_lib
-from downpour.api import train
+from downpour.api import UNSET, train
 from downpour.data import Dataset
 from downpour.metrics import TrainResult
 from downpour.metrics.report import print_table, write_comparison_report
 from downpour.metrics.rundir import new_run_id
-from downpour.optim import OptimSpec
-from downpour.strategies import Faults, Strategy
+from downpour.run import RunConfig
+from downpour.run.config import leaves, refuse_unread, unread
+from downpour.run.config import options as option_table
+from downpour.strategies import Strategy
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Comparison:
@@ -57,45 +61,58 @@ def environment() -> dict[str, Any]:
     }
 
 
+# What compare sets for each run itself, so the caller may not: option -> what to use instead.
+PER_RUN = {"strategy": "strategies", "workers": "workers", "run_dir": "out_dir",
+            "resume": "downpour train", "checkpoint_every": "downpour train",
+            "restart_workers": "downpour train"}
+
+
 def compare(
     *,
     strategies: Sequence[Strategy | str],
-    model: str | Callable[[], nn.Module],
-    data: Dataset | str,
+    model: str | Callable[[], nn.Module] = UNSET,
+    data: Dataset | str = UNSET,
     workers: int | Sequence[int] = 4,
-    servers: int = 1,
     loss=None,
-    optimizer: OptimSpec | None = None,
-    epochs: float = 1.0,
-    batch_size: int = 64,
-    max_steps: int | None = None,
-    target_accuracy: float | None = None,
-    budget_seconds: float | None = None,
-    eval_every: int | None = None,
-    seed: int = 0,
-    faults: Faults | None = None,
     out_dir: str | Path | None = None,
-    runs_root: str | Path = "runs",
-    tensorboard: bool = False,
     progress: bool = False,
     command: str = "",
-    data_dir: str | Path | None = None,
-    cluster=None,
+    budget_seconds: float | None = UNSET,
+    **options: Any,
 ) -> Comparison:
     """Train each strategy on the same workload and report them side by side.
 
     ``workers`` may be a list: every strategy but ``single`` runs once per
     count, and ``single`` runs once as the baseline that speedups are
-    measured against (added when a sweep does not name it). Staged
-    ``faults`` reach every strategy that has that worker.
+    measured against (added when a sweep does not name it). Every other
+    keyword is an option of :class:`downpour.run.RunConfig` by name
+    (``servers=2``, ``epochs=3``, ``lr=0.1``), or one of its sections
+    (``optimizer=dp.optim(...)``, ``faults=dp.Faults(...)``), the same for
+    every run; ``budget_seconds`` is ``max_seconds``. A run leaves out what its
+    strategy does not read (``servers`` for ``allreduce``, staged faults of
+    workers it does not have, any fault for ``single``); an option set that
+    no strategy compared reads is an error.
 
     Example:
         >>> c = compare(strategies=["single", "downpour", "sync"], model="logistic", data="digits",
         ...             workers=2, epochs=1)  # doctest: +SKIP
         >>> c.row("downpour")["accuracy"]  # doctest: +SKIP
     """
+    for name, instead in PER_RUN.items():
+        if name in options:
+            raise TypeError(f"compare sets {name} for each run; use {instead} instead")
+    if budget_seconds is not UNSET:
+        if "max_seconds" in options:
+            raise TypeError("give max_seconds or budget_seconds (the same option), not both")
+        options["max_seconds"] = budget_seconds
+    for name in ("optimizer", "faults"):  # None has always meant "the default" for these two
+        if name in options and options[name] is None:
+            del options[name]
+    values = leaves(options)
+    if isinstance(model, str):
+        values["model"] = model
     if isinstance(data, str):
-        data = data_lib.load(data, data_dir=data_dir)
+        values["dataset"] = data
     configs = [strategy_lib.get(s) if isinstance(s, str) else s for s in strategies]
     if not configs:
         raise ValueError("compare needs at least one strategy")
@@ -104,7 +121,14 @@ def compare(
         raise ValueError(f"workers must be positive counts, got {workers!r}")
     if len(counts) > 1 and not any(c.name == "single" for c in configs):
         configs.insert(0, strategy_lib.get("single"))
-    faults = faults or Faults()
+    table = option_table()
+    changed = [name for name, value in values.items() if value != table[name].default]
+    refuse_unread(configs, changed, spell=lambda name: table[name].api,
+                  spell_field=lambda s, name: f"{type(s).__name__}({name}=...)")
+    if isinstance(data, (str, type(UNSET))):
+        where = RunConfig.of(**{k: values[k] for k in ("dataset", "data_dir") if k in values}).data
+        data = data_lib.load(where.dataset, data_dir=where.data_dir)
+    runs_root = values.pop("runs_root", table["runs_root"].default)
     path = Path(out_dir) if out_dir is not None else Path(runs_root) / new_run_id("compare")
     if (path / "comparison.json").exists():
         raise FileExistsError(f"{path} already holds a comparison; choose another directory")
@@ -116,22 +140,26 @@ def compare(
             plan.append((config, count))
     results, run_dirs = [], []
     for config, count in plan:
-        run_faults = Faults(slow={r: f for r, f in faults.slow.items() if r < count},
-                            kill={r: s for r, s in faults.kill.items() if r < count})
-        if config.name == "single":
-            run_faults = Faults()
         name = f"{config.name}-w{count}"
-        result = train(model=model, data=data, strategy=config, loss=loss, optimizer=optimizer, workers=count,
-                       servers=servers, epochs=epochs, batch_size=batch_size, max_steps=max_steps,
-                       target_accuracy=target_accuracy, max_seconds=budget_seconds, eval_every=eval_every,
-                       seed=seed, faults=run_faults, run_dir=path / name, progress=progress,
-                       tensorboard=tensorboard, cluster=cluster)
-        results.append(result)
+        dropped = unread(config, changed)
+        if dropped:
+            log.info("%s runs without %s, which it does not read", name, ", ".join(dropped))
+        run = {k: v for k, v in values.items() if k not in dropped}
+        for fault in ("faults.slow", "faults.kill", "faults.kill_at_step"):
+            if fault in run:  # the faults of workers this run has
+                run[fault] = {rank: v for rank, v in run[fault].items() if rank < count}
+        run_config = RunConfig.of(strategy=config, workers=count, run_dir=str(path / name), **run)
+        results.append(train(config=run_config, model=model, data=data, loss=loss,
+                             progress=progress))
         run_dirs.append(Path(name))
-    staged = ", ".join([f"worker {r} {f:g}x slower" for r, f in faults.slow.items()]
-                       + [f"worker {r} killed at {s:g} s" for r, s in faults.kill.items()])
-    meta = {"title": f"{data.name} · {getattr(model, '__qualname__', model)}", "command": command,
-            "environment": environment(), "staged": staged, "target_accuracy": target_accuracy}
+    slow, kill, at_step = (values.get(f"faults.{k}", {}) for k in ("slow", "kill", "kill_at_step"))
+    staged = ", ".join([f"worker {r} {f:g}x slower" for r, f in slow.items()]
+                       + [f"worker {r} killed at {s:g} s" for r, s in kill.items()]
+                       + [f"worker {r} killed at step {n}" for r, n in at_step.items()])
+    label = getattr(model, "__qualname__", None) or values.get("model") or table["model"].default
+    meta = {"title": f"{data.name} · {label}",
+            "command": command, "environment": environment(), "staged": staged,
+            "target_accuracy": values.get("target_accuracy")}
     summary = write_comparison_report(path, run_dirs, meta)
     return Comparison(path=path, rows=summary["rows"], results=results)
 

@@ -1,11 +1,13 @@
 """The ``downpour`` command line: a thin layer over :mod:`downpour.api`.
 
 Strings exist only here; they are resolved to configs and factories at once.
-General options are plain flags (``--lr 0.01``); a strategy's options are
-derived from its config dataclass and namespaced by the strategy
-(``--downpour.push-every 4``), the same on every command. A TOML config file
-(``--config FILE``) uses the same names: general options at the top, a table
-per strategy (``[downpour]`` / ``push_every = 4``); flags win over the file.
+General options are plain flags (``--lr 0.01``) derived from the fields of
+:class:`downpour.run.RunConfig`, which holds their types, defaults and help;
+a strategy's options are derived from its config dataclass and namespaced by
+the strategy (``--downpour.push-every 4``), the same on every command. A TOML
+config file (``--config FILE``) uses the same names: general options at the
+top, a table per strategy (``[downpour]`` / ``push_every = 4``); flags win
+over the file.
 """
 
 from __future__ import annotations
@@ -20,43 +22,29 @@ import sys
 import tomllib
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from downpour.errors import DownpourError
 
+if TYPE_CHECKING:
+    from downpour.run import RunConfig
+    from downpour.run.config import Option
+    from downpour.strategies import Faults, Strategy
+
 log = logging.getLogger("downpour")
 
-# General options of `downpour train` and their defaults (None: unset). The config file (TOML) may
-# set any of these at its top level by the same name, with dashes or underscores. The hand-started
-# roles (`downpour server`, `downpour worker`) take their shared defaults from here too.
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "strategy": "single",
-    "dataset": "mnist",
-    "data_dir": None,
-    "model": "mlp",
-    "optimizer": "sgd",
-    "lr": 0.05,
-    "schedule": "constant",
-    "warmup_steps": 0,
-    "batch_size": 64,
-    "epochs": 1.0,
-    "max_steps": None,
-    "target_accuracy": None,
-    "eval_every": None,
-    "seed": 0,
-    "run_dir": None,
-    "workers": 1,
-    "servers": 1,
-    "device": "cpu",
-    "slow_worker": [],
-    "kill_worker": [],
-    "tensorboard": False,
-    "cluster": "local",
-    "kill_server": [],
-    "restart_workers": False,
-    "checkpoint_every": None,
+# Staged faults in the command line's own notation: flag -> (metavar, help, the Faults fields it
+# sets). The config file takes them by the same names, as lists (kill_worker = ["1@step=200"]).
+FAULT_FLAGS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "slow_worker": ("RANK:FACTOR", "make worker RANK's steps FACTOR times slower (repeatable)",
+                    ("slow",)),
+    "kill_worker": ("RANK@SECONDS|RANK@step=N",
+                    "SIGKILL worker RANK SECONDS into training (1@3.5 or 1@3s), or as it reaches "
+                    "step N (1@step=200); repeatable", ("kill", "kill_at_step")),
+    "kill_server": ("SHARD@SECONDS", "SIGKILL server shard SHARD SECONDS into training (1@5 or "
+                    "1@5s); it restarts from its checkpoint (repeatable)", ("kill_server",)),
 }
 
 # The usage line of a command with strategy flags: listing them all would fill the screen.
@@ -89,35 +77,6 @@ def _options_of(cls: type) -> dict[str, tuple[dict[str, Any], Any]]:
     hints = typing.get_type_hints(cls)
     return {f.name: (kind, f.default) for f in dataclasses.fields(cls)
             if (kind := _arg_type(hints[f.name])) is not None}
-
-
-def _plain(text: str) -> str:
-    """Docstring text for the terminal: no reST roles or literals."""
-    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Each field's description from a config's Google-style ``Args:`` section."""
-    docs: dict[str, str] = {}
-    names: list[str] = []
-    inside = False
-    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
-        if line.strip() in ("Args:", "Attributes:"):
-            names, inside = [], True
-            continue
-        if line and not line[0].isspace():
-            inside = False  # the next section
-        if not inside:
-            continue
-        # "    name: text", "    name (type): text" or "    a, b, c: text shared by all three"
-        match = re.match(r" {4}(\w+(?:, \w+)*)(?: \([^)]*\))?: (.*)", line)
-        if match:
-            names = match[1].split(", ")
-            docs.update(dict.fromkeys(names, match[2]))
-        elif line.strip():
-            for name in names:
-                docs[name] += " " + line.strip()
-    return {name: _plain(text) for name, text in docs.items()}
 
 
 def _shown(value: Any) -> str:
@@ -174,13 +133,14 @@ def add_strategy_flags(parser: argparse.ArgumentParser,
         >>> strategy_options(vars(parser.parse_args(["--downpour.push-every", "4"])))
         {'downpour': {'push_every': 4}}
     """
+    from downpour.run.config import field_docs, plain
     from downpour.strategies import STRATEGIES
 
     for name, cls in STRATEGIES.items():
         if only is not None and name not in only:
             continue
-        docs = _field_docs(cls)
-        summary = _plain(inspect.cleandoc(cls.__doc__ or "").partition("\n")[0]) or None
+        docs = field_docs(cls)
+        summary = plain(inspect.cleandoc(cls.__doc__ or "").partition("\n")[0]) or None
         group = parser.add_argument_group(f"{name} options", summary)
         for field, (kind, default) in _options_of(cls).items():
             if only is not None and field not in only[name]:
@@ -227,8 +187,89 @@ def refuse_other_strategies(options: Mapping[str, Any], args: argparse.Namespace
                          f"{strategy!r}, {chosen_by}; drop {'it' if len(where) == 1 else 'them'}")
 
 
+def general_options() -> dict[str, Option]:
+    """The run's options that a flag and a config-file key set, by name (``batch_size``)."""
+    from downpour.run.config import options
+
+    return {name: option for name, option in options().items() if option.flag}
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every general option of the command line and the config file, with its default.
+
+    All of them come from :class:`downpour.run.RunConfig`: the strategy's name,
+    its options (``lr``: 0.05), and the staged faults (none).
+    """
+    from downpour.run import RunConfig
+
+    return {"strategy": RunConfig().strategy.name,
+            **{name: option.default for name, option in general_options().items()},
+            **{name: [] for name in FAULT_FLAGS}}
+
+
+def _option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _option_kind(option: Option) -> dict[str, Any]:
+    """argparse keywords for a general option: its field's type, a bool a switch."""
+    kind = {"type": option.meta["type"]} if "type" in option.meta else _arg_type(option.annotation)
+    assert kind is not None, f"option {option.name!r} has no command-line type"
+    if kind["type"] is bool:
+        return {"action": "store_true"}
+    return {**kind, **({"metavar": option.meta["metavar"]} if "metavar" in option.meta else {})}
+
+
+def _option_help(text: str, default: Any, choices: Iterable[str] | None) -> str:
+    parts = [text.rstrip(".")]
+    if choices is not None:
+        parts.append(f"one of: {', '.join(sorted(choices))}")
+    shown = "" if default is None or isinstance(default, bool) else f" (default: {_shown(default)})"
+    return ("; ".join(filter(None, parts)) + shown).replace("%", "%%")
+
+
+def add_option_flags(parser: argparse.ArgumentParser, only: Collection[str] | None = None, *,
+                     exclude: Collection[str] = (), defaults: bool = False,
+                     aliases: Mapping[str, Collection[str]] | None = None) -> None:
+    """Add a flag for each general option of the run (``--batch-size``), in RunConfig's order.
+
+    A flag takes its field's type (a bool is a switch), and its help is the
+    field's description with the choices of its registry and its default. A
+    flag not given stays None, so that a config file's value survives, unless
+    ``defaults`` (a command without a config file: the hand-started roles).
+
+    Args:
+        parser: the command's parser.
+        only: just these options (by name, ``"batch_size"``).
+        exclude: not these.
+        defaults: flags default to their option's default instead of None.
+        aliases: more flags for an option (``{"max_seconds": ["--budget-seconds"]}``).
+    """
+    for name, option in general_options().items():
+        if (only is not None and name not in only) or name in exclude:
+            continue
+        flags = [_option_flag(name), *(aliases or {}).get(name, ())]
+        parser.add_argument(*flags, dest=name, default=option.default if defaults else None,
+                            help=_option_help(option.help, option.default,
+                                              option.meta.get("choices")),
+                            **_option_kind(option))
+
+
+def _add_strategy_flag(p: argparse.ArgumentParser) -> None:
+    from downpour.strategies import STRATEGIES
+
+    text = "the strategy (its own options are --STRATEGY.OPTION)"
+    p.add_argument("--strategy", help=_option_help(text, option_defaults()["strategy"], STRATEGIES))
+
+
+def _add_fault_flags(p: argparse.ArgumentParser, names: Iterable[str] = tuple(FAULT_FLAGS)) -> None:
+    for name in names:
+        metavar, text, _ = FAULT_FLAGS[name]
+        p.add_argument(_option_flag(name), action="append", metavar=metavar, help=text)
+
+
 def _checked_value(where: str, kind: dict[str, Any], value: Any) -> Any:
-    """A config file's value for a strategy option, checked against the option's type."""
+    """A config file's value for an option, checked against the option's type."""
     if "choices" in kind:
         if value not in kind["choices"]:
             raise ValueError(f"{where} must be one of {', '.join(map(repr, kind['choices']))}, "
@@ -241,6 +282,22 @@ def _checked_value(where: str, kind: dict[str, Any], value: Any) -> Any:
     return float(value) if expected is float else value
 
 
+def _checked_general(where: str, name: str, value: Any) -> Any:
+    """A config file's (or config.json's) value for a general option, checked against its type."""
+    if name == "strategy":
+        return _checked_value(where, {"type": str}, value)
+    if name in FAULT_FLAGS:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise TypeError(f"{where} must be a list of strings such as "
+                            f"[\"{FAULT_FLAGS[name][0]}\"], got {value!r}")
+        return value
+    option = general_options()[name]
+    kind = _arg_type(option.annotation)
+    if value is None and option.default is None:  # config.json keeps an unset option as null
+        return value
+    return value if kind is None else _checked_value(where, kind, value)
+
+
 def _checked_options(table: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Options in the config file's shape, keys normalized and checked against the registry.
 
@@ -250,6 +307,7 @@ def _checked_options(table: Mapping[str, Any], source: str) -> dict[str, Any]:
     """
     from downpour.strategies import STRATEGIES
 
+    general_names = option_defaults()
     options: dict[str, Any] = {}
     for key, value in table.items():
         strategy = key.replace("_", "-")
@@ -265,8 +323,8 @@ def _checked_options(table: Mapping[str, Any], source: str) -> dict[str, Any]:
                 options[strategy][field] = _checked_value(where, fields[field][0], setting)
             continue
         general = key.replace("-", "_")
-        if general in TRAIN_DEFAULTS and not isinstance(value, dict):
-            options[general] = value
+        if general in general_names and not isinstance(value, dict):
+            options[general] = _checked_general(f"{source}: {key}", general, value)
             continue
         users = [s for s, cls in STRATEGIES.items() if general in _options_of(cls)]
         if isinstance(value, dict):
@@ -276,7 +334,7 @@ def _checked_options(table: Mapping[str, Any], source: str) -> dict[str, Any]:
             problem = (f"{key!r} is a strategy option; put it in its strategy's table: "
                        f"{' or '.join(f'[{s}]' for s in users)}")
         else:
-            problem = (f"unknown key {key!r}; allowed: {', '.join(sorted(TRAIN_DEFAULTS))}, "
+            problem = (f"unknown key {key!r}; allowed: {', '.join(sorted(general_names))}, "
                        "and a table per strategy ([downpour], [sync], ...)")
         raise ValueError(f"{source}: {problem}")
     return options
@@ -294,119 +352,101 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _add_train_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
-    from downpour.data import DATASETS
-    from downpour.models import MODELS
-    from downpour.optim import OPTIMIZERS, SCHEDULES
-    from downpour.strategies import STRATEGIES
+    from downpour.compare import PER_RUN
 
-    d = TRAIN_DEFAULTS
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="TOML file of options: general ones at the top, a [STRATEGY] table for "
                         "each strategy's (flags given here win)")
     if not compare:
-        p.add_argument("--strategy",
-                       help=f"one of: {', '.join(sorted(STRATEGIES))} (default {d['strategy']})")
-    p.add_argument("--dataset",
-                   help=f"one of: {', '.join(sorted(DATASETS))} (default {d['dataset']})")
-    p.add_argument("--data-dir",
-                   help="dataset folder (default: $DOWNPOUR_DATA, then the user cache)")
-    p.add_argument("--model", help=f"one of: {', '.join(sorted(MODELS))} (default {d['model']})")
-    p.add_argument("--optimizer",
-                   help=f"one of: {', '.join(sorted(OPTIMIZERS))} (default {d['optimizer']})")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {d['lr']})")
-    p.add_argument("--schedule",
-                   help=f"learning-rate schedule, one of: {', '.join(sorted(SCHEDULES))}")
-    p.add_argument("--warmup-steps", type=int,
-                   help="linear learning-rate warm-up steps (default 0)")
-    p.add_argument("--batch-size", type=int,
-                   help=f"mini-batch size per worker (default {d['batch_size']})")
-    p.add_argument("--epochs", type=float,
-                   help=f"passes over the training data (default {d['epochs']:g})")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps per worker")
-    p.add_argument("--target-accuracy", type=float,
-                   help="stop once test accuracy reaches this (0..1)")
-    p.add_argument("--eval-every", type=int,
-                   help="steps between evaluations (default: ten per run)")
-    p.add_argument("--seed", type=int, help=f"random seed (default {d['seed']})")
+        _add_strategy_flag(p)
+    add_option_flags(p, exclude=PER_RUN if compare else (),
+                     aliases={"max_seconds": ["--budget-seconds"]} if compare else None)
+    _add_fault_flags(p, ["slow_worker", "kill_worker"] if compare else FAULT_FLAGS)
     if not compare:
-        p.add_argument("--run-dir", help="run directory (default runs/<id>)")
-        p.add_argument("--workers", type=int, help=f"worker count (default {d['workers']})")
-    p.add_argument("--servers", type=int, help=f"parameter-server shards (default {d['servers']})")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--slow-worker", action="append", metavar="RANK:FACTOR",
-                   help="make a worker's steps FACTOR times slower (repeatable)")
-    p.add_argument("--kill-worker", action="append", metavar="RANK@SECONDS",
-                   help="SIGKILL a worker SECONDS into training (repeatable)")
-    if not compare:
-        p.add_argument("--kill-server", action="append", metavar="SHARD@SECONDS",
-                       help="SIGKILL a server shard SECONDS into training; it restarts from its "
-                            "checkpoint (repeatable)")
-        p.add_argument("--restart-workers", action="store_true", default=None,
-                       help="restart a worker that dies; it rejoins where it left off (allreduce "
-                            "and local-sgd re-form their group with it)")
-        p.add_argument("--checkpoint-every", metavar="N|Ss",
-                       help="shards checkpoint every N versions or S seconds (e.g. 200, 30s) into "
-                            "<run>/checkpoints")
         p.add_argument("--resume", metavar="RUN_DIR",
                        help="continue the stopped run in RUN_DIR from its checkpoints (its own "
                             "options are reused)")
-    p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also write metrics as TensorBoard event files in <run>/tensorboard")
-    p.add_argument("--cluster", metavar="local|ray|ray:ADDRESS",
-                   help="where roles run: processes on this machine (default), a local Ray, or a "
-                        "Ray cluster")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_strategy_flags(p)
 
 
-def _parse_faults(slow: list[str], kill: list[str], kill_server: list[str] = ()):
+def _at(item: str, flag: str, what: str, *, steps: bool) -> tuple[int, float | int, bool]:
+    """``1@3.5``, ``1@3s`` (seconds) or, if ``steps``, ``1@step=200``: (rank, when, at a step)."""
+    match = re.fullmatch(r"\s*(\d+)\s*@\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*s?|step\s*=\s*(\d+))\s*",
+                         item)
+    if match is None or (match[3] is not None and not steps):
+        forms = f"{what}@SECONDS (1@3.5 or 1@3s)"
+        forms += " or RANK@step=N (1@step=200)" if steps else " (a shard is killed by time)"
+        raise ValueError(f"{flag} expects {forms}, got {item!r}")
+    if match[3] is not None:
+        return int(match[1]), int(match[3]), True
+    return int(match[1]), float(match[2]), False
+
+
+def _parse_faults(slow: Iterable[str], kill: Iterable[str],
+                  kill_server: Iterable[str] = ()) -> Faults:
+    """The staged faults from their flags: ``1:5``, ``1@3.5``/``1@3s``/``1@step=200``, ``0@5``.
+
+    Example:
+        >>> _parse_faults([], ["1@step=200", "2@3s"]).kill_at_step
+        {1: 200}
+    """
     from downpour.strategies import Faults
 
-    def pairs(items: list[str], sep: str, flag: str) -> dict[int, float]:
-        out = {}
-        for item in items:
-            rank, _, value = item.partition(sep)
-            try:
-                out[int(rank)] = float(value)
-            except ValueError:
-                raise ValueError(f"{flag} expects RANK{sep}NUMBER (e.g. 1{sep}5), "
-                                 f"got {item!r}") from None
-        return out
+    slowed: dict[int, float] = {}
+    for item in slow:
+        rank, _, value = item.partition(":")
+        try:
+            slowed[int(rank)] = float(value)
+        except ValueError:
+            raise ValueError(f"--slow-worker expects RANK:NUMBER (e.g. 1:5), "
+                             f"got {item!r}") from None
+    killed: dict[int, float] = {}
+    at_step: dict[int, int] = {}
+    for item in kill:
+        rank, when, is_step = _at(item, "--kill-worker", "RANK", steps=True)
+        if is_step:
+            at_step[rank] = int(when)
+        else:
+            killed[rank] = float(when)
+    servers = {shard: float(when) for shard, when, _ in
+               (_at(item, "--kill-server", "SHARD", steps=False) for item in kill_server)}
+    return Faults(slow=slowed, kill=killed, kill_at_step=at_step, kill_server=servers)
 
-    return Faults(slow=pairs(slow, ":", "--slow-worker"), kill=pairs(kill, "@", "--kill-worker"),
-                  kill_server=pairs(list(kill_server), "@", "--kill-server"))
 
-
-def _merged_options(args: argparse.Namespace) -> dict[str, Any]:
+def _merged_options(args: argparse.Namespace) -> tuple[dict[str, Any], set[str]]:
     """Defaults, then the config file, then flags given on the command line.
 
-    The result has the config file's shape, general options at the top and a
-    strategy's under its name (``{"strategy": "downpour", ..., "downpour":
-    {"push_every": 4}}``), and is kept so in the run's ``config.json``.
+    The options have the config file's shape, general options at the top and
+    a strategy's under its name (``{"strategy": "downpour", ..., "downpour":
+    {"push_every": 4}}``), and are kept so in the run's ``config.json``. With
+    them, the names of the general options the user gave (by flag or in the file).
     """
     from downpour.strategies import STRATEGIES
 
-    assert not STRATEGIES.keys() & TRAIN_DEFAULTS.keys(), "a strategy named like an option"
+    defaults = option_defaults()
+    assert not STRATEGIES.keys() & defaults.keys(), "a strategy named like an option"
     given = {key: value for key, value in vars(args).items() if value is not None}
     layers = [_read_config(args.config)] if args.config is not None else []
-    layers += [{k: v for k, v in given.items() if k in TRAIN_DEFAULTS}, strategy_options(given)]
-    options = dict(TRAIN_DEFAULTS)
+    layers += [{k: v for k, v in given.items() if k in defaults}, strategy_options(given)]
+    options = dict(defaults)
     for layer in layers:
         for key, value in layer.items():
             options[key] = {**options.get(key, {}), **value} if key in STRATEGIES else value
-    return options
+    return options, {key for layer in layers[:-1] for key in layer if key in defaults}
 
 
 def _given_flags(args: argparse.Namespace) -> list[str]:
     """The option flags given on the command line (general and strategy ones, and --config)."""
     flags = []
+    defaults = option_defaults()
     for key, value in sorted(vars(args).items()):
         if value is None:
             continue
         if "." in key:
             flags.append(_flag(*key.split(".", 1)))
-        elif key in TRAIN_DEFAULTS or key == "config":
-            flags.append("--" + key.replace("_", "-"))
+        elif key in defaults or key == "config":
+            flags.append(_option_flag(key))
     return flags
 
 
@@ -427,11 +467,43 @@ def _resumed_options(args: argparse.Namespace) -> dict[str, Any]:
     legacy = stored.pop("strategy_options", None)  # a run started before options were namespaced
     if legacy:
         stored.setdefault(stored["strategy"], legacy)
-    options = {**TRAIN_DEFAULTS, **_checked_options(stored, f"--resume {run_dir}: config.json")}
+    options = {**option_defaults(), **_checked_options(stored, f"--resume {run_dir}: config.json")}
     # A staged kill belongs to the first attempt; the resumed run checkpoints as the first did.
     return {**options, "run_dir": str(run_dir), "kill_worker": [], "kill_server": [],
             "checkpoint_every": options.get("checkpoint_every") or 100,
             "data_dir": args.data_dir or options.get("data_dir")}
+
+
+def refuse_unread_flags(strategies: list[Strategy], given: Collection[str]) -> None:
+    """A general option given that none of ``strategies`` reads is an error naming its flag.
+
+    ``given`` holds option names as the command line has them (``"lr"``,
+    ``"kill_worker"``); the message spells each as its flag and the strategy's
+    own options as theirs (``--sandblaster.max-iterations``).
+    """
+    from downpour.run.config import refuse_unread
+
+    faults = {f"faults.{field}": flag for flag, (_, _, fields) in FAULT_FLAGS.items()
+              for field in fields}
+    names = [field for name in given if name != "strategy"
+             for field in ([f"faults.{f}" for f in FAULT_FLAGS[name][2]]
+                           if name in FAULT_FLAGS else [name])]
+    refuse_unread(strategies, names, spell=lambda name: _option_flag(faults.get(name, name)),
+                  spell_field=lambda strategy, field: _flag(strategy.name, field))
+
+
+def run_config(options: Mapping[str, Any], strategy: Strategy, **values: Any) -> RunConfig:
+    """The RunConfig of merged command-line ``options`` (in the config file's shape).
+
+    ``values`` set more (``resume=True``, or ``faults`` already parsed).
+    """
+    from downpour.run import RunConfig
+
+    if "faults" not in values:
+        values["faults"] = _parse_faults(options["slow_worker"], options["kill_worker"],
+                                         options["kill_server"])
+    general = {name: options[name] for name in general_options() if name in options}
+    return RunConfig.of(strategy=strategy, **general, **values)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -439,23 +511,15 @@ def _train(args: argparse.Namespace) -> int:
     from downpour.errors import choose
     from downpour.strategies import STRATEGIES
 
-    o = _resumed_options(args) if args.resume else _merged_options(args)
+    # A resumed run's options were checked when it started; they are all "given" there.
+    o, given = (_resumed_options(args), set()) if args.resume else _merged_options(args)
     choose("strategy", o["strategy"], STRATEGIES)
     refuse_other_strategies(o, args, [o["strategy"]], f"but --strategy is {o['strategy']!r}")
     strategy = dp.strategies.get(o["strategy"], **o.get(o["strategy"], {}))
-    data = dp.data.load(o["dataset"], data_dir=o["data_dir"])
-    optimizer = dp.optim(o["optimizer"], lr=o["lr"], schedule=o["schedule"],
-                         warmup_steps=o["warmup_steps"])
-    result = dp.train(
-        model=o["model"], data=data, strategy=strategy, optimizer=optimizer,
-        workers=o["workers"], servers=o["servers"], epochs=o["epochs"], batch_size=o["batch_size"],
-        max_steps=o["max_steps"], target_accuracy=o["target_accuracy"], eval_every=o["eval_every"],
-        seed=o["seed"], device=o["device"],
-        faults=_parse_faults(o["slow_worker"], o["kill_worker"], o["kill_server"]),
-        run_dir=o["run_dir"], progress=not args.quiet, tensorboard=o["tensorboard"],
-        cluster=o["cluster"], checkpoint_every=o["checkpoint_every"],
-        restart_workers=o["restart_workers"], resume=bool(args.resume), options=o,
-    )
+    faults = _parse_faults(o["slow_worker"], o["kill_worker"], o["kill_server"])  # their notation
+    refuse_unread_flags([strategy], given)
+    config = run_config(o, strategy, faults=faults, resume=bool(args.resume))
+    result = dp.train(config=config, progress=not args.quiet, options=o)
     print_summary(result.summary)
     print(f"run directory: {result.run_dir}")
     return 0

@@ -21,12 +21,18 @@ def _workers(text: str) -> list[int]:
 
 def _compare(args: argparse.Namespace) -> int:
     import downpour as dp
-    from downpour.cli import _merged_options, _parse_faults, refuse_other_strategies
-    from downpour.compare import compare, show
+    from downpour.cli import (
+        _merged_options,
+        _parse_faults,
+        general_options,
+        refuse_other_strategies,
+        refuse_unread_flags,
+    )
+    from downpour.compare import PER_RUN, compare, show
     from downpour.errors import choose
     from downpour.strategies import STRATEGIES
 
-    o = _merged_options(args)
+    o, given = _merged_options(args)
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
     if not names:
         raise ValueError("--strategies needs at least one strategy, e.g. sync,downpour")
@@ -34,17 +40,21 @@ def _compare(args: argparse.Namespace) -> int:
         choose("strategy", name, STRATEGIES)
     refuse_other_strategies(o, args, names, f"which --strategies {','.join(names)} does not name")
     strategies = [dp.strategies.get(name, **o.get(name, {})) for name in names]
-    optimizer = dp.optim(o["optimizer"], lr=o["lr"], schedule=o["schedule"],
-                         warmup_steps=o["warmup_steps"])
+    # Only a config file can hold these here: compare has no flag for them.
+    for name in sorted(given & {*PER_RUN, "kill_server"}):
+        instead = {"strategy": "--strategies", "workers": "--workers", "run_dir": "--out-dir"}.get(
+            name, "downpour train")
+        raise ValueError(f"config file {args.config}: compare does not take {name!r}; "
+                         f"use {instead}")
+    faults = _parse_faults(o["slow_worker"], o["kill_worker"])  # their notation, checked first
+    refuse_unread_flags(strategies, given)
+    options = {name: o[name] for name in general_options() if name not in PER_RUN}
     comparison = compare(
-        strategies=strategies, model=o["model"],
-        data=dp.data.load(o["dataset"], data_dir=o["data_dir"]), workers=_workers(args.workers),
-        servers=o["servers"], optimizer=optimizer, epochs=o["epochs"], batch_size=o["batch_size"],
-        max_steps=o["max_steps"], target_accuracy=o["target_accuracy"],
-        budget_seconds=args.budget_seconds, eval_every=o["eval_every"], seed=o["seed"],
-        faults=_parse_faults(o["slow_worker"], o["kill_worker"]), out_dir=args.out_dir,
-        tensorboard=o["tensorboard"], progress=not args.quiet, cluster=o["cluster"],
+        strategies=strategies, workers=_workers(args.worker_counts), faults=faults,
+        out_dir=args.out_dir,
+        progress=not args.quiet,
         command=shlex.join(["downpour", *sys.argv[1:]]) if sys.argv[1:] else "downpour compare",
+        **options,
     )
     show(comparison)
     print(f"comparison directory: {comparison.path}")
@@ -80,9 +90,8 @@ def add_compare_command(sub) -> None:
                     "--sync.backup 1.")
     p.add_argument("--strategies", required=True, metavar="NAME,...",
                    help="strategies to compare, e.g. sync,downpour,allreduce")
-    p.add_argument("--workers", default="4", metavar="N[,N...]",
+    p.add_argument("--workers", dest="worker_counts", default="4", metavar="N[,N...]",
                    help="worker count, or several to sweep (adds speedup over single) (default 4)")
-    p.add_argument("--budget-seconds", type=float, help="stop each run after this many seconds")
     p.add_argument("--out-dir", help="comparison directory (default runs/<id>-compare)")
     _add_train_flags(p, compare=True)
     p.set_defaults(func=_compare)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from downpour.cli import (
-    TRAIN_DEFAULTS,
+    add_option_flags,
     add_strategy_flags,
     refuse_other_strategies,
     strategy_options,
@@ -149,35 +149,29 @@ def _wait_for_servers(addresses: list[str], ranges: list[ShardRange], token: str
             raise TransportError(f"{error}; {hint}") from None
 
 
-def _workload(args: argparse.Namespace):
+# The run options every hand-started role takes, from RunConfig with their defaults there, so that
+# a run started by hand trains as one `downpour train` starts; a worker also takes its length.
+ROLE_OPTIONS = ("dataset", "data_dir", "model", "seed", "optimizer", "lr")
+WORKER_LENGTH = ("batch_size", "epochs")
+
+
+def _workload(args: argparse.Namespace, strategy: Any, **counts: int):
     """The job every role of a hand-started run rebuilds identically from the same flags."""
     from downpour import data as data_lib
     from downpour import models
-    from downpour.optim import optim
-    from downpour.strategies import Job
+    from downpour.run import RunConfig
 
-    data = data_lib.load(args.dataset, data_dir=args.data_dir)
-    factory = partial(models.build, args.model, data.input_shape, data.num_classes)
-    return Job(model=factory, loss=models.default_loss(args.model), data=data,
-               optimizer=optim(args.optimizer, lr=args.lr), workers=getattr(args, "of", 1),
-               batch_size=getattr(args, "batch_size", TRAIN_DEFAULTS["batch_size"]),
-               epochs=getattr(args, "epochs", TRAIN_DEFAULTS["epochs"]), seed=args.seed)
+    given = {name: getattr(args, name) for name in (*ROLE_OPTIONS, *WORKER_LENGTH)
+             if hasattr(args, name)}
+    config = RunConfig.of(strategy=strategy, **counts, **given)
+    data = data_lib.load(config.data.dataset, data_dir=config.data.data_dir)
+    name = config.model.name
+    factory = partial(models.build, name, data.input_shape, data.num_classes)
+    return config.job(model=factory, loss=models.default_loss(name), data=data)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    # The defaults of `downpour train`, so that a run started by hand trains as one started by it.
-    d = TRAIN_DEFAULTS
-    p.add_argument("--dataset", default=d["dataset"],
-                   help=f"dataset every role uses (default {d['dataset']})")
-    p.add_argument("--data-dir", help="dataset folder")
-    p.add_argument("--model", default=d["model"],
-                   help=f"model every role builds (default {d['model']})")
-    p.add_argument("--seed", type=int, default=d["seed"],
-                   help=f"seed of the initial parameters (default {d['seed']})")
-    p.add_argument("--optimizer", default=d["optimizer"],
-                   help=f"server optimizer (default {d['optimizer']})")
-    p.add_argument("--lr", type=float, default=d["lr"],
-                   help=f"server learning rate (default {d['lr']})")
+    add_option_flags(p, ROLE_OPTIONS, defaults=True)
     p.add_argument("--token", help=f"the run's token (or --token-file, or ${TOKEN_ENV})")
     p.add_argument("--token-file", help="file holding the run's token")
     p.add_argument("--events", help="append this role's events to this JSON-lines file")
@@ -199,7 +193,10 @@ def _server(args: argparse.Namespace) -> int:
     host, port = _address(args.bind)
     security = _server_security(args)
     _refuse_plaintext_beyond_loopback(args, host, security)
-    job = _workload(args)
+    from downpour import strategies
+
+    job = _workload(args, strategies.get("sync" if args.policy == "sync" else "downpour"),
+                    servers=args.of)
     flat = FlatParams(job.build_model())
     if not 0 <= args.shard < args.of:
         raise ValueError(f"--shard must be in [0, {args.of - 1}] for --of {args.of}, got {args.shard}")
@@ -244,7 +241,7 @@ def _worker(args: argparse.Namespace) -> int:
     refuse_other_strategies(given, args, [args.strategy], f"but --strategy is {args.strategy!r}")
     # The strategy's config checks the options: a bad compress spec fails before anything connects.
     config = strategies.get(args.strategy, **given.get(args.strategy, {}))
-    job = _workload(args)
+    job = _workload(args, config, workers=args.of)
     model = job.build_model()
     flat = FlatParams(model)
     ranges = shard_ranges(flat.numel, len(addresses))
@@ -318,10 +315,7 @@ def add_role_commands(sub) -> None:
     worker.add_argument("--of", type=int, required=True, help="number of workers W")
     worker.add_argument("--strategy", choices=tuple(WORKER_OPTIONS), default="downpour",
                         help="downpour (servers with --policy async) or sync (default downpour)")
-    worker.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"],
-                        help=f"mini-batch size (default {TRAIN_DEFAULTS['batch_size']})")
-    worker.add_argument("--epochs", type=float, default=TRAIN_DEFAULTS["epochs"],
-                        help=f"passes over the data (default {TRAIN_DEFAULTS['epochs']:g})")
+    add_option_flags(worker, WORKER_LENGTH, defaults=True)
     worker.add_argument("--timeout", type=float, default=60.0, help="seconds any server may take to answer")
     worker.add_argument("--evaluate", action="store_true", help="print test accuracy of the served model at the end")
     worker.add_argument("--shutdown-servers", action="store_true", help="stop the servers at the end")

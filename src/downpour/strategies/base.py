@@ -132,6 +132,10 @@ class Strategy(Protocol):
         takes_workers: the run has workers (``workers`` counts them).
         buffers: what the strategy does with a model's buffers (BatchNorm
             statistics): a line for the docs and ``--help``.
+        ignores: the run options (:mod:`downpour.run.config`) it does not read, each
+            with what to use instead; a key may be a whole section (``"optimizer"``) and
+            a hint may name the strategy's own options in braces (``"use {rounds}"``).
+            Setting one is an error (``servers`` and ``workers`` follow from above).
     """
 
     name: ClassVar[str]
@@ -140,6 +144,7 @@ class Strategy(Protocol):
     restartable: ClassVar[bool] = False
     takes_workers: ClassVar[bool] = True
     buffers: ClassVar[str] = ""
+    ignores: ClassVar[dict[str, str]] = {}
 
     def plan(self, job: Job) -> Any: ...
 

@@ -569,6 +569,9 @@ class Boost(Strategy):
 
     name: ClassVar[str] = "boost"
     buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
+    ignores: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("epochs", "max_steps"), "use {num_rounds} and {steps_per_round}"),
+        "eval_every": "the vote is evaluated once per round"}
     eps: float = 0.01
     sample_size: int | None = None
     num_rounds: int | None = None

@@ -326,6 +326,10 @@ class Dane(Strategy):
 
     name: ClassVar[str] = "dane"
     buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
+    ignores: ClassVar[dict[str, str]] = {
+        "optimizer": "DANE brings its own local solver: use {local}, {local_steps} and {local_lr}",
+        "epochs": "DANE runs rounds over every worker's whole shard: use {rounds}",
+        "batch_size": "a round uses the whole shard (local SGD: batches of {local_batch_size})"}
     rounds: int = 10
     local: Literal["sgd", "lbfgs"] = "lbfgs"
     local_steps: int = 50

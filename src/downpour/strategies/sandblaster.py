@@ -207,6 +207,13 @@ class Sandblaster(Strategy):
     name: ClassVar[str] = "sandblaster"
     uses_servers: ClassVar[bool] = True
     buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
+    ignores: ClassVar[dict[str, str]] = {
+        "optimizer": "its optimizer is the batch method: use {method}",
+        "epochs": "a batch method counts iterations, not epochs: use {max_iterations}",
+        "max_steps": "a batch method counts iterations, not steps: use {max_iterations}",
+        "max_seconds": "it stops by iterations and tolerances: {max_iterations}, {gtol}, {ftol}",
+        "batch_size": "a gradient is a pass over the whole training set; {portions} splits it up",
+        "eval_every": "it evaluates once, at the end; the objective is logged every iteration"}
     method: Literal["lbfgs", "agd", "cg"] = "lbfgs"
     beta: Literal["fr", "hs"] = "fr"
     memory: int = 10

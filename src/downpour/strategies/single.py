@@ -26,6 +26,9 @@ class Single(Strategy):
     name: ClassVar[str] = "single"
     takes_workers: ClassVar[bool] = False
     buffers: ClassVar[str] = "the model's own"
+    ignores: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("faults.slow", "faults.kill", "faults.kill_at_step"),
+        "it trains in this process: there is no worker to slow down or kill")
     log_every: int = 10
 
     def __post_init__(self) -> None:

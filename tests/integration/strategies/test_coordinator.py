@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import downpour as dp
+from downpour.strategies import STRATEGIES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -22,7 +23,7 @@ def own_accuracy(model, data) -> float:
 def test_a_run_that_reaches_its_target_returns_the_model_that_reached_it(strategy, digits):
     # Evaluations every 5 steps; the workers go on a little after the target is reached, and
     # what they do then must not be what is returned or reported.
-    result = dp.train(model="logistic", data=digits, strategy=strategy, workers=2, epochs=20,
+    result = dp.train(model="logistic", data=digits, strategy=strategy, workers=workers(strategy), epochs=20,
                       optimizer=dp.optim("sgd", lr=0.5), target_accuracy=0.9, eval_every=5, save=False)
     summary = result.summary
     assert summary["time_to_target"] is not None, summary
@@ -33,7 +34,7 @@ def test_a_run_that_reaches_its_target_returns_the_model_that_reached_it(strateg
 @pytest.mark.parametrize("strategy", ["single", "downpour"])
 def test_a_diverged_run_says_so(strategy, digits, caplog):
     with caplog.at_level(logging.WARNING, logger="downpour.run"):
-        result = dp.train(model="mlp", data=digits, strategy=strategy, workers=2, epochs=3,
+        result = dp.train(model="mlp", data=digits, strategy=strategy, workers=workers(strategy), epochs=3,
                           optimizer=dp.optim("sgd", lr=80.0), save=False)
     assert result.summary["diverged"] is True
     assert any(e.get("event") == "diverged" for e in result.history)
@@ -71,3 +72,7 @@ def test_a_batch_method_says_whether_it_converged_and_why_it_stopped(digits, cap
                                                                            l2=1e-2), workers=2, save=False)
     assert done.summary["converged"] is True, done.summary["stop_reason"]
     assert "gtol" in done.summary["stop_reason"] or "ftol" in done.summary["stop_reason"]
+
+
+def workers(strategy: str) -> int:
+    return 2 if STRATEGIES[strategy].takes_workers else 1

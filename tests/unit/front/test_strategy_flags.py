@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 import downpour as dp
-from downpour.cli import TRAIN_DEFAULTS, build_parser, main
+from downpour.cli import build_parser, main, option_defaults
+from downpour.run import RunConfig
 
 
 @pytest.fixture
@@ -20,7 +21,6 @@ def trained(monkeypatch):
         return SimpleNamespace(summary={}, run_dir="runs/fake")
 
     monkeypatch.setattr(dp, "train", fake_train)
-    monkeypatch.setattr(dp.data, "load", lambda name, data_dir=None: name)
     return calls
 
 
@@ -51,14 +51,15 @@ def test_namespaced_flags_configure_the_chosen_strategy(trained):
                  "--downpour.ema-decay", "0.99", "--downpour.evaluate-average",
                  "--downpour.no-sparse-push", "--downpour.staleness", "scale-lr", "--quiet"]) == 0
     [call] = trained
-    assert call["strategy"] == dp.Downpour(push_every=4, ema_decay=0.99, evaluate_average=True,
-                                           sparse_push=False, staleness="scale-lr")
+    assert call["config"].strategy == dp.Downpour(push_every=4, ema_decay=0.99,
+                                                  evaluate_average=True, sparse_push=False,
+                                                  staleness="scale-lr")
 
 
 def test_a_dashed_strategy_name_takes_its_flags(trained):
     assert main(["train", "--strategy", "local-sgd", "--local-sgd.average-every", "2",
                  "--local-sgd.partition", "dirichlet", "--quiet"]) == 0
-    assert trained[0]["strategy"] == dp.LocalSGD(average_every=2, partition="dirichlet")
+    assert trained[0]["config"].strategy == dp.LocalSGD(average_every=2, partition="dirichlet")
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -119,8 +120,8 @@ def test_config_file_tables_and_flags_win(tmp_path, trained):
     assert main(["train", "--config", str(config), "--downpour.push-every", "8", "--lr", "0.02",
                  "--quiet"]) == 0
     [call] = trained
-    assert call["strategy"] == dp.Downpour(push_every=8, fetch_every=2, ema_decay=0.9)
-    assert call["optimizer"].lr == 0.02
+    assert call["config"].strategy == dp.Downpour(push_every=8, fetch_every=2, ema_decay=0.9)
+    assert call["config"].optimizer.lr == 0.02
     assert call["options"]["downpour"] == {"push_every": 8, "fetch_every": 2, "ema_decay": 0.9}
 
 
@@ -155,20 +156,21 @@ def test_resume_rebuilds_the_strategy_from_config_json(tmp_path, trained):
     # As downpour.train keeps them: JSON, through a file.
     (run_dir / "config.json").write_text(json.dumps({"options": first["options"]}))
     assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
-    resumed = trained.pop()
-    assert resumed["strategy"] == first["strategy"] == dp.Sync(backup=1, late="fold")
-    assert resumed["workers"] == 3 and resumed["resume"]
+    resumed = trained.pop()["config"]
+    assert resumed.strategy == first["config"].strategy == dp.Sync(backup=1, late="fold")
+    assert resumed.cluster.workers == 3 and resumed.checkpoint.resume
+    assert resumed.output.run_dir == str(run_dir)
 
 
 def test_resume_reads_a_run_from_before_options_were_namespaced(tmp_path, trained):
-    options = {**TRAIN_DEFAULTS, "strategy": "downpour", "strategy_options": {"push_every": 3}}
+    options = {**option_defaults(), "strategy": "downpour", "strategy_options": {"push_every": 3}}
     (tmp_path / "config.json").write_text(json.dumps({"options": options}))
     assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 0
-    assert trained[0]["strategy"] == dp.Downpour(push_every=3)
+    assert trained[0]["config"].strategy == dp.Downpour(push_every=3)
 
 
 def test_resume_refuses_a_strategy_flag(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"options": dict(TRAIN_DEFAULTS)}))
+    (tmp_path / "config.json").write_text(json.dumps({"options": option_defaults()}))
     err = _error(capsys, ["train", "--resume", str(tmp_path), "--downpour.push-every", "2"])
     assert "--resume takes the run's own options; drop --downpour.push-every" in err
 
@@ -177,12 +179,13 @@ def test_hand_started_roles_default_to_trains_optimizer():
     parser = build_parser()
     server = parser.parse_args(["server", "--shard", "0", "--of", "1"])
     worker = parser.parse_args(["worker", "--servers", "127.0.0.1:1", "--rank", "0", "--of", "1"])
+    defaults = RunConfig()
     for role in (server, worker):
-        assert (role.optimizer, role.lr) == (TRAIN_DEFAULTS["optimizer"], TRAIN_DEFAULTS["lr"])
+        assert (role.optimizer, role.lr) == (defaults.optimizer.name, defaults.optimizer.lr)
         assert (role.dataset, role.model, role.seed) == (
-            TRAIN_DEFAULTS["dataset"], TRAIN_DEFAULTS["model"], TRAIN_DEFAULTS["seed"])
-    assert (worker.batch_size, worker.epochs) == (TRAIN_DEFAULTS["batch_size"],
-                                                  TRAIN_DEFAULTS["epochs"])
+            defaults.data.dataset, defaults.model.name, defaults.seed)
+    assert (worker.batch_size, worker.epochs) == (defaults.length.batch_size,
+                                                  defaults.length.epochs)
 
 
 def test_compare_is_exported():
