@@ -30,6 +30,7 @@ from downpour.metrics import (
     plot_run,
     summarize,
 )
+from downpour.metrics.sinks import read_events
 from downpour.optim import OptimSpec
 from downpour.run import Coordinator, RunConfig
 from downpour.strategies import Faults, Strategy
@@ -250,7 +251,9 @@ def train(
         metrics.close()
         if scratch is not None:
             scratch.cleanup()
-    summary = summarize(history.events, description)
+    # A resumed run's summary covers every attempt: its event log holds them all.
+    events = list(read_events(run.path / RunDir.EVENTS)) if resume else history.events
+    summary = summarize(events, description)
     if run:
         run.save_model(trained)
         plot_run(history.events, run.path, title=f"{strategy.name} · {data.name} · {model_name}")
