@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -330,11 +331,16 @@ class ServerShard:
             )
         if values.device.type != "cpu":
             raise InvalidUpdate("BAD_REQUEST", f"updates must be on the CPU, got {values.device}")
-        # numpy's isfinite runs about 15x faster than torch's on one CPU thread
-        # (no fresh bool tensor to fault in): ~13 ms instead of ~200 ms per 100 MB.
+        # A sum is finite only if every term is (an infinity stays infinite, or
+        # meets its opposite and turns NaN, and NaN stays NaN), and summing
+        # reads the update once with no temporary: ~6.5 ms per 100 MB, half of
+        # numpy's isfinite (itself 15x torch's). Only a sum that is not finite,
+        # which finite values that overflow can also make, needs the count.
+        if math.isfinite(float(values.detach().sum())):
+            return
         array = values.detach().numpy()
-        if not np.isfinite(array).all():
-            bad = int(array.size - np.isfinite(array).sum())
+        bad = int(array.size - np.isfinite(array).sum())
+        if bad:
             raise InvalidUpdate("NON_FINITE", f"the update holds {bad} NaN or infinite values")
 
     def _check_sparse(self, update: SparseUpdate) -> torch.Tensor:

@@ -288,9 +288,19 @@ class ShardClient:
         header, values, indices = self._encode_push(worker, version, update, kind)
         if portion is not None:
             header.portion = portion
-        size = values.nbytes + (0 if indices is None else indices.nbytes)
         seconds = self.timeout if timeout is None else timeout
         self._greet(seconds)
+        return self._send_push(header, values, indices, seconds)
+
+    def _send_push(
+        self,
+        header: pb.PushHeader,
+        values: np.ndarray,
+        indices: np.ndarray | None,
+        seconds: float,
+    ) -> PushResult:
+        """An encoded push by the cheapest way: shared memory, one unary call, or a stream."""
+        size = values.nbytes + (0 if indices is None else indices.nbytes)
         session = self._session
         if (
             session is not None
@@ -350,7 +360,7 @@ class ShardClient:
             small = small and max(pushed, pulled) < SHARED_MIN_BYTES
         frames = codec.push_frames(header, values, indices, self.chunk_bytes)
         if not small or header.num_chunks != 1:
-            result = self.push(worker, version, update, kind=kind, timeout=timeout)
+            result = self._send_push(header, values, indices, seconds)  # encoded once, above
             pulled_back = self.pull(
                 wait_version=wait_version, average=average, half=half, out=out, timeout=timeout
             )

@@ -4,7 +4,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from downpour.flat import FlatParams, SparseUpdate, apply_sparse_, flatten, shard_ranges, sparsify, unflatten_into_
+from downpour.flat import (
+    FlatParams,
+    SparseUpdate,
+    apply_sparse_,
+    flatten,
+    shard_ranges,
+    sparsify,
+    unflatten_into_,
+)
 
 
 def _net() -> nn.Module:
@@ -93,3 +101,42 @@ def test_unflatten_into_round_trip():
     tensors = [torch.zeros(2, 3), torch.zeros(4)]
     unflatten_into_(torch.arange(10.0), tensors)
     assert torch.equal(flatten(tensors), torch.arange(10.0))
+
+
+def test_a_dense_vector_goes_dense_without_making_indices(monkeypatch):
+    def no_indices(*args, **kwargs):
+        raise AssertionError("sparsify built the indices of a vector it sends dense")
+
+    monkeypatch.setattr(torch, "nonzero", no_indices)
+    dense = torch.randn(10_000)
+    dense[::3] = 0.0  # two thirds nonzero: sparse would take a third more bytes
+    assert sparsify(dense) is None
+    half = torch.zeros(10)
+    half[:5] = 1.0  # exactly the break-even: dense, as sparse is no smaller
+    assert sparsify(half) is None
+
+
+def test_a_sparse_vector_goes_sparse_with_its_nonzero_entries():
+    torch.manual_seed(0)
+    vector = torch.zeros(10_000)
+    where = torch.randperm(10_000)[:400]
+    vector[where] = torch.randn(400)
+    update = sparsify(vector)
+    assert isinstance(update, SparseUpdate)
+    expected = torch.nonzero(vector).reshape(-1)
+    assert torch.equal(update.indices, expected)
+    assert torch.equal(update.values, vector[expected])
+    assert update.size == 10_000 and update.nnz == 400
+    assert torch.equal(update.to_dense(), vector)
+    before = vector.clone()
+    update.values.add_(1.0)  # the values are a copy, not a view of the vector
+    assert torch.equal(vector, before)
+
+
+def test_sparsify_counts_negative_zero_as_an_entry():
+    # A -0.0 travels (adding it changes nothing); a plain 0.0 does not.
+    vector = torch.tensor([0.0, -0.0, 3.0, 0.0, 0.0, 0.0])
+    update = sparsify(vector)
+    assert update.indices.tolist() == [1, 2]
+    assert torch.equal(torch.ones(6).index_add_(0, update.indices, update.values),
+                       torch.ones(6) + vector)
