@@ -614,6 +614,50 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # The library's own errors name its fields; the command line's name their flags already.
+        if not _raised_here(exc):
+            message = in_flags(message, args)
         print(f"downpour: error: {message}", file=sys.stderr)
         return 2
+
+
+def _raised_here(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by the command line itself (its messages speak of flags and files)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).parent == Path(__file__).parent
+
+
+def in_flags(message: str, args: argparse.Namespace) -> str:
+    """``message`` with the Python names of options in it spelled as the command line's flags.
+
+    The library's errors name the fields of its configs (``set ema_decay``);
+    a user of the command line reads ``--downpour.ema-decay``. Only names with
+    an underscore are rewritten: a bare word may be plain English.
+
+    Example:
+        >>> in_flags("evaluate_average needs a moving average: set ema_decay (e.g. 0.99)",
+        ...          argparse.Namespace(strategy="downpour"))
+        '--downpour.evaluate-average needs a moving average: set --downpour.ema-decay (e.g. 0.99)'
+    """
+    from downpour.strategies import STRATEGIES
+
+    chosen = getattr(args, "strategies", None) or getattr(args, "strategy", None) or ""
+    names: dict[str, str] = {}
+    for option in general_options():
+        if "_" in option:
+            names[option] = _option_flag(option)
+    for strategy in str(chosen).split(","):
+        cls = STRATEGIES.get(strategy.strip())
+        if cls is not None:
+            names |= {f.name: _flag(cls.name, f.name) for f in dataclasses.fields(cls) if "_" in f.name}
+
+    def spell(match: re.Match) -> str:
+        return names[match.group(0)]
+
+    if not names:
+        return message
+    pattern = r"(?<![\w.\-])(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")(?![\w\-])"
+    return re.sub(pattern, spell, message)
 

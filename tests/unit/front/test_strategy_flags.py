@@ -192,3 +192,12 @@ def test_compare_is_exported():
     from downpour.compare import compare
 
     assert dp.compare is compare and "compare" in dp.__all__
+
+
+def test_errors_through_the_command_line_name_its_flags(capsys):
+    from downpour.cli import main
+
+    assert main(["train", "--strategy", "downpour", "--downpour.evaluate-average", "--dataset", "digits",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--downpour.evaluate-average needs a moving average: set --downpour.ema-decay" in err, err
