@@ -50,13 +50,13 @@ def sparsify(vector: torch.Tensor, *, force: bool = False) -> SparseUpdate | Non
     """
     flat = vector.detach().reshape(-1)
     bits = _bits(flat)
-    if not force and not sparse_is_smaller(_count_entries(bits), flat.numel()):
+    if not force and not _sparse_is_smaller(_count_entries(bits), flat.numel()):
         return None
     indices = torch.nonzero(bits, as_tuple=False).reshape(-1)
     return SparseUpdate(indices, flat.index_select(0, indices), flat.numel())
 
 
-def sparse_is_smaller(nnz: int, size: int) -> bool:
+def _sparse_is_smaller(nnz: int, size: int) -> bool:
     """Whether ``nnz`` (index, value) pairs take fewer bytes than ``size`` dense values."""
     return nnz * _SPARSE_BYTES_PER_ENTRY < size * _DENSE_BYTES_PER_ENTRY
 
