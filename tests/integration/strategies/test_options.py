@@ -51,7 +51,7 @@ def test_scale_lr_divides_each_stale_push_by_its_staleness(digits):
     start = dp.models.build("logistic", digits.input_shape, digits.num_classes)
 
     def moved(result) -> float:
-        return float(torch.cat([(p - q).reshape(-1) for p, q in
+        return float(torch.cat([(p - q).detach().reshape(-1) for p, q in
                                 zip(result.model.parameters(), start.parameters())]).norm())
 
     plain = run(digits, dp.Downpour(), workers=4)
