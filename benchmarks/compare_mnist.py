@@ -4,7 +4,7 @@ Same data, partitions, model, seed and evaluation schedule for each; one
 epoch's worth of samples, target accuracy 0.95. Prints the table and writes
 the comparison directory (figures, report.html).
 
-    .venv/bin/python benchmarks/compare_mnist.py [--strategies ...] [--workers 4] [--out-dir DIR]
+    .venv/bin/python benchmarks/compare_mnist.py [--strategies ...] [--workers 4] [--out-dir DIR] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--data-dir", default=str(DATA), help="the datasets' folder (default: ../shared/data)")
     args = parser.parse_args()
     strategies = [RECIPES.get(name, name) for name in args.strategies.split(",")]
     comparison = compare(
-        strategies=strategies, model="mlp", data=dp.data.load("mnist", data_dir=DATA),
+        strategies=strategies, model="mlp", data=dp.data.load("mnist", data_dir=args.data_dir),
         workers=args.workers, servers=args.servers, optimizer=dp.optim("momentum", lr=0.02),
         epochs=1, batch_size=32, target_accuracy=args.target, out_dir=args.out_dir,
         command="python benchmarks/compare_mnist.py " + " ".join(f"--{k.replace('_', '-')} {v}"
