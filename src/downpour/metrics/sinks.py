@@ -94,9 +94,8 @@ class ProgressSink:
         self._last_line = -math.inf
         self._worker_steps: dict[int, int] = {}
         self._worker_samples: dict[int, int] = {}
+        # The bar appears with the run's start mark, not before: a refused run draws none.
         self._progress = None
-        if self.terminal:
-            self._progress, self._task = self._bar(total_steps)
 
     def _bar(self, total: int | None) -> tuple[Any, Any]:
         from rich.console import Console
@@ -131,6 +130,8 @@ class ProgressSink:
         now = float(event.get("time", 0.0))
         if event.get("event") == "start":
             self._start = now
+            if self.terminal and self._progress is None:
+                self._progress, self._task = self._bar(event.get("progress/total") or self.total)
             if event.get("progress/total"):
                 self.total = int(event["progress/total"])
             self.unit = event.get("progress/unit", self.unit)
@@ -158,7 +159,8 @@ class ProgressSink:
                 self.rate = f"{event.get('run/samples', 0) / train:,.0f}"
             if self.total is not None and self.completed > self.total:
                 self.total = self.completed  # a run that took more than planned ends full, not past the end
-        self._show(now, final=event.get("event") == "end")
+        if self._start is not None:
+            self._show(now, final=event.get("event") == "end")
 
     def _show(self, now: float, *, final: bool = False) -> None:
         if self._progress is not None:

@@ -60,3 +60,11 @@ def test_a_runs_progress_ends_with_its_summary(strategy, capsys):
 
 def workers(strategy: str) -> int:
     return 2 if STRATEGIES[strategy].takes_workers else 1
+
+
+def test_a_run_that_never_starts_draws_no_bar():
+    # Resuming a finished run is refused before its start mark: no empty "0/1875" bar first.
+    stream = io.StringIO()
+    sink = ProgressSink(1875, "downpour", terminal=True, stream=stream)
+    sink.close()
+    assert stream.getvalue() == ""
