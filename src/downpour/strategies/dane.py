@@ -291,13 +291,13 @@ def _check_int(name: str, value: Any) -> None:
 class Dane(Strategy):
     """DANE's configuration (Shamir, Srebro & Zhang, ICML 2014).
 
-    The run is ``rounds`` DANE rounds (capped by the job's ``max_steps``: a
+    The run is ``num_rounds`` DANE rounds (capped by the job's ``max_steps``: a
     worker's step is a round), fewer if the global gradient's norm falls to
     ``gtol`` or the job's target or time budget stops it. The job's
     ``epochs``, ``batch_size`` and optimizer do not apply.
 
     Args:
-        rounds: DANE rounds, two allreduces of the model each.
+        num_rounds: DANE rounds, two allreduces of the model each.
         local: the local solver, ``"lbfgs"`` (full batch, with a strong Wolfe
             line search) or ``"sgd"``.
         local_steps: iterations of the local solver per round (L-BFGS may stop
@@ -320,7 +320,7 @@ class Dane(Strategy):
         log_every: rounds between a worker's progress events (objective, gradient norm).
 
     Example:
-        >>> Dane(rounds=10, local="lbfgs", local_steps=50, mu=1e-3, l2=1e-2).eta
+        >>> Dane(num_rounds=10, local="lbfgs", local_steps=50, mu=1e-3, l2=1e-2).eta
         1.0
     """
 
@@ -328,9 +328,9 @@ class Dane(Strategy):
     buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
     ignores: ClassVar[dict[str, str]] = {
         "optimizer": "DANE brings its own local solver: use {local}, {local_steps} and {local_lr}",
-        "epochs": "DANE runs rounds over every worker's whole shard: use {rounds}",
+        "epochs": "DANE runs rounds over every worker's whole shard: use {num_rounds}",
         "batch_size": "a round uses the whole shard (local SGD: batches of {local_batch_size})"}
-    rounds: int = 10
+    num_rounds: int = 10
     local: Literal["sgd", "lbfgs"] = "lbfgs"
     local_steps: int = 50
     mu: float = 0.0
@@ -346,9 +346,9 @@ class Dane(Strategy):
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "local_steps", "memory", "log_every"):
+        for name in ("num_rounds", "local_steps", "memory", "log_every"):
             _check_int(name, getattr(self, name))
-        check_range("rounds", self.rounds, 1)
+        check_range("num_rounds", self.num_rounds, 1)
         choose("local solver", self.local, LOCAL_SOLVERS)
         check_range("local_steps", self.local_steps, 1)
         check_range("mu", self.mu, 0.0)
@@ -376,7 +376,7 @@ class Dane(Strategy):
             if self.local_batch_size > smallest:
                 raise ValueError(f"local_batch_size={self.local_batch_size} exceeds a worker's shard (about "
                                  f"{smallest} examples); use at most {smallest}, or None for the whole shard")
-        rounds = self.rounds if job.max_steps is None else min(self.rounds, job.max_steps)
+        rounds = self.num_rounds if job.max_steps is None else min(self.num_rounds, job.max_steps)
         partition: dict[str, Any] = {"scheme": self.partition}
         if self.partition == "dirichlet":
             partition["alpha"] = self.alpha

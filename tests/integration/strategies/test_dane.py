@@ -50,7 +50,7 @@ def _objectives(result) -> dict[int, float]:
 
 def test_dane_reaches_the_optimum_of_regularised_logistic_regression_in_5_rounds(digits, optimum):
     rounds = ROUNDS_TO_1E_4
-    strategy = Dane(rounds=rounds, local="lbfgs", local_steps=50, mu=1e-3, eta=1.0, l2=L2)
+    strategy = Dane(num_rounds=rounds, local="lbfgs", local_steps=50, mu=1e-3, eta=1.0, l2=L2)
     result = dp.train(model="logistic", data=digits, strategy=strategy, workers=4, save=False)
 
     # w_5, the final model, is within 1e-4 of the optimum's objective; w_0 ... w_4 were not.
@@ -86,7 +86,7 @@ def test_dane_reaches_the_optimum_of_regularised_logistic_regression_in_5_rounds
 
 def test_one_worker_with_an_exact_local_solve_lands_on_the_optimum_in_one_round(digits, optimum):
     # With one worker ∇φ_1 = ∇φ, so η = 1 and μ = 0 make the local problem the global one.
-    strategy = Dane(rounds=5, local="lbfgs", local_steps=500, mu=0.0, eta=1.0, l2=L2, gtol=1e-4)
+    strategy = Dane(num_rounds=5, local="lbfgs", local_steps=500, mu=0.0, eta=1.0, l2=L2, gtol=1e-4)
     result = dp.train(model="logistic", data=digits, strategy=strategy, workers=1, save=False)
     assert _gap(result.model, digits, optimum) <= 1e-5
     # The second round's gradient allreduce finds the gradient within gtol, and the run stops.
@@ -97,7 +97,7 @@ def test_one_worker_with_an_exact_local_solve_lands_on_the_optimum_in_one_round(
 
 def test_local_sgd_on_mini_batches_approaches_the_optimum(digits, optimum):
     # One worker suffices: mini-batches are drawn from the worker's own shard.
-    strategy = Dane(rounds=8, local="sgd", local_steps=50, local_lr=1.0, local_batch_size=32, mu=1e-3, l2=L2)
+    strategy = Dane(num_rounds=8, local="sgd", local_steps=50, local_lr=1.0, local_batch_size=32, mu=1e-3, l2=L2)
     result = dp.train(model="logistic", data=digits, strategy=strategy, workers=1, save=False)
     gaps = [(value - optimum) / optimum for _, value in sorted(_objectives(result).items())]
     # SGD's noise sets a floor (1e-1 after 400 steps of batch 32 here), not the method.
@@ -131,7 +131,7 @@ def test_rounds_on_a_quadratic_follow_the_papers_closed_form_in_eta_and_mu(digit
     strategy's sgd solver, its weighting, η and μ to the formula.
     """
     workers, eta, mu, l2, rounds = 2, 0.7, 2.0, 1e-2, 2
-    strategy = Dane(rounds=rounds, local="sgd", local_steps=120, local_lr=0.1, mu=mu, eta=eta, l2=l2)
+    strategy = Dane(num_rounds=rounds, local="sgd", local_steps=120, local_lr=0.1, mu=mu, eta=eta, l2=l2)
     result = dp.train(model=LeastSquares, loss=squared_loss, data=digits, strategy=strategy, workers=workers,
                       save=False)
 
@@ -161,7 +161,7 @@ def test_bad_options_fail_with_clear_errors_before_any_process_starts(digits, mo
     with pytest.raises(ValueError, match=r"unknown local solver 'newton'; choose one of: lbfgs, sgd"):
         Dane(local="newton")
     with pytest.raises(ValueError, match=r"rounds must be in \[1, inf\], got 0"):
-        Dane(rounds=0)
+        Dane(num_rounds=0)
     with pytest.raises(TypeError, match="local_steps must be an int, got 2.5"):
         Dane(local_steps=2.5)
     with pytest.raises(ValueError, match=r"mu must be in \[0, inf\], got -0.1"):

@@ -40,7 +40,7 @@ STRATEGY_OPTIONS = {
     "boost": ["coordinator-device", "eps", "log-every", "no-warm-start", "num-rounds",
               "sample-size", "steps-per-round", "warm-start"],
     "dane": ["alpha", "backend", "eta", "gtol", "l2", "local", "local-batch-size", "local-lr",
-             "local-steps", "log-every", "memory", "mu", "partition", "rounds"],
+             "local-steps", "log-every", "memory", "mu", "num-rounds", "partition"],
     "decentralized": ["compress", "fanout", "log-every", "send-every", "snapshot-every"],
     "downpour": ["compress", "ema-decay", "evaluate-average", "fetch-every", "log-every",
                  "max-staleness", "no-evaluate-average", "no-sparse-push", "push-every",

@@ -87,7 +87,7 @@ def test_its_own_options_and_the_ones_it_reads_are_fine(trained):
      "'hogwild' does not read --servers (it has no parameter servers)"),
     (["--strategy", "single", "--workers", "4"], "'single' does not read --workers"),
     (["--strategy", "single", "--kill-worker", "0@step=3"], "'single' does not read --kill-worker"),
-    (["--strategy", "dane", "--epochs", "2", "--lr", "0.1"], "--dane.rounds"),
+    (["--strategy", "dane", "--epochs", "2", "--lr", "0.1"], "--dane.num-rounds"),
     (["--strategy", "dane", "--lr", "0.1"], "--dane.local-lr"),
     (["--strategy", "boost", "--epochs", "2"], "--boost.num-rounds and --boost.steps-per-round"),
     (["--strategy", "boost", "--eval-every", "5"], "--eval-every (the vote is evaluated"),
