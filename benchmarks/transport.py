@@ -10,12 +10,17 @@ Measures, in one run:
   (goal: a parameter-server round is no slower);
 - the push + pull round trip of a 4 KB shard (goal: <= 1 ms), as two unary
   calls and as one (push_pull), and a Status call for gRPC's own per-call
-  floor on this machine.
+  floor on this machine;
+- detection: how long a pull waiting on a shard takes to fail once the
+  shard's process is frozen (SIGSTOP: only the keepalive pings can tell;
+  goal: within --detect-seconds, not at the call's 60 s deadline) or killed
+  (SIGKILL: the connection resets at once).
 
 Usage:
     python benchmarks/transport.py                  # 100 MB, 5 rounds, 3 repeats
     python benchmarks/transport.py --mb 25 --rounds 3 --latency-rounds 500
     python benchmarks/transport.py --parts latency --repeats 5
+    python benchmarks/transport.py --parts detection --detect-seconds 4
 
 Every measurement is repeated (--repeats, each in fresh processes) and the
 table shows the median over all rounds of all repeats, and the best round.
@@ -26,16 +31,22 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import signal
 import statistics
+import threading
 import time
 from typing import Self
 
 import torch
 
 from downpour.cluster.ray_nodes import free_port
+from downpour.errors import PeerTimeout, PeerUnavailable
 from downpour.flat import ShardRange, shard_ranges
 from downpour.server import ServerShard
 from downpour.transport import ParameterClient, ShardClient, new_token, serve_shard
+from downpour.transport.channel import DETECT_SECONDS
+
+DEADLINE_S = 60.0  # the waiting pull's own deadline in the detection measurement
 
 
 def _serve(shard: ShardRange, token: str, ports, stop) -> None:
@@ -184,6 +195,67 @@ def small_round_trip(rounds: int) -> dict[str, list]:
     return {"round": times, "push": pushes, "pull": pulls, "push_pull": push_pulls, "floor": floor}
 
 
+def detection(fault: str, detect_seconds: float) -> float | None:
+    """Seconds from ``fault`` (a signal's name) striking a shard's process to the failure of a pull
+    waiting on it; None when the pull ran out its deadline instead (the fault went unnoticed)."""
+    context = mp.get_context("spawn")
+    ports, stop, token = context.Queue(), context.Event(), new_token()
+    process = context.Process(
+        target=_serve, args=(shard_ranges(8, 1)[0], token, ports, stop), daemon=True
+    )
+    process.start()
+    try:
+        _, port = ports.get(timeout=120)
+        client = ShardClient(
+            f"127.0.0.1:{port}",
+            token,
+            0,
+            timeout=DEADLINE_S,
+            detect_seconds=detect_seconds,
+            shared_memory=False,
+        )
+        client.wait_ready(60)
+        client.pull()  # connected; the next pull waits for a version that never comes
+        struck: list[float] = []
+
+        def strike() -> None:
+            struck.append(time.perf_counter())
+            os.kill(process.pid, getattr(signal, fault))
+
+        timer = threading.Timer(0.5, strike)  # the pull below is waiting on the shard by then
+        timer.start()
+        try:
+            client.pull(wait_version=10**6)
+        except PeerUnavailable:
+            return time.perf_counter() - struck[0] if struck else None
+        except PeerTimeout:
+            return None
+        finally:
+            timer.cancel()
+            client.close()
+        raise AssertionError("the pull returned a version that never came")
+    finally:
+        process.kill()  # SIGKILL ends a stopped process too
+        process.join()
+
+
+def detection_rows(detect_seconds: float, repeats: int) -> list[tuple[str, list, str]]:
+    """A frozen and a killed shard under a waiting pull: time to the failed call, each ``repeats`` times."""
+    rows = []
+    for fault, what in (("SIGSTOP", "frozen"), ("SIGKILL", "killed")):
+        measured = [detection(fault, detect_seconds) for _ in range(repeats)]
+        times = [t for t in measured if t is not None]
+        missed = len(measured) - len(times)
+        notes = (
+            f"pings every {detect_seconds / 2:g} s, {detect_seconds / 2:g} s to answer "
+            f"(goal: within {detect_seconds:g} s, not at the {DEADLINE_S:g} s deadline)"
+        )
+        if missed:
+            notes += f"; {missed} of {len(measured)} ran out the deadline"
+        rows.append((f"{what} shard ({fault}): a waiting pull fails after", times or [DEADLINE_S], notes))
+    return rows
+
+
 def tail(values: list) -> str:
     ordered = sorted(values)
     return (
@@ -252,9 +324,15 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["bandwidth", "latency"],
-        default=["bandwidth", "latency"],
-        help="which measurements to run (default: both)",
+        choices=["bandwidth", "latency", "detection"],
+        default=["bandwidth", "latency", "detection"],
+        help="which measurements to run (default: all)",
+    )
+    parser.add_argument(
+        "--detect-seconds",
+        type=float,
+        default=DETECT_SECONDS,
+        help="the clients' detection window in the detection measurement (default: the library's)",
     )
     args = parser.parse_args()
     numel = int(args.mb * 1e6) // 4
@@ -268,6 +346,8 @@ def main() -> None:
         rows += bandwidth_rows(numel, args.rounds, args.repeats)
     if "latency" in args.parts:
         rows += latency_rows(args.latency_rounds, args.repeats)
+    if "detection" in args.parts:
+        rows += detection_rows(args.detect_seconds, args.repeats)
     width = max(len(row[0]) for row in rows)
     print(f"{'measurement':<{width}}  {'median':>10}  {'best':>10}  notes")
     for name, times, notes in rows:

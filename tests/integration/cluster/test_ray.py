@@ -56,16 +56,19 @@ def test_the_config_is_checked_and_ray_is_imported_only_when_a_cluster_opens():
     assert "pip install 'downpour-sgd[ray]'" in out.stdout, out.stderr
 
 
-def test_an_actor_batches_events_and_its_flags_only_go_up():
+@pytest.mark.timeout(60)  # the hang guard of the control message's part below
+def test_an_actor_batches_events_and_its_flags_only_go_up(monkeypatch):
     actor = RoleActor((0, 0, 0), start_time=time.time())  # the plain class, no Ray
     assert actor.drain(wait=0.05) == []
     for step in range(3):
         actor.outbox.write({"step": step})
     assert [e["step"] for e in actor.drain(wait=1.0)] == [0, 1, 2]
+    # No batching delay after a control message: with a batching window longer than the test may run,
+    # a drain that waited for it would hang until the timeout above.
+    monkeypatch.setattr("downpour.cluster.ray._BATCH_SECONDS", 3600.0)
     actor.outbox.write({"step": 3})
-    actor.outbox.write({"_control": "publish", "key": "k", "value": 1})  # no batching delay after it
-    started = time.monotonic()
-    assert len(actor.drain(wait=1.0)) == 2 and time.monotonic() - started < 0.5
+    actor.outbox.write({"_control": "publish", "key": "k", "value": 1})
+    assert len(actor.drain(wait=1.0)) == 2
     actor.set_flags(1, 1, 1)  # end, then a late, overtaken call with stop alone
     actor.set_flags(1, 0, 0)
     assert (actor.stop.value, actor.go.value, actor.end.value) == (1, 1, 1)

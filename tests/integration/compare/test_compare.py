@@ -109,18 +109,16 @@ def mnist_half(shared_data):
 
 
 def test_sync_with_a_backup_ignores_a_straggler(mnist_half, tmp_path):
-    calm = compare(strategies=[dp.Sync(backup=1)], out_dir=tmp_path / "calm", **mnist_half)
+    # What the straggler costs in samples/s is a measurement: benchmarks/straggler.py prints it.
     slowed = compare(strategies=[dp.Sync(backup=1)], out_dir=tmp_path / "slowed",
                      faults=dp.Faults(slow={1: 5.0}), **mnist_half)
-    calm_rate = calm.row("sync")["samples_per_second"]
     slow_row = slowed.row("sync")
-    if slow_row["samples_per_second"] < 0.8 * calm_rate:
-        # On a shared 2-core machine one run's noise is the size of the effect: take the better of two.
-        again = compare(strategies=[dp.Sync(backup=1)], out_dir=tmp_path / "slowed-again",
-                        faults=dp.Faults(slow={1: 5.0}), **mnist_half).row("sync")
-        slow_row = max(slow_row, again, key=lambda row: row["samples_per_second"])
-    assert slow_row["samples_per_second"] >= 0.8 * calm_rate, (slow_row, calm_rate)
-    assert slow_row["dropped_gradients"] > 0
+    events = [json.loads(line) for line in (slowed.path / "sync-w4" / "events.jsonl").open()]
+    done = {e["rank"]: e for e in events if e.get("worker/done")}
+    # The rounds went on without the straggler: it took far fewer steps than the others (in a calm run
+    # every worker takes about as many), and its late pushes are the ones dropped.
+    assert done[1]["worker/steps"] < min(done[r]["worker/steps"] for r in (0, 2, 3)) / 2, done
+    assert done[1]["worker/dropped"] > 0 and slow_row["dropped_gradients"] >= done[1]["worker/dropped"]
     page = (slowed.path / "report.html").read_text()
     assert "worker 1 5x slower" in page
     dropped_column = [heading for key, heading in COLUMNS if key == "dropped_gradients"][0]

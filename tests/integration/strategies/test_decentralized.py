@@ -1,6 +1,7 @@
 """Decentralized asynchronous SGD with compressed updates: real peer processes, real gRPC between them."""
 
 import json
+import math
 
 import pytest
 
@@ -32,12 +33,34 @@ def test_peers_exchange_compressed_changes_and_their_replicas_agree(digits, tmp_
     assert abs(final["decentralized/replica_accuracy"] - s["accuracy"]) < 0.05
 
 
+KILLED_AT = 40  # a multiple of the peers' log_every (10): the killed peer's last report is at the kill step
+
+
 def test_a_killed_peer_does_not_stop_the_others(digits):
     result = dp.train(model="logistic", data=digits, workers=3, epochs=4, batch_size=8,
                       strategy=dp.Decentralized(), optimizer=dp.optim("sgd", lr=0.1),
-                      faults=dp.Faults(kill={2: 0.3}, slow={2: 5.0}))
-    assert result.summary["accuracy"] >= 0.8, result.summary
-    assert any(e.get("peer/lost") == 2 for e in events(result))
+                      faults=dp.Faults(kill_at_step={2: KILLED_AT}), save=False)
+    per_peer = 4 * math.ceil(digits.num_train // 3 / 8)
+    last = {}
+    for e in result.history:
+        if e.get("role") == "worker" and "worker/steps" in e:
+            last[e["rank"]] = e
+    # The killed peer's steps stop at the kill; the others take all of theirs, as in a calm run.
+    assert [e["fault/killed_at_step"] for e in result.history if e.get("fault/killed") == "worker:2"] == [KILLED_AT]
+    assert {rank: e["worker/steps"] for rank, e in last.items()} == {0: per_peer, 1: per_peer, 2: KILLED_AT}
+    assert {e["rank"] for e in result.history if e.get("peer/lost") == 2} == {0, 1}
+    # And they went on talking to each other. A calm run sends every round to both others (pushes ==
+    # 2 x rounds; measured 482 for 241 rounds); the survivors sent to both until they found peer 2
+    # gone, then to each other alone (measured 273-283).
+    for rank in (0, 1):
+        rounds, pushes = last[rank]["comm/rounds"], last[rank]["comm/pushes"]
+        assert rounds <= pushes < 2 * rounds, (rank, rounds, pushes)
+    # The model is the average of the survivors' replicas, which hold each other's changes: they
+    # differ only by what peer 2 had in flight to one and not the other when it died (measured
+    # 0.07-0.12). Two peers that each trained on their own third alone end 1.5 apart.
+    [final] = [e for e in result.history if "decentralized/final_max_distance" in e]
+    assert final["decentralized/final_max_distance"] < 0.5, final
+    assert result.summary["accuracy"] >= 0.85, result.summary  # a floor only: one peer alone reaches 0.90
 
 
 def test_bad_configurations_say_what_is_wrong(digits):

@@ -16,6 +16,7 @@ import downpour as dp
 from downpour.checkpoint import load_run_state, load_shard
 from tests.integration.strategies.conftest import DOWNPOUR_MNIST, DOWNPOUR_MNIST_FLAGS
 from tests.processes import child_processes
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +60,9 @@ def _alive(pid: int) -> bool:
 
 
 def _assert_no_process_left(roles: set[int]) -> None:
-    time.sleep(0.5)
-    assert roles and not [pid for pid in roles if _alive(pid)]
+    assert roles
+    # Polled: a role takes a moment to exit after its coordinator; one that never does fails here.
+    wait_until(lambda: not [pid for pid in roles if _alive(pid)], timeout=30, what="every role's exit")
 
 
 @pytest.mark.slow
@@ -145,25 +147,36 @@ def test_a_run_stopped_with_sigint_resumes_to_the_same_steps_and_accuracy(
     assert [e.get("event") for e in events if e.get("event") in ("start", "end")] == ["start", "start", "end"]
 
 
-def test_a_restarted_worker_rejoins_and_its_pushes_are_applied(mnist):
-    result = dp.train(model="logistic", data=mnist, strategy=dp.Downpour(), optimizer=dp.optim("sgd", lr=0.05),
-                      workers=2, servers=2, epochs=0.5, batch_size=32, save=False, restart_workers=True,
-                      faults=dp.Faults(slow={1: 2.0}, kill={1: 1.0}))
+KILLED_AT = 30  # a multiple of the workers' log_every (10): a worker's last report is at the kill step
+
+
+def test_a_restarted_worker_rejoins_and_its_pushes_are_applied(digits):
+    result = dp.train(model="logistic", data=digits, strategy=dp.Downpour(), optimizer=dp.optim("sgd", lr=0.1),
+                      workers=2, servers=2, epochs=3, batch_size=16, save=False, restart_workers=True,
+                      faults=dp.Faults(kill_at_step={1: KILLED_AT}))
     events = result.history
+    assert [e["fault/killed_at_step"] for e in events if e.get("fault/killed") == "worker:1"] == [KILLED_AT]
     assert any(e.get("fault/died") == "worker:1" for e in events)
     assert any(e.get("fault/restarted") == "worker:1" for e in events)
-    reborn = [e for e in events if e.get("role") == "worker" and e.get("rank") == 1
-              and e.get("worker/incarnation") == 1]
+
+    def lives(rank: int, incarnation: int) -> list[dict]:
+        return [e for e in events if e.get("role") == "worker" and e.get("rank") == rank
+                and e.get("worker/incarnation") == incarnation]
+
+    reborn = lives(1, 1)
     assert reborn, "the restarted worker reported nothing"
+    # Its first life ended at the kill step; the second went on from there (its predecessor's last
+    # report), pushed, and nothing it pushed was dropped. A calm run has one life per worker.
+    assert max(e["worker/steps"] for e in lives(1, 0)) == KILLED_AT
+    assert min(e["worker/steps"] for e in reborn) >= KILLED_AT
     last = reborn[-1]
-    # It went on from its predecessor's last report, pushed, and nothing it pushed was dropped.
-    first_life = max(e["worker/steps"] for e in events if e.get("rank") == 1 and e.get("role") == "worker"
-                     and e.get("worker/incarnation") == 0)
-    assert last["worker/done"] and last["worker/steps"] > first_life and last["comm/pushes"] > 0
+    assert last["worker/done"] and last["worker/steps"] > KILLED_AT and last["comm/pushes"] > 0
     assert last["worker/dropped"] == 0
-    # Both workers took all their steps (half a pass over their half of the data), the reborn one included.
-    assert result.summary["steps"] == 2 * math.ceil(0.5 * math.ceil(mnist.num_train // 2 / 32))
-    assert result.summary["accuracy"] >= 0.88
+    assert not lives(0, 1), "the worker that was not killed was restarted"
+    # Both workers took all their steps (three passes over their half of the data), the reborn one included.
+    per_worker = 3 * math.ceil(digits.num_train // 2 / 16)
+    assert last["worker/steps"] == per_worker and result.summary["steps"] == 2 * per_worker
+    assert result.summary["accuracy"] >= 0.87  # measured 0.91
 
 
 def test_resuming_a_finished_run_is_refused_and_checkpoints_are_kept_readable(digits, tmp_path):
@@ -196,18 +209,20 @@ def test_sync_rounds_go_on_from_the_checkpointed_version_of_a_restarted_shard(mn
 def test_an_allreduce_worker_death_ends_the_run_naming_it(digits):
     """Allreduce cannot go on short of a member (its group is fixed): a clear error, not a hang."""
     with pytest.raises(dp.errors.WorkerFailed, match="worker 1"):
-        dp.train(model="logistic", data=digits, strategy="allreduce", workers=2, epochs=500, batch_size=16,
-                 save=False, faults=dp.Faults(slow={1: 2.0}, kill={1: 1.0}))
+        dp.train(model="logistic", data=digits, strategy="allreduce", workers=2, epochs=2, batch_size=16,
+                 save=False, faults=dp.Faults(kill_at_step={1: 10}))
 
 
 @pytest.mark.parametrize("strategy", [dp.Allreduce(), dp.LocalSGD(average_every=4)], ids=["allreduce", "local-sgd"])
 def test_a_collective_group_re_forms_with_a_restarted_worker_which_takes_a_survivors_state(digits, strategy):
     """With restart_workers the survivors leave the broken group and meet the new worker in the elastic rendezvous."""
-    steps = math.ceil(20 * math.ceil(digits.num_train // 3 / 16))  # per worker: 20 epochs of its third
+    epochs = 6
+    steps = math.ceil(epochs * math.ceil(digits.num_train // 3 / 16))  # per worker: six passes over its third
     result = dp.train(model="mlp", data=digits, strategy=strategy, optimizer=dp.optim("momentum", lr=0.05),
-                      workers=3, epochs=20, batch_size=16, save=False, restart_workers=True,
-                      faults=dp.Faults(kill={1: 1.0}))
+                      workers=3, epochs=epochs, batch_size=16, save=False, restart_workers=True,
+                      faults=dp.Faults(kill_at_step={1: KILLED_AT}))
     events = result.history
+    assert [e["fault/killed_at_step"] for e in events if e.get("fault/killed") == "worker:1"] == [KILLED_AT]
     assert any(e.get("fault/restarted") == "worker:1" for e in events)
     assert {e["rank"] for e in events if "fault/regrouped" in e} == {0, 2}
     # The new worker took a survivor's state (so may a survivor whose last collective failed where the

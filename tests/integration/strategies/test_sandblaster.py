@@ -83,13 +83,16 @@ def _zeroed_logistic(input_shape, num_classes):
 def test_backup_portions_keep_a_straggler_from_holding_up_a_pass(mnist_part):
     # Worker 1 takes ten times as long for every portion after its first in a pass. The
     # others finish the fresh portions, then take its outstanding one; the first answer counts.
-    seconds, backups = {}, {}
-    for slow in ({}, {1: 10.0}):
-        result = dp.train(model="logistic", data=mnist_part, workers=4, servers=1, save=False,
-                          faults=dp.Faults(slow=slow),
-                          strategy=Sandblaster(method="lbfgs", l2=1e-3, max_iterations=6, ftol=0, gtol=0))
-        seconds[bool(slow)] = end_event(result)["batch/pass_seconds_mean"]
-        backups[bool(slow)] = sum(max(e.get("sandblaster/backups", 0) for e in result.history
-                                      if e.get("role") == "worker" and e.get("rank") == r) for r in range(4))
-    assert seconds[True] <= 2 * seconds[False], seconds
-    assert backups[True] > 0
+    # How long a pass takes with and without the straggler is a measurement: benchmarks/sandblaster.py.
+    result = dp.train(model="logistic", data=mnist_part, workers=4, servers=1, save=False,
+                      faults=dp.Faults(slow={1: 10.0}),
+                      strategy=Sandblaster(method="lbfgs", l2=1e-3, max_iterations=6, ftol=0, gtol=0))
+    last = {}
+    for e in result.history:
+        if e.get("role") == "worker" and "comm/pushes" in e:
+            last[e["rank"]] = e
+    assert sum(e.get("sandblaster/backups", 0) for e in last.values()) > 0
+    # A calm run takes backups too (measured: 11-13 over its 7 passes, each worker some) and every worker
+    # about as many portions (28-34 each); the straggler answered a handful (6-8), the others the rest.
+    pushes = {rank: e["comm/pushes"] for rank, e in last.items()}
+    assert pushes[1] < min(pushes[r] for r in (0, 2, 3)) / 2, pushes
