@@ -84,7 +84,7 @@ def main() -> None:
     baseline = None
     for label, slow, backups in (("no straggler", None, True), ("straggler, backups", {1: 10.0}, True),
                                  ("straggler, no backups", {1: 10.0}, False)):
-        result, end, _ = run(data, args, slow=slow, backups=backups, max_iterations=10, ftol=0, gtol=0)
+        result, end, _ = run(data, args, slow=slow, backup_portions=backups, max_iterations=10, ftol=0, gtol=0)
         taken = sum(max([e.get("sandblaster/backups", 0) for e in result.history
                          if e.get("role") == "worker" and e.get("rank") == r] or [0]) for r in range(args.workers))
         seconds = end["batch/pass_seconds_mean"]

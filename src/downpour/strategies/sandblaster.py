@@ -76,7 +76,7 @@ class SandblasterWorker(PSWorker):
 
     store_address: str
     portions: int
-    backups: bool = True
+    backup_portions: bool = True
 
     def counters(self) -> dict[str, Any]:
         return super().counters() | {"sandblaster/backups": getattr(self, "backups_taken", 0)}
@@ -119,7 +119,7 @@ class SandblasterWorker(PSWorker):
         i = self.store.add(f"next/{k}", 1) - 1
         if i < portions:
             return i
-        if not self.backups:
+        if not self.backup_portions:
             return None
         for p in range(portions):
             if not self.store.check([f"done/{k}/{p}"]) and self.store.add(f"backup/{k}/{p}", 1) == 1:
@@ -195,7 +195,7 @@ class Sandblaster(Strategy):
         l2: the L2 penalty ``l2 / 2 ||x||^2`` added to the mean loss.
         portions: the portions a gradient pass is split into (more than the
             workers, so a fast worker can take more).
-        backups: hand portions still outstanding near a pass's end to idle workers.
+        backup_portions: hand portions still outstanding near a pass's end to idle workers.
         max_iterations, gtol, ftol: when the method stops (:class:`~downpour.optim.batch.Stopping`).
         step: accelerated gradient descent's first step (default ``1 / ||g||``).
 
@@ -219,7 +219,7 @@ class Sandblaster(Strategy):
     memory: int = 10
     l2: float = 0.0
     portions: int = 16
-    backups: bool = True
+    backup_portions: bool = True
     max_iterations: int = 100
     gtol: float = 1e-5
     ftol: float = 2.2e-9
@@ -267,7 +267,7 @@ class SandblasterPlan(Plan):
         return SandblasterWorker(
             rank=rank, num_workers=self.job.workers, job=replace(self.job, data=self.job.data.train_only()),
             store_address=f"{session.host}:{self.store.port}", portions=self.portions,
-            backups=self.config.backups, addresses=list(session.addresses), ranges=self.ranges,
+            backup_portions=self.config.backup_portions, addresses=list(session.addresses), ranges=self.ranges,
             token=self.token, total_steps=0, timeout=self.timeout, incarnation=incarnation)
 
     def drive(self, session: Session) -> dict[str, Any]:
