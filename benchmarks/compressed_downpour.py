@@ -54,7 +54,7 @@ def main() -> None:
         ratio = "" if s["compression_ratio"] is None else f"{s['compression_ratio']:,.0f}x"
         table.add_row(spec, f"{s['steps']:,}", f"{100 * s['accuracy']:.2f}%", lost,
                       f"{s['bytes_sent'] / 1e6:,.1f} MB", ratio)
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":

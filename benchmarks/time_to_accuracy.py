@@ -60,7 +60,7 @@ def main() -> None:
     for model, name, workers, ttt, acc, seconds, rate, traffic in rows:
         table.add_row(model, name, str(workers), "not reached" if ttt is None else f"{ttt:.1f}", f"{acc:.4f}",
                       f"{seconds:.1f}", f"{rate:,.0f}", f"{traffic / 1e6:.2f} MB")
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":
