@@ -1,50 +1,13 @@
 """General options on the command line: from RunConfig, faults at a step, nothing ignored."""
 
 import re
-import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 import downpour as dp
 from downpour.cli import _parse_faults, build_parser, general_options, main, option_defaults
 from downpour.run import RunConfig
-
-
-@pytest.fixture
-def trained(monkeypatch):
-    """What `downpour train` hands to :func:`downpour.train`, without training."""
-    calls = []
-
-    def fake_train(**kwargs):
-        calls.append(kwargs)
-        return SimpleNamespace(summary={}, run_dir="runs/fake")
-
-    monkeypatch.setattr(dp, "train", fake_train)
-    return calls
-
-
-@pytest.fixture
-def compared(monkeypatch):
-    """What `downpour compare` hands to :func:`downpour.compare.compare`, without training."""
-    calls = []
-
-    def fake_compare(**kwargs):
-        calls.append(kwargs)
-        return SimpleNamespace(path=Path("runs/fake"), rows=[])
-
-    module = sys.modules["downpour.compare"]  # the package's `compare` is the function
-    monkeypatch.setattr(module, "compare", fake_compare)
-    monkeypatch.setattr(module, "show", lambda comparison: None)
-    return calls
-
-
-def _error(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("downpour: error: ") and len(err.splitlines()) == 1
-    return err
+from tests.unit.front.cli_helpers import error, flag_help
 
 
 def _help(capsys, command):
@@ -53,16 +16,9 @@ def _help(capsys, command):
     return capsys.readouterr().out
 
 
-def _flag_help(help_text: str, flag: str) -> str:
-    match = re.search(rf"^  {re.escape(flag)}\b(.*?)(?=^  --|^\S|\Z)", help_text,
-                      re.MULTILINE | re.DOTALL)
-    assert match, f"{flag} not in --help"
-    return " ".join(match[1].split())
-
-
 # ------------------------------------------------------------------ nothing silently ignored
 def test_sandblaster_names_every_option_it_does_not_read(capsys, trained):
-    err = _error(capsys, ["train", "--strategy", "sandblaster", "--optimizer", "adam", "--lr", "5",
+    err = error(capsys, ["train", "--strategy", "sandblaster", "--optimizer", "adam", "--lr", "5",
                           "--epochs", "3", "--batch-size", "7"])
     assert "strategy 'sandblaster' does not read" in err
     for flag in ("--optimizer", "--lr", "--epochs", "--batch-size"):
@@ -93,19 +49,19 @@ def test_its_own_options_and_the_ones_it_reads_are_fine(trained):
     (["--strategy", "boost", "--eval-every", "5"], "--eval-every (the vote is evaluated"),
     (["--strategy", "allreduce", "--checkpoint-every", "10"], "parameter-server strategies"),
 ])
-def test_an_option_a_strategy_does_not_read_is_an_error(argv, said, capsys, trained):
-    err = _error(capsys, ["train", *argv])
+def test_an_option_a_strategy_does_not_read_is_anerror(argv, said, capsys, trained):
+    err = error(capsys, ["train", *argv])
     assert said in err
     assert not trained
 
 
 def test_a_given_option_counts_even_at_its_default_value(tmp_path, capsys, trained):
     # The user wrote it: a sandblaster run would not use it, whatever its value.
-    err = _error(capsys, ["train", "--strategy", "sandblaster", "--epochs", "1"])
+    err = error(capsys, ["train", "--strategy", "sandblaster", "--epochs", "1"])
     assert "does not read --epochs" in err
     config = tmp_path / "job.toml"
     config.write_text('strategy = "dane"\nbatch_size = 64\n')
-    assert "'dane' does not read --batch-size" in _error(capsys, ["train", "--config", str(config)])
+    assert "'dane' does not read --batch-size" in error(capsys, ["train", "--config", str(config)])
     assert not trained
 
 
@@ -120,7 +76,7 @@ def test_the_options_each_strategy_reads_pass(trained):
 
 
 def test_compare_refuses_an_option_none_of_its_strategies_reads(capsys, compared):
-    err = _error(capsys, ["compare", "--strategies", "allreduce,hogwild", "--servers", "2"])
+    err = error(capsys, ["compare", "--strategies", "allreduce,hogwild", "--servers", "2"])
     assert "none of the strategies compared (allreduce, hogwild) reads --servers" in err
     assert not compared
 
@@ -136,7 +92,7 @@ def test_compare_hands_on_an_option_that_one_of_its_strategies_reads(compared):
 def test_compare_refuses_a_per_run_option_from_the_config_file(tmp_path, capsys, compared):
     config = tmp_path / "job.toml"
     config.write_text("run_dir = \"runs/x\"\n")
-    err = _error(capsys, ["compare", "--strategies", "sync", "--config", str(config)])
+    err = error(capsys, ["compare", "--strategies", "sync", "--config", str(config)])
     assert "compare does not take 'run_dir'; use --out-dir" in err
 
 
@@ -175,7 +131,7 @@ def test_a_kill_at_a_step_reaches_the_run(trained, tmp_path):
 
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_help_documents_a_kill_at_a_step(command, capsys):
-    text = _flag_help(_help(capsys, command), "--kill-worker")
+    text = flag_help(_help(capsys, command), "--kill-worker")
     assert text.startswith("RANK@SECONDS|RANK@step=N") and "1@step=200" in text
 
 
@@ -184,7 +140,7 @@ def test_every_general_flag_shows_its_runconfig_default(capsys):
     out = _help(capsys, "train")
     for name, option in general_options().items():
         flag = "--" + name.replace("_", "-")
-        text = _flag_help(out, flag)
+        text = flag_help(out, flag)
         assert option.help.rstrip(".") in text, (flag, text)
         if option.default is not None and not isinstance(option.default, bool):
             shown = f"{option.default:g}" if isinstance(option.default, float) else option.default
@@ -214,12 +170,12 @@ def test_a_new_flag_from_a_field(trained):
 def test_config_file_values_are_checked_against_their_fields(text, message, tmp_path, capsys):
     config = tmp_path / "job.toml"
     config.write_text(text)
-    assert message in _error(capsys, ["train", "--config", str(config)])
+    assert message in error(capsys, ["train", "--config", str(config)])
 
 
 def test_roles_take_their_defaults_and_help_from_runconfig(capsys):
     worker = build_parser().parse_args(["worker", "--servers", "127.0.0.1:1", "--rank", "0",
                                         "--of", "2", "--epochs", "2"])
     assert worker.epochs == 2.0 and worker.batch_size == RunConfig().length.batch_size
-    text = _flag_help(_help(capsys, "server"), "--model")
+    text = flag_help(_help(capsys, "server"), "--model")
     assert text.endswith(f"(default: {RunConfig().model.name})") and "one of:" in text

@@ -2,41 +2,13 @@
 
 import json
 import re
-from types import SimpleNamespace
 
 import pytest
 
 import downpour as dp
 from downpour.cli import build_parser, main, option_defaults
 from downpour.run import RunConfig
-
-
-@pytest.fixture
-def trained(monkeypatch):
-    """What `downpour train` hands to :func:`downpour.train`, without training."""
-    calls = []
-
-    def fake_train(**kwargs):
-        calls.append(kwargs)
-        return SimpleNamespace(summary={}, run_dir="runs/fake")
-
-    monkeypatch.setattr(dp, "train", fake_train)
-    return calls
-
-
-def _error(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("downpour: error: ") and len(err.splitlines()) == 1
-    return err
-
-
-def _flag_help(help_text: str, flag: str) -> str:
-    """The help of one flag in ``--help`` output, on one line."""
-    match = re.search(rf"^  {re.escape(flag)}\b(.*?)(?=^  --|^\S|\Z)", help_text,
-                      re.MULTILINE | re.DOTALL)
-    assert match, f"{flag} not in --help"
-    return " ".join(match[1].split())
+from tests.unit.front.cli_helpers import error, flag_help
 
 
 def _group(help_text: str, title: str) -> str:
@@ -80,35 +52,35 @@ def test_help_shows_each_strategys_own_default(command, capsys):
     sync, downpour = _group(out, "sync options"), _group(out, "downpour options")
     assert "--sync.ema-decay" in sync and "--downpour.ema-decay" not in sync
     assert "--downpour.ema-decay" in downpour and "--sync.ema-decay" not in downpour
-    assert _flag_help(out, "--sync.ema-decay").endswith("(default: 0.99)")
-    assert _flag_help(out, "--downpour.ema-decay").endswith("(default: unset)")
-    assert _flag_help(out, "--sandblaster.gtol").endswith("(default: 1e-05)")
-    assert _flag_help(out, "--dane.gtol").endswith("(default: 0)")
-    assert _flag_help(out, "--selfieboost.sample-size").endswith("(default: 8192)")
-    assert _flag_help(out, "--boost.sample-size").endswith("(default: unset)")
+    assert flag_help(out, "--sync.ema-decay").endswith("(default: 0.99)")
+    assert flag_help(out, "--downpour.ema-decay").endswith("(default: unset)")
+    assert flag_help(out, "--sandblaster.gtol").endswith("(default: 1e-05)")
+    assert flag_help(out, "--dane.gtol").endswith("(default: 0)")
+    assert flag_help(out, "--selfieboost.sample-size").endswith("(default: 8192)")
+    assert flag_help(out, "--boost.sample-size").endswith("(default: unset)")
     # The field's own description comes from the config's docstring.
-    assert _flag_help(out, "--downpour.push-every").startswith("INT n_push, steps whose gradients")
-    assert _flag_help(out, "--downpour.sparse-push, --downpour.no-sparse-push").endswith(
+    assert flag_help(out, "--downpour.push-every").startswith("INT n_push, steps whose gradients")
+    assert flag_help(out, "--downpour.sparse-push, --downpour.no-sparse-push").endswith(
         "(default: true)")
 
 
 def test_a_foreign_strategys_flag_is_named(capsys, trained):
-    err = _error(capsys, ["train", "--strategy", "sync", "--downpour.push-every", "4"])
+    err = error(capsys, ["train", "--strategy", "sync", "--downpour.push-every", "4"])
     assert "--downpour.push-every is for strategy 'downpour', but --strategy is 'sync'" in err
-    err = _error(capsys, ["train", "--sync.backup", "1"])  # the default strategy, single
+    err = error(capsys, ["train", "--sync.backup", "1"])  # the default strategy, single
     assert "--sync.backup" in err and "--strategy is 'single'" in err
     assert not trained
 
 
 def test_compare_refuses_options_of_a_strategy_it_does_not_run(capsys):
-    err = _error(capsys, ["compare", "--strategies", "sync,allreduce", "--sync.backup", "1",
+    err = error(capsys, ["compare", "--strategies", "sync,allreduce", "--sync.backup", "1",
                           "--downpour.push-every", "4"])
     assert ("--downpour.push-every is for strategy 'downpour', which --strategies sync,allreduce "
             "does not name") in err
 
 
 def test_a_worker_refuses_the_other_strategys_flag(capsys):
-    err = _error(capsys, ["worker", "--servers", "127.0.0.1:1", "--rank", "0", "--of", "2",
+    err = error(capsys, ["worker", "--servers", "127.0.0.1:1", "--rank", "0", "--of", "2",
                           "--token", "t", "--strategy", "sync", "--downpour.push-every", "4"])
     assert "--downpour.push-every is for strategy 'downpour', but --strategy is 'sync'" in err
 
@@ -128,7 +100,7 @@ def test_config_file_tables_and_flags_win(tmp_path, trained):
 def test_a_config_table_for_another_strategy_is_named(tmp_path, capsys):
     config = tmp_path / "job.toml"
     config.write_text('[downpour]\npush_every = 4\n')
-    err = _error(capsys, ["train", "--config", str(config), "--strategy", "sync"])
+    err = error(capsys, ["train", "--config", str(config), "--strategy", "sync"])
     assert f"[downpour] push_every in config file {config} is for strategy 'downpour'" in err
 
 
@@ -144,7 +116,7 @@ def test_a_config_table_for_another_strategy_is_named(tmp_path, capsys):
 def test_config_file_strategy_mistakes_are_named(text, message, tmp_path, capsys):
     config = tmp_path / "job.toml"
     config.write_text(text)
-    assert message in _error(capsys, ["train", "--config", str(config), "--strategy", "downpour"])
+    assert message in error(capsys, ["train", "--config", str(config), "--strategy", "downpour"])
 
 
 def test_resume_rebuilds_the_strategy_from_config_json(tmp_path, trained):
@@ -171,7 +143,7 @@ def test_resume_reads_a_run_from_before_options_were_namespaced(tmp_path, traine
 
 def test_resume_refuses_a_strategy_flag(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"options": option_defaults()}))
-    err = _error(capsys, ["train", "--resume", str(tmp_path), "--downpour.push-every", "2"])
+    err = error(capsys, ["train", "--resume", str(tmp_path), "--downpour.push-every", "2"])
     assert "--resume takes the run's own options; drop --downpour.push-every" in err
 
 
