@@ -202,12 +202,14 @@ class Coordinator:
             started = time.perf_counter()
             extra = plan.drive(session) or {}
             seconds = time.perf_counter() - started
+            # Its evaluations ran in the training thread: they stopped training, so they are taken
+            # off (the final one, after training, is not in ``seconds`` at all).
+            stopped = self.evaluator.seconds
             plan.read(session, model, final=True)
             self._final_evaluation(model)
         finally:
             plan.close(session)
-        # Its evaluations ran in the training thread: they stopped training, so they are taken off.
-        self._end(plan, session, model, wall=seconds, train=seconds - self.evaluator.seconds, extra=extra)
+        self._end(plan, session, model, wall=seconds, train=seconds - stopped, extra=extra)
         return plan.result(model)
 
     def _run_cluster(self, plan: Plan, model: nn.Module) -> nn.Module:

@@ -76,3 +76,14 @@ def test_a_batch_method_says_whether_it_converged_and_why_it_stopped(digits, cap
 
 def workers(strategy: str) -> int:
     return 2 if STRATEGIES[strategy].takes_workers else 1
+
+
+def test_single_takes_off_only_the_evaluations_that_stopped_its_training(digits):
+    # Ten evaluations during training and one after it: only the ten are in its wall time.
+    result = dp.train(model="logistic", data=digits, epochs=2, save=False)
+    s = result.summary
+    evaluations = [e for e in result.history if "eval/accuracy" in e and e.get("role") == "coordinator"]
+    assert len(evaluations) >= 2
+    assert s["seconds"] < s["wall_seconds"]
+    # What was taken off is less than all the evaluations' time: the last one was after training.
+    assert s["wall_seconds"] - s["seconds"] < s["eval_seconds"]
