@@ -235,7 +235,7 @@ class Coordinator:
                 extra: dict[str, Any] = {}
                 interrupted = False
                 try:
-                    if plan.has_driver():
+                    if plan.driven:
                         extra = plan.drive(session) or {}
                         cluster.request_stop()
                     else:

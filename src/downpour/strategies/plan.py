@@ -99,6 +99,8 @@ class Plan:
         tolerate_worker_deaths: whether the run goes on when a worker dies.
         inline: training runs in the coordinator's own thread (:meth:`drive`),
             so its evaluations stop training and are subtracted from its time.
+        driven: the coordinator runs :meth:`drive` while the workers serve it
+            (a batch method), instead of waiting for the workers to finish.
         snapshots: the workers publish parameter snapshots (``Worker.snapshot``)
             and every new one is evaluated; else the coordinator reads the
             model every evaluation interval.
@@ -108,6 +110,7 @@ class Plan:
     unit: str = "steps"
     tolerate_worker_deaths: bool = True
     inline: bool = False
+    driven: bool = False
     snapshots: bool = False
 
     def __init__(self, job: Job) -> None:
@@ -139,7 +142,8 @@ class Plan:
         raise NotImplementedError(f"{type(self).__name__} has no workers")
 
     def num_workers(self) -> int:
-        return self.job.workers if type(self).worker is not Plan.worker else 0
+        """How many workers to start (the job's)."""
+        return self.job.workers
 
     def on_death(self, session: Session, handle: Any) -> bool:
         """A role died: restart it here and return True (a shard), or leave it to the Coordinator."""
@@ -162,9 +166,6 @@ class Plan:
         its workers instead.
         """
         raise NotImplementedError
-
-    def has_driver(self) -> bool:
-        return type(self).drive is not Plan.drive
 
     def checkpoint(self, session: Session, *, finished: bool) -> None:
         """Save the coordinator's part of a checkpoint (when the plan keeps checkpoints)."""

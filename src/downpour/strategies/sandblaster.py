@@ -245,11 +245,14 @@ class Sandblaster(Strategy):
 class SandblasterPlan(Plan):
     """Shards holding the job's initial parameters, workers holding its data, the method driven here."""
 
+    driven = True
+
     def __init__(self, job: Job, config: Sandblaster, *, timeout: float = 60.0) -> None:
         super().__init__(job)
         self.config, self.timeout = config, timeout
         self.portions = min(config.portions, job.data.num_train)
         self.global_steps, self.unit = config.max_iterations, "iterations"
+        self.client: ParameterClient | None = None
 
     def open(self, session: Session) -> None:
         self.ranges = shard_ranges(self.flat.numel, self.job.servers)
@@ -308,9 +311,10 @@ class SandblasterPlan(Plan):
         }
 
     def read(self, session: Session, model: nn.Module, *, final: bool) -> bool:
+        assert self.client is not None, "read before the method was driven"
         self.client.pull_all(out=self.flat.params)
         return True
 
     def close(self, session: Session) -> None:
-        if getattr(self, "client", None) is not None:
+        if self.client is not None:
             self.client.close()
