@@ -9,11 +9,12 @@ shards, then the workers, and evaluate the served parameters as training goes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -76,38 +77,71 @@ class PSWorker(Worker):
             counters |= compression_counters(self.streams)
         return counters
 
-    def pull(self, **kwargs: Any) -> list[int]:
-        """Pull every shard into the model's parameters; returns the shards' versions.
+    def pull(self, *, out: torch.Tensor | None = None, **kwargs: Any) -> list[int]:
+        """Pull every shard into ``out`` (the model's parameters by default); returns the shards' versions.
 
         The transport fills host memory; a worker on a GPU pulls into a host
         buffer and copies it over in one transfer.
         """
-        if self.flat.params.device.type == "cpu":
-            versions, _ = self.client.pull_all(out=self.flat.params, **kwargs)
+        target = self.flat.params if out is None else out
+        if target.device.type == "cpu":
+            versions, _ = self.client.pull_all(out=target, **kwargs)
             return versions
-        if not hasattr(self, "_host"):
-            self._host = torch.empty(self.flat.numel, dtype=torch.float32).pin_memory()
-        versions, _ = self.client.pull_all(out=self._host, **kwargs)
-        self.flat.params.copy_(self._host, non_blocking=True)
+        versions, _ = self.client.pull_all(out=self._host_buffer(), **kwargs)
+        target.copy_(self._host, non_blocking=True)
         return versions
 
-    def push(self, versions: list[int], update: Any) -> list[Any]:
-        """Push ``update`` (dense or sparse) to every shard; device tensors go through the host."""
+    def _host_buffer(self) -> torch.Tensor:
+        if not hasattr(self, "_host"):
+            self._host = torch.empty(self.flat.numel, dtype=torch.float32).pin_memory()
+        return self._host
+
+    def payload(self, update: Any) -> Any:
+        """What goes on the wire for ``update``: on the host, and compressed per shard where asked."""
         if isinstance(update, torch.Tensor) and update.device.type != "cpu":
             update = update.cpu()
         if self.streams and isinstance(update, torch.Tensor):
             flat = update.reshape(-1)
             update = [stream.encode(flat[r.start : r.stop]) for stream, r in zip(self.streams, self.ranges)]
+        return update
+
+    def push(self, versions: list[int], update: Any) -> list[Any]:
+        """Push ``update`` (dense or sparse) to every shard; device tensors go through the host."""
+        payload = self.payload(update)
         self.rounds += 1
+        with self._finite_only():
+            return self.client.push_all(self.rank, versions, payload)
+        return []
+
+    def push_pull(self, versions: list[int], update: Any, *,
+                  out: torch.Tensor | None = None) -> tuple[list[Any], list[int]]:
+        """:meth:`push`, then a pull into ``out`` (the parameters by default): one round trip per shard.
+
+        Returns the push results and the versions pulled.
+        """
+        target = self.flat.params if out is None else out
+        host = target if target.device.type == "cpu" else self._host_buffer()
+        payload = self.payload(update)
+        self.rounds += 1
+        with self._finite_only():
+            results, pulled, _ = self.client.push_pull_all(self.rank, versions, payload, out=host)
+            if host is not target:
+                target.copy_(host, non_blocking=True)
+            return results, pulled
+        # A refused non-finite push leaves the shards as they were; fetch them as they are.
+        return [], self.pull(out=target)
+
+    @contextlib.contextmanager
+    def _finite_only(self) -> Iterator[None]:
+        """Swallow a shard's refusal of a non-finite update, logging it: the coordinator reports divergence."""
         try:
-            return self.client.push_all(self.rank, versions, update)
+            yield
         except Refused as error:
             if error.reason != "NON_FINITE":
                 raise
             # The shard keeps its parameters; the run has diverged, which the coordinator reports.
             log.warning("worker %d: a shard refused a non-finite update: %s", self.rank, error.detail)
             self.ctx.metrics.log(self.steps, {"worker/non_finite_update": error.detail})
-            return []
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 TRAINED = 0.75
 
 
-def run(digits, strategy, *, workers=2, **kwargs):
+def run(digits, strategy, *, workers=2, optimizer=None, **kwargs):
     return dp.train(model="logistic", data=digits, strategy=strategy, workers=workers, epochs=3,
-                    optimizer=dp.optim("sgd", lr=0.1), save=False, **kwargs)
+                    optimizer=optimizer or dp.optim("sgd", lr=0.1), save=False, **kwargs)
 
 
 def per_worker(result, key):
@@ -31,8 +31,11 @@ def per_worker(result, key):
 
 
 def test_fetch_every_and_push_every_cut_traffic_by_their_factor_and_still_train(digits):
+    # A push is the mean of its four gradients, one server step for a batch four times larger, so
+    # the same epochs take a quarter of the steps: at 4x the learning rate every 4 reaches 0.87
+    # (0.64 at lr 0.1). test_downpour_overlap.py shows it at the same rate on MNIST.
     every = run(digits, dp.Downpour())
-    fourth = run(digits, dp.Downpour(fetch_every=4, push_every=4))
+    fourth = run(digits, dp.Downpour(fetch_every=4, push_every=4), optimizer=dp.optim("sgd", lr=0.4))
     steps = per_worker(every, "worker/steps")
     assert per_worker(fourth, "worker/steps") == steps
     for rank, n in steps.items():
