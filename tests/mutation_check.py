@@ -61,6 +61,27 @@ MUTATIONS = [
              "if self.streams and isinstance(update, torch.Tensor):",
              "if False and isinstance(update, torch.Tensor):",
              ("tests/integration/strategies/test_options.py", "-k", "compression or onebit")),
+    # The byte figures against the bytes that crossed the kernel (a network namespace each).
+    Mutation("bytes halved, against the wire", "src/downpour/strategies/collective.py",
+             "moved = ring_allreduce_bytes(nbytes, self.num_workers)",
+             "moved = ring_allreduce_bytes(nbytes, self.num_workers) // 2",
+             ("tests/integration/transport/test_wire_bytes.py", "-k", "allreduce")),
+    Mutation("ring allreduce formula wrong", "src/downpour/strategies/collective.py",
+             "return 2 * (world_size - 1) * nbytes // world_size",
+             "return (world_size - 1) * nbytes",
+             ("tests/integration/transport/test_wire_bytes.py", "-k", "local-sgd or dane")),
+    Mutation("push bytes doubled", "src/downpour/strategies/parameter_server.py",
+             'counters = {"comm/bytes_sent": c.bytes_sent + c.bytes_shared_sent,',
+             'counters = {"comm/bytes_sent": 2 * c.bytes_sent + c.bytes_shared_sent,',
+             ("tests/integration/transport/test_wire_bytes.py", "-k", "downpour or sync")),
+    Mutation("peer bytes halved", "src/downpour/strategies/decentralized.py",
+             '"comm/bytes_sent": sum(c.bytes_sent for c in clients),',
+             '"comm/bytes_sent": sum(c.bytes_sent for c in clients) // 2,',
+             ("tests/integration/transport/test_wire_bytes.py", "-k", "decentralized")),
+    Mutation("hand-off bytes doubled", "src/downpour/strategies/hot_potato.py",
+             "self.bytes_received += buffer.numel() * 4",
+             "self.bytes_received += buffer.numel() * 8",
+             ("tests/integration/transport/test_wire_bytes.py", "-k", "hot-potato")),
 ]
 
 

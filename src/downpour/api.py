@@ -33,6 +33,7 @@ from downpour.metrics import (
 from downpour.metrics.sinks import read_events
 from downpour.optim import OptimSpec
 from downpour.run import Coordinator, RunConfig
+from downpour.run.coordinator import refuse_streamed
 from downpour.strategies import Faults, Strategy
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,41 @@ def _model_name(model: Callable[[], nn.Module]) -> str:
 def _resolve_model(model: str | Callable[[], nn.Module],
                    dataset: Dataset) -> tuple[Callable[[], nn.Module], str]:
     if isinstance(model, str):
-        models.build(model, dataset.input_shape, dataset.num_classes)  # validates the name early
-        return partial(models.build, model, dataset.input_shape, dataset.num_classes), model
+        models.build(model, dataset.input_shape, dataset.num_outputs)  # validates the name early
+        return partial(models.build, model, dataset.input_shape, dataset.num_outputs), model
     if callable(model):
         return model, _model_name(model)
     raise TypeError(f"model must be a model name or a factory returning an nn.Module, "
                     f"got {type(model).__name__}")
+
+
+def _resolve_data(data: Any, config: RunConfig) -> Any:
+    """The run's dataset: loaded by name, or the user's (a pair of torch Datasets is wrapped)."""
+    if isinstance(data, (str, _Unset)):
+        data = data_lib.load(config.data.dataset, data_dir=config.data.data_dir)
+    elif isinstance(data, tuple):
+        if len(data) != 2:
+            raise TypeError(f"data=(train, test) takes two torch Datasets, got {len(data)} items")
+        data = data_lib.from_torch(*data)
+    if not isinstance(data, (Dataset, data_lib.StreamedDataset)):
+        raise TypeError("data must be a dataset name, a downpour.data.Dataset, "
+                        "downpour.data.from_torch(train, test), or a (train, test) pair of torch "
+                        f"Datasets; got {type(data).__name__}")
+    workers = config.data.loader_workers
+    if data.streamed:
+        if workers != data.loader_workers and workers != 0:
+            data = dataclasses.replace(data, loader_workers=workers)
+    elif workers:
+        raise ValueError(f"loader_workers={workers} is for a streamed dataset; {data.name!r} is "
+                         "held in memory (it is read with no DataLoader)")
+    task = config.evaluation.task
+    if task == "classification" and data.num_classes is None:
+        raise ValueError(f"{data.name!r} has targets that are not class indices; set task= "
+                         "'regression' or 'multilabel'")
+    if task != "classification" and not data.streamed:
+        raise ValueError(f"the {task} task needs float targets, and an in-memory Dataset holds "
+                         "class labels; wrap a torch Dataset with downpour.data.from_torch")
+    return data
 
 
 def _describe(value: Any) -> Any:
@@ -79,11 +109,13 @@ UNSET: Any = _Unset()
 # train()'s keywords that are not run options: what it trains and how this call reports.
 _NOT_OPTIONS = frozenset({"model", "data", "loss", "save", "progress", "options", "config"})
 
+DataArg = Dataset | data_lib.StreamedDataset | tuple[Any, Any] | str
+
 
 def train(
     *,
     model: str | Callable[[], nn.Module] = UNSET,
-    data: Dataset | str = UNSET,
+    data: DataArg = UNSET,
     strategy: Strategy | str = UNSET,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     optimizer: OptimSpec | None = UNSET,
@@ -94,9 +126,16 @@ def train(
     max_steps: int | None = UNSET,
     target_accuracy: float | None = UNSET,
     eval_every: int | None = UNSET,
+    task: str = UNSET,
+    top_k: int | None = UNSET,
+    metric: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = UNSET,
+    target_metric: str | None = UNSET,
+    eval_samples: int | None = UNSET,
+    loader_workers: int = UNSET,
     max_seconds: float | None = UNSET,
     seed: int = UNSET,
     device: str = UNSET,
+    shared_memory: bool = UNSET,
     faults: Faults | None = UNSET,
     run_dir: str | Path | None = UNSET,
     runs_root: str | Path = UNSET,
@@ -122,16 +161,27 @@ def train(
     Args:
         model: a reference model name (``"mlp"``, ``"cnn"``, ...) or a factory
             returning an ``nn.Module``; every role builds its own copy.
-        data: a :class:`downpour.data.Dataset` or a dataset name.
+        data: a dataset name, a :class:`downpour.data.Dataset` (in memory), a
+            streamed one (:func:`downpour.data.from_torch`), or a ``(train, test)``
+            pair of map-style ``torch.utils.data.Dataset`` (wrapped by ``from_torch``).
         strategy: a strategy config (``downpour.Single()``, ...) or its name.
         loss: loss on (outputs, labels); defaults to the reference model's
-            own loss, else cross-entropy.
+            own loss, else the task's (cross-entropy, MSE, binary cross-entropy).
         optimizer: ``downpour.optim(name, lr=...)``.
         workers, servers: role counts.
         epochs, batch_size, max_steps: how much to train (per worker batch).
         target_accuracy: stop once test accuracy reaches it.
         eval_every: steps between evaluations (default: ten per run).
+        task: ``"classification"``, ``"regression"`` or ``"multilabel"``.
+        top_k: also report the top-k accuracy.
+        metric: a function ``(outputs, targets) -> dict[str, float]`` whose values
+            are logged with every evaluation (``eval/user/<name>``) and in the summary.
+        target_metric: stop once an evaluation meets ``"mse<=0.01"`` (any score).
+        eval_samples: evaluate on a seeded subset of this many test examples.
+        loader_workers: DataLoader processes per worker for a streamed dataset.
         max_seconds: stop training after this many seconds (a time budget).
+        shared_memory: roles on one host move tensors through shared memory
+            (``False``: every tensor crosses TCP, as between hosts).
         run_dir: where to write the run (default ``runs/<id>/``).
         save: write the run directory at all.
         progress: show a progress bar.
@@ -176,17 +226,19 @@ def train(
     if model is not UNSET:
         given["model"] = model if isinstance(model, str) else _model_name(model)
     if data is not UNSET:
-        given["dataset"] = data if isinstance(data, str) else getattr(data, "name", "data")
+        given["dataset"] = data if isinstance(data, str) else getattr(data, "name", "torch")
     config = RunConfig.of(config, **given)
     if config.checkpoint.resume and not save:
         raise ValueError("resume needs the run_dir of the stopped run (and save=True)")
-    if isinstance(data, (str, _Unset)):
-        data = data_lib.load(config.data.dataset, data_dir=config.data.data_dir)
+    data = _resolve_data(data, config)
+    refuse_streamed(config.strategy, data)
     # A model given by name is the config's (the keyword's, if given); a factory is used as it is.
     named = config.model.name if isinstance(model, (str, _Unset)) else model
     factory, model_name = _resolve_model(named, data)
     if loss is None:
-        loss = models.default_loss(named) if isinstance(named, str) else F.cross_entropy
+        task_loss = config.evaluation.scoring().task.loss
+        named_loss = isinstance(named, str) and task_loss is F.cross_entropy
+        loss = models.default_loss(named) if named_loss else task_loss
     strategy, faults, checkpoint_every = config.strategy, config.faults, config.checkpoint.every
     resume, run_dir = config.checkpoint.resume, config.output.run_dir
     job = config.job(model=factory, loss=loss, data=data)
@@ -212,6 +264,9 @@ def train(
         "workers": job.workers,
         "servers": job.servers if strategy.uses_servers else 0,
         "target_accuracy": job.target_accuracy,
+        "target_metric": config.evaluation.target_metric,
+        "task": config.evaluation.task,
+        "eval_samples": config.evaluation.eval_samples,
         "run_dir": str(run.path) if run else None,
         "strategy_config": _describe(strategy),
         "optimizer": _describe(job.optimizer),
@@ -246,7 +301,7 @@ def train(
         metrics.sinks.append(TensorBoardSink(run.path / "tensorboard",
                                              start_time=metrics.start_time))
     try:
-        trained = Coordinator(job, metrics).run(strategy)
+        trained = Coordinator(job, metrics, scoring=config.evaluation.scoring()).run(strategy)
     finally:
         metrics.close()
         if scratch is not None:

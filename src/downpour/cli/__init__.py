@@ -216,7 +216,8 @@ def _option_kind(option: Option) -> dict[str, Any]:
     kind = {"type": option.meta["type"]} if "type" in option.meta else _arg_type(option.annotation)
     assert kind is not None, f"option {option.name!r} has no command-line type"
     if kind["type"] is bool:
-        return {"action": "store_true"}
+        # A switch that is on by default is turned off: --no-X (see add_option_flags).
+        return {"action": "store_false" if option.default is True else "store_true"}
     return {**kind, **({"metavar": option.meta["metavar"]} if "metavar" in option.meta else {})}
 
 
@@ -248,7 +249,8 @@ def add_option_flags(parser: argparse.ArgumentParser, only: Collection[str] | No
     for name, option in general_options().items():
         if (only is not None and name not in only) or name in exclude:
             continue
-        flags = [_option_flag(name), *(aliases or {}).get(name, ())]
+        flags = [_option_flag(("no_" if option.default is True else "") + name),
+                 *(aliases or {}).get(name, ())]
         parser.add_argument(*flags, dest=name, default=option.default if defaults else None,
                             help=_option_help(option.help, option.default,
                                               option.meta.get("choices")),

@@ -1,4 +1,4 @@
-"""Datasets held in memory as tensors, split among workers, served in mini-batches.
+"""Datasets held in memory as tensors or streamed from torch Datasets, split among workers.
 
 Example:
     >>> from downpour.data import batches, load
@@ -9,17 +9,25 @@ Example:
 """
 
 from downpour.data.batching import batches
+from downpour.data.batching import epoch
+from downpour.data.batching import stream
 from downpour.data.dataset import Dataset
 from downpour.data.download import resolve_data_dir
 from downpour.data.partition import partition
 from downpour.data.registry import DATASETS
 from downpour.data.registry import load
+from downpour.data.streamed import StreamedDataset
+from downpour.data.streamed import from_torch
 
 __all__ = [
     "DATASETS",
     "Dataset",
+    "StreamedDataset",
     "batches",
+    "epoch",
+    "from_torch",
     "load",
     "partition",
     "resolve_data_dir",
+    "stream",
 ]

@@ -1,17 +1,21 @@
-"""Mini-batches over in-memory tensors, dense or sparse CSR.
+"""Mini-batches over in-memory tensors, dense or sparse CSR, or over a streamed dataset.
 
-No DataLoader: the whole (worker's) dataset is already a tensor, so an epoch
-is one permutation and one gather per batch, with no worker processes and no
-per-example Python calls.
+In memory there is no DataLoader: the whole (worker's) dataset is already a
+tensor, so an epoch is one permutation and one gather per batch, with no
+worker processes and no per-example Python calls. A streamed dataset is read
+through a DataLoader with the same seeded order (:func:`epoch`, :func:`stream`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from downpour.data.rows import take_rows
+from downpour.data.streamed import iterate, loader
 from downpour.errors import check_range
 
 
@@ -57,3 +61,42 @@ def batches(
         else:
             # In-order dense batches are views: no copy at all.
             yield x[start : start + batch_size], y[start : start + batch_size]
+
+
+def epoch(data: Any, batch_size: int, *, generator: torch.Generator | None = None,
+          pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One shuffled pass over a dataset's training part, held in memory or streamed.
+
+    An in-memory :class:`~downpour.data.Dataset` is batched here; a
+    :class:`~downpour.data.streamed.StreamedDataset` is read through a DataLoader
+    (its ``loader_workers``), in the order the same ``generator`` gives in memory.
+
+    Example:
+        >>> from downpour.data import load
+        >>> data = load("synthetic", n=100, d=2, seed=0)
+        >>> sum(len(y) for _, y in epoch(data, 32)) == data.num_train
+        True
+    """
+    if not data.streamed:
+        return batches(data.x_train, data.y_train, batch_size, generator=generator)
+    generator = generator if generator is not None else torch.Generator()
+    return iterate(loader(data, batch_size, generator, passes=1, pin_memory=pin_memory))
+
+
+def stream(data: Any, batch_size: int, *, generator: torch.Generator, skip: int = 0,
+           pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless passes over a dataset's training part, reshuffled each pass, ``skip`` batches in.
+
+    The same batches in the same order whether ``data`` is held in memory or
+    streamed (and, streamed, whatever its ``loader_workers``).
+    """
+    if data.streamed:
+        return iterate(loader(data, batch_size, generator, skip=skip, pin_memory=pin_memory))
+    passes = _memory_passes(data, batch_size, generator)
+    return itertools.islice(passes, skip, None) if skip else passes
+
+
+def _memory_passes(data: Any, batch_size: int,
+                   generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from batches(data.x_train, data.y_train, batch_size, generator=generator)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+
+    # Held in memory (a StreamedDataset is not): what strategies that need the tensors check.
+    streamed: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for split, x, y in (
@@ -80,6 +84,11 @@ class Dataset:
     def sparse(self) -> bool:
         """Whether inputs are sparse CSR tensors."""
         return is_csr(self.x_train)
+
+    @property
+    def num_outputs(self) -> int:
+        """What a model's output layer needs: one output per class."""
+        return self.num_classes
 
     @property
     def num_train(self) -> int:
@@ -154,19 +163,7 @@ def holdout(
     Each class contributes ``round(test_fraction * count)`` test examples, so
     class proportions match between the splits; the same seed gives the same split.
     """
-    check_range("test_fraction", test_fraction, 0, 1, low_open=True)
-    if test_fraction >= 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    rng = np.random.default_rng(seed)
-    labels = y.numpy()
-    test_parts = []
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        test_parts.append(members[: round(test_fraction * len(members))])
-    is_test = np.zeros(len(labels), dtype=bool)
-    if test_parts:
-        is_test[np.concatenate(test_parts)] = True
-    train_index, test_index = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    train_index, test_index = stratified_split(y.numpy(), test_fraction=test_fraction, seed=seed)
     return Dataset(
         name,
         take_rows(x, train_index),
@@ -175,3 +172,37 @@ def holdout(
         y[torch.from_numpy(test_index)],
         num_classes,
     )
+
+
+def stratified_split(labels: np.ndarray, *, test_fraction: float = 0.2,
+                     test_per_class: int | None = None,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train and test indices with each class split alike; the same seed, the same split.
+
+    Each class gives ``round(test_fraction * count)`` test examples, or exactly
+    ``test_per_class`` (a class-balanced test set; a class with fewer keeps one
+    for training).
+
+    Example:
+        >>> labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+        >>> train, test = stratified_split(labels, test_per_class=2)
+        >>> len(train), np.bincount(labels[test]).tolist()
+        (6, [2, 2])
+    """
+    if test_per_class is None:
+        check_range("test_fraction", test_fraction, 0, 1, low_open=True)
+        if test_fraction >= 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    else:
+        check_range("test_per_class", test_per_class, 1)
+    rng = np.random.default_rng(seed)
+    test_parts = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        count = (round(test_fraction * len(members)) if test_per_class is None
+                 else min(test_per_class, len(members) - 1))
+        test_parts.append(members[:count])
+    is_test = np.zeros(len(labels), dtype=bool)
+    if test_parts:
+        is_test[np.concatenate(test_parts)] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)

@@ -58,6 +58,12 @@ SUMMARY_KEYS = (
     "degenerate",
     "converged",
     "stop_reason",
+    "task",
+    "metric",
+    "metric_name",
+    "best_metric",
+    "target_metric",
+    "user_metrics",
 )
 
 # Counters that roles report cumulatively; the summary adds the last value of each role.
@@ -109,6 +115,9 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     """
     events = list(events)
     evals = [e for e in events if e.get("eval/accuracy") is not None and e.get("role") == "coordinator"]
+    # Every task's evaluations (a regression's have a loss but no accuracy).
+    scored = [e for e in events
+              if e.get("eval/loss") is not None and e.get("role") == "coordinator"]
     end = next((e for e in reversed(events) if e.get("event") == "end"), {})
     target = config.get("target_accuracy")
 
@@ -125,7 +134,7 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     # Times count from the coordinator's start mark (training, not process start-up), and on
     # from the attempts before it in a resumed run.
     time_to_target = None
-    if target is not None:
+    if target is not None or config.get("target_metric") is not None:
         start, before = 0.0, 0.0
         for e in events:
             if e.get("role", "coordinator") != "coordinator":
@@ -134,7 +143,8 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
                 start = e["time"]
             elif e.get("event") == "interrupted":
                 before += float(e.get("run/seconds", 0.0))
-            elif (e.get("eval/accuracy") or -1.0) >= target:
+            elif e.get("eval/target_reached") or (target is not None
+                                                   and (e.get("eval/accuracy") or -1.0) >= target):
                 time_to_target = before + max(0.0, e["time"] - start)
                 break
 
@@ -148,6 +158,10 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     eval_seconds = sum(float(e.get("run/eval_seconds", 0.0)) for e in attempts)
     samples = int(end.get("run/samples", 0))
     last_eval = evals[-1] if evals else {}
+    last_scored = scored[-1] if scored else {}
+    metric_name = last_scored.get("eval/metric_name")
+    metric_values = [e["eval/metric"] for e in scored if e.get("eval/metric_name") == metric_name
+                     and e.get("eval/metric") is not None]
     summary: dict[str, Any] = {
         "strategy": config.get("strategy"),
         "dataset": config.get("dataset"),
@@ -156,7 +170,7 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
         "servers": config.get("servers", 0),
         "accuracy": evals[-1]["eval/accuracy"] if evals else None,
         "best_accuracy": max(e["eval/accuracy"] for e in evals) if evals else None,
-        "loss": evals[-1].get("eval/loss") if evals else None,
+        "loss": evals[-1].get("eval/loss") if evals else last_scored.get("eval/loss"),
         "seconds": seconds,
         "samples": samples,
         "samples_per_second": samples / seconds if seconds > 0 else 0.0,
@@ -177,6 +191,15 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
         "converged": end.get("batch/converged"),
         "stop_reason": end.get("batch/stop_reason"),
         "attempts": max(1, sum(1 for e in events if e.get("event") == "start")),
+        # Any task: the score that stands for the run (accuracy, mse, f1_macro, a user's), its
+        # last and best value (best: the largest, or the smallest for an error: mse, mae, loss).
+        "task": config.get("task", "classification"),
+        "metric": last_scored.get("eval/metric"),
+        "metric_name": metric_name,
+        "best_metric": _best(metric_name, metric_values),
+        "target_metric": config.get("target_metric"),
+        "user_metrics": {key.removeprefix("eval/user/"): value for key, value in last_scored.items()
+                         if key.startswith("eval/user/")} or None,
     }
     for name, key in _CUMULATIVE.items():
         summary[name] = int(_last_per_role(events, key))
@@ -195,6 +218,17 @@ def summarize(events: Iterable[Event], config: dict[str, Any]) -> dict[str, Any]
     encoded = summary["bytes_encoded"]
     summary["compression_ratio"] = summary["bytes_raw"] / encoded if encoded else None
     return {key: summary[key] for key in SUMMARY_KEYS}
+
+
+# Scores where smaller is better; every other is taken to grow as the model improves.
+_ERRORS = ("mse", "mae", "loss", "rmse", "error")
+
+
+def _best(name: str | None, values: list[float]) -> float | None:
+    if not values or name is None:
+        return None
+    smaller = name.removeprefix("user/").lower().endswith(_ERRORS)
+    return min(values) if smaller else max(values)
 
 
 @dataclass

@@ -29,14 +29,16 @@ import typing
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from downpour.checkpoint import Checkpointing
 from downpour.cluster import parse_cluster
 from downpour.data import DATASETS
 from downpour.errors import check_range
 from downpour.models import MODELS
+from downpour.models.evaluate import TASKS, Target, Task
 from downpour.optim import OPTIMIZERS, SCHEDULES, OptimSpec, optim
+from downpour.run.coordinator import Scoring
 from downpour.strategies import STRATEGIES, Faults, Job, Single, Strategy
 
 __all__ = [
@@ -94,14 +96,19 @@ class DataConfig:
     Args:
         dataset: the dataset, by name.
         data_dir: the dataset folder (default: $DOWNPOUR_DATA, then the user cache).
+        loader_workers: DataLoader worker processes each worker reads a streamed
+            dataset through (0: in the worker's own process).
     """
 
     dataset: str = field(default="mnist", metadata={"choices": DATASETS, "api": "data"})
     data_dir: str | None = None
+    loader_workers: int = 0
 
     def __post_init__(self) -> None:
         _check_text("dataset", self.dataset)
         _as_path_text(self, "data_dir")
+        _check_number("loader_workers", self.loader_workers, int)
+        check_range("loader_workers", self.loader_workers, 0, 64)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,21 +152,49 @@ class LengthConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluationConfig:
-    """When the model is evaluated, and the accuracy that ends training.
+    """When the model is evaluated, how it is scored, and the score that ends training.
 
     Args:
         eval_every: steps between evaluations (default: ten per run).
         target_accuracy: stop once test accuracy reaches this (0..1).
+        task: what the model predicts: classification (accuracy), regression (MSE, MAE,
+            R2) or multilabel (per-label F1).
+        top_k: also report the top-k accuracy (classification).
+        metric: a function (outputs, targets) -> dict[str, float] over the test set whose
+            values are reported beside the task's own (eval/user/NAME); from Python only.
+        target_metric: stop once an evaluation meets NAME<=VALUE or NAME>=VALUE, e.g.
+            mse<=0.01, r2>=0.9, f1_macro>=0.8 (a metric's own NAME too).
+        eval_samples: evaluate on a seeded subset of this many test examples.
     """
 
     eval_every: int | None = None
     target_accuracy: float | None = None
+    task: Literal["classification", "regression", "multilabel"] = field(
+        default="classification", metadata={"choices": TASKS})
+    top_k: int | None = None
+    metric: Callable[..., Any] | None = field(default=None, metadata={"flag": False})
+    target_metric: str | None = field(default=None, metadata={"metavar": "NAME<=VALUE"})
+    eval_samples: int | None = None
 
     def __post_init__(self) -> None:
         _check_optional("eval_every", self.eval_every, int, 1)
         if self.target_accuracy is not None:
             _check_number("target_accuracy", self.target_accuracy, float)
             check_range("target_accuracy", self.target_accuracy, 0.0, 1.0)
+        _check_optional("top_k", self.top_k, int, 1)
+        _check_optional("eval_samples", self.eval_samples, int, 1)
+        Task(kind=self.task, top_k=self.top_k, metric=self.metric)  # checks each, naming it
+        if self.target_metric is not None:
+            Target.parse(self.target_metric)
+        if self.target_accuracy is not None and self.task != "classification":
+            raise ValueError(f"target_accuracy is for classification; for the {self.task} task "
+                             "use target_metric (e.g. 'mse<=0.01')")
+
+    def scoring(self) -> Scoring:
+        """How the coordinator scores the model (:class:`downpour.run.coordinator.Scoring`)."""
+        target = None if self.target_metric is None else Target.parse(self.target_metric)
+        return Scoring(task=Task(kind=self.task, top_k=self.top_k, metric=self.metric),
+                       target=target, samples=self.eval_samples)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +207,8 @@ class ClusterConfig:
         spec: where roles run: processes on this machine (local), a local Ray (ray), or
             a Ray cluster (ray:ADDRESS, or a RayCluster from Python).
         device: cpu or cuda.
+        shared_memory: roles on one host move tensors through shared memory (off, with
+            --no-shared-memory, every tensor crosses TCP as it would between hosts).
     """
 
     workers: int = 1
@@ -179,6 +216,7 @@ class ClusterConfig:
     spec: Any = field(default="local", metadata={"option": "cluster", "type": str,
                                                   "metavar": "local|ray|ray:ADDRESS"})
     device: str = "cpu"
+    shared_memory: bool = True
 
     def __post_init__(self) -> None:
         _check_number("workers", self.workers, int)
@@ -363,6 +401,7 @@ class RunConfig:
             seed=self.seed, device=self.cluster.device, faults=self.faults,
             cluster=parse_cluster(self.cluster.spec),
             restart_workers=self.checkpoint.restart_workers,
+            shared_memory=self.cluster.shared_memory,
         )
 
 

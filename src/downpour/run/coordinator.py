@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from downpour.cluster import open_cluster
-from downpour.metrics import Metrics, evaluate
+from downpour.metrics import Metrics
 from downpour.metrics.summary import degenerate
-from downpour.strategies import Job, Strategy
+from downpour.models.evaluate import Target, Task, evaluate_data
+from downpour.strategies import STRATEGIES, Job, Strategy
 from downpour.strategies.plan import Plan, Progress
 from downpour.strategies.worker import Worker
 
@@ -40,12 +41,45 @@ log = logging.getLogger("downpour.run")
 EXPLODED_FACTOR = 1e3
 
 
-class Evaluator:
-    """Evaluates the coordinator's model on the test set and watches the target and the time budget."""
+@dataclass(frozen=True, kw_only=True)
+class Scoring:
+    """How the coordinator scores the model: the task, a target over its scores, a test subset.
 
-    def __init__(self, job: Job, metrics: Metrics) -> None:
+    Attributes:
+        task: what the model predicts and which scores an evaluation reports.
+        target: stop once an evaluation meets it (beside the job's ``target_accuracy``).
+        samples: evaluate on a seeded subset of this many test examples (None: all).
+    """
+
+    task: Task = field(default_factory=Task)
+    target: Target | None = None
+    samples: int | None = None
+
+
+def refuse_streamed(strategy: Strategy, data: Any) -> None:
+    """Refuse a streamed dataset for a strategy that needs the training set in memory.
+
+    Example:
+        >>> refuse_streamed(dp.Sandblaster(), streamed)  # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: strategy 'sandblaster' needs the training set in memory ...
+    """
+    if getattr(data, "streamed", False) and strategy.in_memory:
+        takes = sorted(name for name, cls in STRATEGIES.items() if not cls.in_memory)
+        raise ValueError(
+            f"strategy {strategy.name!r} needs the training set in memory ({strategy.in_memory}); "
+            f"{data.name!r} is a streamed dataset. Load it into memory (a downpour.data.Dataset "
+            "of tensors, or dp.data.load(..., stream=False) for an image folder), or choose a "
+            f"strategy that reads streamed data: {', '.join(takes)}")
+
+
+class Evaluator:
+    """Evaluates the coordinator's model on the test set; watches the targets and time budget."""
+
+    def __init__(self, job: Job, metrics: Metrics, scoring: Scoring | None = None) -> None:
         self.job = job
         self.metrics = metrics
+        self.scoring = scoring or Scoring()
         self.seconds = 0.0  # time spent evaluating
         self.reached = False
         self.last: dict[str, float] = {}
@@ -63,12 +97,22 @@ class Evaluator:
 
     def __call__(self, model: nn.Module, step: int, **extra: Any) -> dict[str, float]:
         started = time.perf_counter()
-        result = evaluate(model, self.job.loss, self.job.data.x_test, self.job.data.y_test)
+        scoring = self.scoring
+        result = evaluate_data(model, self.job.loss, self.job.data, task=scoring.task,
+                               samples=scoring.samples, seed=self.job.seed)
+        name = scoring.target.name if scoring.target is not None else scoring.task.primary(result)
+        key = f"eval/{name}" if f"eval/{name}" in result else f"eval/user/{name}"
+        if key in result:
+            result = {**result, "eval/metric": result[key], "eval/metric_name": name}
         self.last = result
         self.seconds += time.perf_counter() - started
         target = self.job.target_accuracy
-        if target is not None and result["eval/accuracy"] >= target:
+        if target is not None and result.get("eval/accuracy", -1.0) >= target:
             self.reached = True
+        if scoring.target is not None and scoring.target.met(result):
+            self.reached = True
+        if self.reached:
+            result = {**result, "eval/target_reached": True}
         self.metrics.log(step, {**result, **extra})
         return result
 
@@ -150,9 +194,10 @@ class Coordinator:
         >>> model = Coordinator(job, metrics).run(dp.Downpour())  # doctest: +SKIP
     """
 
-    def __init__(self, job: Job, metrics: Metrics, *, timeout: float = 60.0) -> None:
+    def __init__(self, job: Job, metrics: Metrics, *, timeout: float = 60.0,
+                 scoring: Scoring | None = None) -> None:
         self.job, self.metrics, self.timeout = job, metrics, timeout
-        self.evaluator = Evaluator(job, metrics)
+        self.evaluator = Evaluator(job, metrics, scoring)
         self.progress = Progress()
         self.divergence = Divergence()
         self.reached_state: dict[str, torch.Tensor] | None = None
@@ -183,6 +228,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ run
     def run(self, strategy: Strategy) -> nn.Module:
+        refuse_streamed(strategy, self.job.data)
         plan = strategy.plan(self.job)
         model = plan.model()
         self.metrics.sinks.extend([self.progress, self.divergence])

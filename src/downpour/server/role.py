@@ -60,6 +60,7 @@ class ServerRole:
     threads: int = 1
     checkpoint: Checkpointing | None = None
     restore: bool = False
+    shared_memory: bool = True  # offer shared-memory sessions to clients on this host
 
     def build_shard(self) -> ServerShard:
         return ServerShard(self.initial, shard=self.shard, optimizer=self.optimizer.build,
@@ -75,7 +76,8 @@ class ServerRole:
             ctx.publish("restored_version", shard.version)
         writer = _Checkpointer(shard, self.checkpoint, self.rank, ctx) if self.checkpoint else None
         host = self.host or getattr(ctx, "host", None) or "127.0.0.1"
-        server = serve_shard(shard, host=host, port=self.port, token=self.token, security=self.security)
+        server = serve_shard(shard, host=host, port=self.port, token=self.token, security=self.security,
+                             shared_memory=self.shared_memory)
         ctx.publish("address", server.address)
         reported: dict[int, int] = {}
         try:

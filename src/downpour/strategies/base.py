@@ -74,6 +74,7 @@ class Job:
     cluster: Any = None  # None (local processes) or a RayCluster; see downpour.cluster.open_cluster
     restart_workers: bool = False
     checkpoint: Any = None  # a downpour.checkpoint.Checkpointing, or None
+    shared_memory: bool = True  # roles on one host may move tensors through /dev/shm
 
     def __post_init__(self) -> None:
         check_range("workers", self.workers, 1, 4096)
@@ -136,6 +137,9 @@ class Strategy(Protocol):
             with what to use instead; a key may be a whole section (``"optimizer"``) and
             a hint may name the strategy's own options in braces (``"use {rounds}"``).
             Setting one is an error (``servers`` and ``workers`` follow from above).
+        in_memory: what the strategy needs the training set held in memory for, if it
+            does (a line for the error that refuses a streamed dataset); empty if it
+            trains from mini-batches alone and so reads a streamed dataset too.
     """
 
     name: ClassVar[str]
@@ -144,6 +148,7 @@ class Strategy(Protocol):
     restartable: ClassVar[bool] = False
     takes_workers: ClassVar[bool] = True
     buffers: ClassVar[str] = ""
+    in_memory: ClassVar[str] = ""
     ignores: ClassVar[dict[str, str]] = {}
 
     def plan(self, job: Job) -> Any: ...

@@ -569,6 +569,7 @@ class Boost(Strategy):
 
     name: ClassVar[str] = "boost"
     buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
+    in_memory: ClassVar[str] = "it weighs and selects examples over the training tensors"
     ignores: ClassVar[dict[str, str]] = {
         **dict.fromkeys(("epochs", "max_steps"), "use {num_rounds} and {steps_per_round}"),
         "eval_every": "the vote is evaluated once per round"}
@@ -632,6 +633,7 @@ class SelfieBoost(Strategy):
 
     name: ClassVar[str] = "selfieboost"
     buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
+    in_memory: ClassVar[str] = "it weighs and selects examples over the training tensors"
     sample_size: int = 8192
     steps_per_round: int | None = None
     coordinator_device: str = "auto"

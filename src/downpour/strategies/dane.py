@@ -326,6 +326,7 @@ class Dane(Strategy):
 
     name: ClassVar[str] = "dane"
     buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
+    in_memory: ClassVar[str] = "each worker solves its local problem over its whole shard's tensors"
     ignores: ClassVar[dict[str, str]] = {
         "optimizer": "DANE brings its own local solver: use {local}, {local_steps} and {local_lr}",
         "epochs": "DANE runs rounds over every worker's whole shard: use {num_rounds}",

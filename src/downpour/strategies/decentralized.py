@@ -49,7 +49,7 @@ from downpour.compress import Stream, compression_counters, parse
 from downpour.errors import TransportError, check_range
 from downpour.server import ApplyAtOnce, ServerShard
 from downpour.flat import combine_buffers_
-from downpour.models import evaluate
+from downpour.models.evaluate import evaluate_data
 from downpour.strategies.base import Job, Strategy
 from downpour.strategies.plan import Session
 from downpour.strategies.worker import Worker, WorkerGroupPlan, decode_params_, load_snapshot_
@@ -254,7 +254,7 @@ class DecentralizedPlan(WorkerGroupPlan):
         first = next(iter(finals))
         load_snapshot_(model, self.flat, finals[first])
         data = self.job.data
-        one = evaluate(model, self.job.loss, data.x_test, data.y_test)
+        one = evaluate_data(model, self.job.loss, data)
         self.flat.params.copy_(torch.stack(list(vectors.values())).mean(0))
         combine_buffers_(model, [snapshot[2] for snapshot in finals.values() if len(snapshot) > 2])
         session.metrics.log(session.progress.total_steps, {

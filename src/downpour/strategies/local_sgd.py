@@ -50,7 +50,7 @@ from downpour.compress import Stream, compression_counters, parse
 from downpour.data.partition import SCHEMES
 from downpour.errors import check_range, choose
 from downpour.flat import encode_buffers
-from downpour.models import evaluate
+from downpour.models.evaluate import evaluate_data
 from downpour.strategies.base import Job, Strategy
 from downpour.strategies.collective import (
     BACKENDS,
@@ -394,7 +394,7 @@ class EnsemblePlan(CollectivePlan):
         results: dict[str, Any] = {}
         data = self.job.data
         for label, member in (("ensemble", model), ("averaged", model.average())):
-            values = evaluate(member, self.job.loss, data.x_test, data.y_test)
+            values = evaluate_data(member, self.job.loss, data)
             results[f"eval/{label}_accuracy"] = values["eval/accuracy"]
             results[f"eval/{label}_loss"] = values["eval/loss"]
         session.metrics.log(session.progress.total_steps, results)

@@ -235,7 +235,8 @@ class ParameterServerPlan(Plan):
             ServerRole(rank=r.shard, shard=r, initial=self.flat.params[r.start : r.stop].clone(),
                        optimizer=self.server_optimizer, policy=self.policy, token=self.token,
                        ema_decay=self.ema_decay, checkpoint=checkpoint,
-                       restore=checkpoint is not None and checkpoint.resume)
+                       restore=checkpoint is not None and checkpoint.resume,
+                       shared_memory=self.job.shared_memory)
             for r in self.ranges
         ]
         return self.server_roles

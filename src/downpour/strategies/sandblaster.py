@@ -207,6 +207,7 @@ class Sandblaster(Strategy):
     name: ClassVar[str] = "sandblaster"
     uses_servers: ClassVar[bool] = True
     buffers: ClassVar[str] = "refused: a model with buffers is an error naming the buffer"
+    in_memory: ClassVar[str] = "its workers compute full gradients over portions of their shard"
     ignores: ClassVar[dict[str, str]] = {
         "optimizer": "its optimizer is the batch method: use {method}",
         "epochs": "a batch method counts iterations, not epochs: use {max_iterations}",
@@ -262,7 +263,8 @@ class SandblasterPlan(Plan):
 
     def servers(self, session: Session) -> list[ServerRole]:
         return [ServerRole(rank=r.shard, shard=r, initial=self.flat.params[r.start : r.stop].clone(),
-                           optimizer=self.job.optimizer, policy=SumPortions(), token=self.token)
+                           optimizer=self.job.optimizer, policy=SumPortions(), token=self.token,
+                           shared_memory=self.job.shared_memory)
                 for r in self.ranges]
 
     def worker(self, session: Session, rank: int, *, incarnation: int = 0, start_steps: int = 0,

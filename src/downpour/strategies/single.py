@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from downpour.data import batches
+from downpour.data import epoch
 from downpour.errors import check_range
 from downpour.strategies.base import Job, Strategy, sgd_step
 from downpour.strategies.plan import Plan, Session
@@ -72,7 +72,7 @@ class SinglePlan(Plan):
         window_start = time.perf_counter()
         model.train()
         while step < total and not session.should_stop():
-            for x, y in batches(job.data.x_train, job.data.y_train, job.batch_size, generator=generator):
+            for x, y in epoch(job.data, job.batch_size, generator=generator):
                 loss = sgd_step(model, self.flat.zero_grad_, optimizer, job.loss, x.to(job.device),
                                 y.to(job.device))
                 scheduler.step()

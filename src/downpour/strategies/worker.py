@@ -10,7 +10,6 @@ workers add a client (:mod:`downpour.strategies.parameter_server`).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from downpour.data import batches
+from downpour.data import stream
 from downpour.flat import FlatParams, decode_buffers_, encode_buffers, has_buffers
 from downpour.strategies.base import Job
 from downpour.strategies.plan import Plan, Session
@@ -36,16 +35,12 @@ def worker_stream(job: Job, rank: int, num_workers: int, skip: int = 0) -> Itera
     """Worker ``rank``'s endless stream of mini-batches over ``job.data`` (its shard), reshuffled each pass.
 
     The stream is a function of the seed and the rank alone, so a worker
-    restarted or resumed after ``skip`` steps goes on where it was.
+    restarted or resumed after ``skip`` steps goes on where it was; a streamed
+    dataset is read through the worker's own DataLoader in that same order.
     """
     generator = torch.Generator().manual_seed(job.seed * 7919 + rank)
-    stream = _passes(job, generator)
-    return itertools.islice(stream, skip, None) if skip else stream
-
-
-def _passes(job: Job, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    while True:
-        yield from batches(job.data.x_train, job.data.y_train, job.batch_size, generator=generator)
+    return stream(job.data, job.batch_size, generator=generator, skip=skip,
+                  pin_memory=str(job.device).startswith("cuda"))
 
 
 def encode_params(vector: torch.Tensor) -> bytes:

@@ -31,8 +31,8 @@ def _make_folder(root: Path) -> Path:
 
 def test_imagefolder_layout_and_values(tmp_path):
     root = _make_folder(tmp_path / "images")
-    data = load("imagefolder", path=root, size=16, seed=0)
-    assert data.num_classes == 3  # ant, cat, zebra; the empty folder is no class
+    data = load("imagefolder", path=root, size=16, seed=0, stream=False, skip_empty=True)
+    assert data.num_classes == 3  # ant, cat, zebra; the empty folder is left out (skip_empty)
     assert data.input_shape == (3, 16, 16) and data.x_train.dtype == torch.float32
     assert data.num_train + len(data.y_test) == 20
     assert len(data.y_test) == 4  # 20% of each class: 1 + 2 + 1
@@ -49,7 +49,7 @@ def test_imagefolder_pixel_values(tmp_path):
     folder.mkdir(parents=True)
     for i in range(5):
         Image.new("RGB", (8, 8), (255, 0, 51 * i)).save(folder / f"{i}.png")
-    data = load("imagefolder", path=tmp_path / "one", size=4)
+    data = load("imagefolder", path=tmp_path / "one", size=4, stream=False)
     values = torch.cat([data.x_train, data.x_test])
     assert torch.all(values[:, 0] == 1.0) and torch.all(values[:, 1] == 0.0)
     assert sorted(values[:, 2, 0, 0].tolist()) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8])
@@ -57,8 +57,10 @@ def test_imagefolder_pixel_values(tmp_path):
 
 def test_imagefolder_errors(tmp_path):
     (tmp_path / "nothing" / "class_a").mkdir(parents=True)
-    with pytest.raises(DataError, match="no images under"):
+    with pytest.raises(DataError, match=r"class folder .*class_a holds no image"):
         load("imagefolder", path=tmp_path / "nothing")
+    with pytest.raises(DataError, match="no images under"):
+        load("imagefolder", path=tmp_path / "nothing", skip_empty=True)
     with pytest.raises(DataError, match="not a folder"):
         load("imagefolder", path=tmp_path / "absent")
     with pytest.raises(ValueError, match="needs path="):
@@ -67,6 +69,8 @@ def test_imagefolder_errors(tmp_path):
     broken.mkdir(parents=True)
     (broken / "bad.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match=r"cannot read image .*bad\.png"):
+        load("imagefolder", path=tmp_path / "broken", on_error="raise")
+    with pytest.raises(DataError, match=r"class folder .*a holds no readable image"):
         load("imagefolder", path=tmp_path / "broken")
     with pytest.raises(ValueError, match="size"):
         load("imagefolder", path=tmp_path / "broken", size=0)

@@ -139,7 +139,8 @@ def test_help_documents_a_kill_at_a_step(command, capsys):
 def test_every_general_flag_shows_its_runconfig_default(capsys):
     out = _help(capsys, "train")
     for name, option in general_options().items():
-        flag = "--" + name.replace("_", "-")
+        prefix = "no-" if option.default is True else ""  # a switch on by default: --no-X
+        flag = "--" + prefix + name.replace("_", "-")
         text = flag_help(out, flag)
         assert option.help.rstrip(".") in text, (flag, text)
         if option.default is not None and not isinstance(option.default, bool):
