@@ -77,9 +77,10 @@ def _resolve_data(data: Any, config: RunConfig) -> Any:
     if task == "classification" and data.num_classes is None:
         raise ValueError(f"{data.name!r} has targets that are not class indices; set task= "
                          "'regression' or 'multilabel'")
-    if task != "classification" and not data.streamed:
-        raise ValueError(f"the {task} task needs float targets, and an in-memory Dataset holds "
-                         "class labels; wrap a torch Dataset with downpour.data.from_torch")
+    if task == "multilabel" and not data.streamed:
+        raise ValueError("the multilabel task needs (N, labels) targets, and an in-memory Dataset "
+                         "holds one class label per example; wrap a torch Dataset with "
+                         "downpour.data.from_torch")
     return data
 
 

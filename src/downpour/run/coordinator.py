@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from downpour.cluster import open_cluster
+from downpour.errors import DataError
 from downpour.metrics import Metrics
 from downpour.metrics.summary import degenerate
 from downpour.models.evaluate import Target, Task, evaluate_data
@@ -94,6 +95,18 @@ class Evaluator:
         """Whether the job's ``max_seconds`` budget is spent."""
         budget = self.job.max_seconds
         return budget is not None and time.monotonic() - self._started >= budget
+
+    def preflight(self, model: nn.Module, samples: int = 16) -> None:
+        """Score the untrained model on a few test examples, so that a model whose outputs do not
+        fit the task (one output for ten classes, say) is named before any process starts, not
+        at the first evaluation, after the training it would have wasted."""
+        task = replace(self.scoring.task, metric=None)  # a user's metric needs them all
+        try:
+            evaluate_data(model, self.job.loss, self.job.data, task=task, samples=samples,
+                          seed=self.job.seed)
+        except DataError as error:
+            raise DataError(f"{error} (checked on {samples} test examples, before training; "
+                            f"the task is {task.kind!r})") from None
 
     def __call__(self, model: nn.Module, step: int, **extra: Any) -> dict[str, float]:
         started = time.perf_counter()
@@ -231,6 +244,7 @@ class Coordinator:
         refuse_streamed(strategy, self.job.data)
         plan = strategy.plan(self.job)
         model = plan.model()
+        self.evaluator.preflight(model)
         self.metrics.sinks.extend([self.progress, self.divergence])
         try:
             if plan.inline:

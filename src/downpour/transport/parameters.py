@@ -191,20 +191,23 @@ class ParameterClient:
         parts = self._parts(update)
 
         def push(shard: int) -> PushResult:
-            version = int(versions[shard])
-            try:
-                return self.clients[shard].push(
+            return self._restamping(shard, int(versions[shard]), timeout, lambda version: (
+                self.clients[shard].push(
                     worker, version, parts[shard], kind=kind, portion=portion, timeout=timeout
-                )
-            except Refused as error:
-                restamped = self._restamped(shard, version, error, timeout)
-                if restamped is None:
-                    raise
-                return self.clients[shard].push(
-                    worker, restamped, parts[shard], kind=kind, portion=portion, timeout=timeout
-                )
+                )))
 
         return self._each(push)
+
+    def _restamping(self, shard: int, version: int, timeout: float | None,
+                    call: Callable[[int], T]) -> T:
+        """``call(version)``, once more with the shard's own version if a restarted shard refused it."""
+        try:
+            return call(version)
+        except Refused as error:
+            restamped = self._restamped(shard, version, error, timeout)
+            if restamped is None:
+                raise
+            return call(restamped)
 
     def push_pull_all(
         self,
@@ -231,17 +234,18 @@ class ParameterClient:
 
         def push_pull(shard: int) -> tuple[PushResult, int, torch.Tensor]:
             part = self.ranges[shard]
-            return self.clients[shard].push_pull(
-                worker,
-                int(versions[shard]),
-                parts[shard],
-                kind=kind,
-                wait_version=None if wait_versions is None else wait_versions[shard],
-                average=average,
-                half=half,
-                out=flat[part.start : part.stop],
-                timeout=timeout,
-            )
+            return self._restamping(shard, int(versions[shard]), timeout, lambda version: (
+                self.clients[shard].push_pull(
+                    worker,
+                    version,
+                    parts[shard],
+                    kind=kind,
+                    wait_version=None if wait_versions is None else wait_versions[shard],
+                    average=average,
+                    half=half,
+                    out=flat[part.start : part.stop],
+                    timeout=timeout,
+                )))
 
         trips = self._each(push_pull)
         return [trip[0] for trip in trips], [trip[1] for trip in trips], out

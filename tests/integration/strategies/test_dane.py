@@ -133,7 +133,7 @@ def test_rounds_on_a_quadratic_follow_the_papers_closed_form_in_eta_and_mu(digit
     workers, eta, mu, l2, rounds = 2, 0.7, 2.0, 1e-2, 2
     strategy = Dane(num_rounds=rounds, local="sgd", local_steps=120, local_lr=0.1, mu=mu, eta=eta, l2=l2)
     result = dp.train(model=LeastSquares, loss=squared_loss, data=digits, strategy=strategy, workers=workers,
-                      save=False)
+                      task="regression", save=False)
 
     job = Job(model=LeastSquares, loss=squared_loss, data=digits, optimizer=dp.optim("sgd"), workers=workers)
     hessians, weights, targets = [], [], []
