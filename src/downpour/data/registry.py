@@ -10,7 +10,7 @@ from downpour.data.dataset import Dataset
 from downpour.data.download import resolve_data_dir
 from downpour.data.images import load_imagefolder
 from downpour.data.svmlight import load_svmlight, load_w8a
-from downpour.data.synthetic import load_synthetic
+from downpour.data.synthetic import load_rcv1_like, load_synthetic
 from downpour.data.vision import load_cifar10, load_digits, load_fashion_mnist, load_mnist
 from downpour.errors import choose
 
@@ -26,6 +26,7 @@ DATASETS: dict[str, Loader] = {
     "digits": load_digits,
     "imagefolder": load_imagefolder,
     "synthetic": load_synthetic,
+    "rcv1-like": load_rcv1_like,
 }
 
 

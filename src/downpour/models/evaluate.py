@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from downpour.data import batches
+from downpour.data.rows import take_rows
 from downpour.data.streamed import eval_batches
 from downpour.errors import DataError, check_range, choose
 
@@ -176,7 +177,7 @@ def evaluate_data(model: nn.Module, loss_fn, data: Any, *, task: Task | None = N
     x, y = data.x_test, data.y_test
     if subset is not None:
         index = torch.from_numpy(subset)
-        x, y = x.index_select(0, index), y[index]
+        x, y = take_rows(x, index), y[index]  # dense or sparse CSR
     return evaluate(model, loss_fn, x, y, batch_size=2048, task=task)
 
 

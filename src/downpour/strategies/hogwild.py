@@ -36,14 +36,21 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from downpour.errors import PeerTimeout, check_range
+from downpour.errors import PeerTimeout, check_range, choose
 from downpour.flat import FlatParams, apply_sparse_
 from downpour.strategies.base import Job, Strategy
 from downpour.strategies.collective import check_lockstep_optimizer
-from downpour.strategies.sparse_linear import SparseLinearGradient, supports_sparse_updates
+from downpour.models.sparse_sgd import SparseSGD, check_csr, hogwild_threads, warm_up
+from downpour.strategies.sparse_linear import (
+    SparseLinearGradient,
+    compiled_kernel,
+    load_kernel_weights,
+    supports_sparse_updates,
+)
 from downpour.strategies.plan import Plan, Session
 from downpour.strategies.worker import Worker, shard_job
 
@@ -273,6 +280,13 @@ class Hogwild(Strategy):
             the model is linear, the inputs sparse CSR and the optimizer plain
             SGD; ``"on"`` requires that; ``"off"`` always takes dense steps.
 
+        threads: ``"auto"`` runs the workers as threads of the coordinator over one weight
+            matrix, the GIL released, when the compiled sparse kernel applies (a linear
+            model on sparse data by plain SGD, no staged faults): the paper's setting, with
+            no process to spawn and no copy of the data per worker. Processes otherwise
+            (any other model; faults, which need a process to kill). ``"on"`` requires
+            threads, ``"off"`` always uses processes.
+
     Example:
         >>> Hogwild(round_robin=True).mode
         'round_robin'
@@ -283,6 +297,7 @@ class Hogwild(Strategy):
     lock: bool = False
     round_robin: bool = False
     sparse_updates: Literal["auto", "on", "off"] = "auto"
+    threads: Literal["auto", "on", "off"] = "auto"
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -291,6 +306,7 @@ class Hogwild(Strategy):
                              "set at most one of them (got lock=True and round_robin=True)")
         if self.sparse_updates not in ("auto", "on", "off"):
             raise ValueError(f"sparse_updates must be 'auto', 'on' or 'off', got {self.sparse_updates!r}")
+        choose("threads", self.threads, ("auto", "on", "off"))
         check_range("log_every", self.log_every, 1)
 
     @property
@@ -304,7 +320,26 @@ class Hogwild(Strategy):
             raise ValueError(f"hogwild shares parameters through this host's shared memory and runs on the "
                              f"CPU only; got device={job.device!r}, use device='cpu'")
         check_lockstep_optimizer(job, self.name)
+        if self.threads != "off":
+            why_not = self._why_not_threads(job)
+            if why_not is None:
+                return HogwildThreadsPlan(job, self)
+            if self.threads == "on":
+                raise ValueError(f"threads='on' needs the compiled sparse kernel: {why_not}; "
+                                 "use threads='auto' or 'off'")
         return HogwildPlan(job, self)
+
+    def _why_not_threads(self, job: Job) -> str | None:
+        """None where workers can be threads running the compiled kernel; else the reason."""
+        if self.sparse_updates == "off":
+            return "sparse_updates='off' asks for dense steps"
+        if compiled_kernel(job, job.build_model()) is None:
+            return ("it runs a linear model with its own loss on in-memory sparse CSR data, by plain "
+                    "'sgd' at a constant rate, on the CPU")
+        staged = [name for name in ("slow", "kill", "kill_at_step") if getattr(job.faults, name)]
+        if staged:
+            return f"staged faults ({', '.join(staged)}) need worker processes to slow down or kill"
+        return None
 
     def _sparse(self, job: Job, model: nn.Module) -> bool:
         """Whether workers take sparse steps; a ValueError when ``"on"`` cannot be honoured."""
@@ -374,3 +409,100 @@ class HogwildPlan(Plan):
         for private, shared in zip(trained.buffers(), self.shared_buffers, strict=True):
             private.copy_(shared)
         return trained
+
+
+# The most examples a thread trains between two looks at the stop signal.
+_SEGMENT_EXAMPLES = 1 << 16
+
+
+class HogwildThreadsPlan(Plan):
+    """Hogwild! as the paper runs it: W threads over one weight matrix, no locks, sparse writes.
+
+    Each thread runs the compiled kernel (:mod:`downpour.models.sparse_sgd`,
+    the L2 term split over the features) on its own shard of the rows, with
+    the GIL released, so the threads' writes race in shared memory. Training
+    runs in segments between evaluations: every thread trains its part of the
+    segment, then the coordinator evaluates the weights (training stopped, as
+    for ``single``). ``lock`` and ``round_robin`` serialise each thread's
+    writes, ``chunk`` examples at a time (1 by default, the paper's comparators).
+    """
+
+    inline = True
+
+    def __init__(self, job: Job, config: Hogwild, *, chunk: int = 1) -> None:
+        super().__init__(job)
+        self.config, self.chunk = config, chunk
+        self.per_worker = job.total_steps(job.data.num_train // job.workers)
+        self.global_steps = self.per_worker * job.workers
+
+    def build_model(self) -> nn.Module:
+        return self.job.build_model()
+
+    def open(self, session: Session) -> None:
+        super().open(session)
+        job = self.job
+        base = compiled_kernel(job, self.flat.module)
+        assert base is not None  # Hogwild.plan checked
+        self.kernel = SparseSGD(base.loss, num_features=base.num_features,
+                                num_classes=base.num_classes, lr=base.lr, l2=base.l2,
+                                batch_size=job.batch_size, regularization="split")
+        weights, bias = base.coefficients()
+        self.kernel.set_weights(weights, bias)
+        self.x = check_csr(job.data.x_train, self.kernel.num_features, "x_train")
+        self.y = self.kernel.check_labels(job.data.y_train.numpy(), self.x.shape[0])
+        self.kernel.frequencies(self.x)
+        warm_up(self.kernel)  # compiled before the clock starts
+
+    def _orders(self) -> list[np.ndarray]:
+        """Each thread's rows for the whole run: its shard, reshuffled every pass."""
+        job, workers = self.job, self.job.workers
+        rng = np.random.default_rng(job.seed)
+        shards = np.array_split(rng.permutation(self.x.shape[0]), workers)
+        wanted = self.per_worker * job.batch_size
+        orders = []
+        for shard in shards:
+            passes = -(-wanted // max(len(shard), 1))
+            orders.append(np.concatenate([rng.permutation(shard) for _ in range(passes)])[:wanted])
+        return orders
+
+    def drive(self, session: Session) -> dict[str, Any]:
+        job, metrics, model = self.job, session.metrics, self.flat.module
+        workers, batch = job.workers, job.batch_size
+        orders = self._orders()
+        interval = job.eval_interval(self.global_steps)  # global steps between evaluations
+        segment = max(1, min(interval // workers, _SEGMENT_EXAMPLES // batch)) * batch
+        done = [0] * workers  # examples each thread has trained
+        updates = [0] * workers
+        step = 0
+        next_eval = interval
+        while step < self.global_steps and not session.should_stop():
+            parts = [order[d : d + segment] for order, d in zip(orders, done)]
+            started = time.perf_counter()
+            results = hogwild_threads(self.kernel, self.x, self.y, parts, mode=self.config.mode,
+                                      chunk=self.chunk)
+            seconds = time.perf_counter() - started
+            examples = sum(len(part) for part in parts)
+            for rank, (part, result) in enumerate(zip(parts, results)):
+                done[rank] += len(part)
+                updates[rank] += int(result["updates"])
+            step = sum(-(-d // batch) for d in done)
+            metrics.log(step, {
+                "train/loss": sum(r["loss"] * len(p) for r, p in zip(results, parts)) / max(examples, 1),
+                "train/lr": job.optimizer.lr,
+                "train/samples_per_second": examples / max(seconds, 1e-9),
+                "train/kernel": "compiled",
+                "hogwild/threads": workers,
+                "progress/step": step,
+                "progress/samples": sum(done),
+            })
+            if step >= next_eval and step < self.global_steps:
+                next_eval += interval
+                load_kernel_weights(self.kernel, model)
+                session.evaluate(model, step)
+        load_kernel_weights(self.kernel, model)
+        metrics.log(step, {"hogwild/thread_updates": updates, "hogwild/thread_samples": done,
+                           "comm/rounds": sum(updates)})
+        return {"run/steps": step, "run/samples": sum(done)}
+
+    def read(self, session: Session, model: nn.Module, *, final: bool) -> bool:
+        return True  # the kernel's weights are loaded into the model before every evaluation

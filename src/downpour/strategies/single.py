@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from downpour.data import epoch
-from downpour.errors import check_range
+from downpour.errors import check_range, choose
+from downpour.models.sparse_sgd import SparseSGD, check_csr, warm_up
 from downpour.strategies.base import Job, Strategy, sgd_step
 from downpour.strategies.plan import Plan, Session
+from downpour.strategies.sparse_linear import compiled_kernel, load_kernel_weights
+
+# The compiled kernel's longest run between two looks at the stop signal.
+_CHUNK_EXAMPLES = 1 << 16
 
 
 @dataclass(frozen=True, kw_only=True)
 class Single(Strategy):
     """Plain mini-batch SGD in this process, with the job's optimizer and schedule.
+
+    A linear model on sparse inputs trained by plain SGD at a constant rate
+    runs on the compiled kernel (:mod:`downpour.models.sparse_sgd`): the same
+    steps, on the same batches, without torch's dispatch per example.
+    ``kernel="torch"`` keeps it on torch (to compare the two).
 
     Example:
         >>> strategy = Single(log_every=20)
@@ -30,12 +41,14 @@ class Single(Strategy):
         ("faults.slow", "faults.kill", "faults.kill_at_step"),
         "it trains in this process: there is no worker to slow down or kill")
     log_every: int = 10
+    kernel: Literal["auto", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         check_range("log_every", self.log_every, 1)
+        choose("kernel", self.kernel, ("auto", "torch"))
 
     def plan(self, job: Job) -> SinglePlan:
-        return SinglePlan(job, log_every=self.log_every)
+        return SinglePlan(job, log_every=self.log_every, kernel=self.kernel)
 
 
 class SinglePlan(Plan):
@@ -43,19 +56,27 @@ class SinglePlan(Plan):
 
     inline = True
 
-    def __init__(self, job: Job, *, log_every: int) -> None:
+    def __init__(self, job: Job, *, log_every: int, kernel: str = "auto") -> None:
         super().__init__(job)
-        self.log_every = log_every
+        self.log_every, self.kernel = log_every, kernel
         self.global_steps = job.total_steps()
 
     def build_model(self) -> nn.Module:
         return self.job.build_model()
+
+    def open(self, session: Session) -> None:
+        super().open(session)
+        self.compiled = compiled_kernel(self.job, self.flat.module) if self.kernel == "auto" else None
+        if self.compiled is not None:
+            warm_up(self.compiled)  # compiled (or loaded from numba's cache) before the clock starts
 
     def drive(self, session: Session) -> dict[str, Any]:
         # Subnormal floats make late-training steps several times slower on
         # CPUs; flush them while training, and leave the process as it was.
         torch.set_flush_denormal(True)
         try:
+            if self.compiled is not None:
+                return self._train_compiled(session, self.compiled)
             return self._train(session)
         finally:
             torch.set_flush_denormal(False)
@@ -94,6 +115,44 @@ class SinglePlan(Plan):
                     window_start = time.perf_counter()
                 if step >= total or session.should_stop():
                     break
+        return {"run/steps": step, "run/samples": samples}
+
+    def _train_compiled(self, session: Session, kernel: SparseSGD) -> dict[str, Any]:
+        """The compiled kernel over the batches the torch loop would take, in chunks between
+        evaluations (and at most :data:`_CHUNK_EXAMPLES` examples, so that a stop is heard)."""
+        job, metrics, model = self.job, session.metrics, self.flat.module
+        total, batch = self.global_steps, job.batch_size
+        interval = job.eval_interval(total)
+        generator = torch.Generator().manual_seed(job.seed)
+        x = check_csr(job.data.x_train, kernel.num_features, "x_train")
+        y = kernel.check_labels(job.data.y_train.numpy(), x.shape[0])
+        n = x.shape[0]
+        step = samples = 0
+        order, position = None, n
+        chunk_steps = max(1, min(interval, _CHUNK_EXAMPLES // batch))
+        while step < total and not session.should_stop():
+            if position >= n:  # a new epoch, shuffled as data.batches shuffles it
+                order, position = torch.randperm(n, generator=generator).numpy(), 0
+            steps = min(chunk_steps, total - step, math.ceil((n - position) / batch))
+            rows = order[position : position + steps * batch]
+            started = time.perf_counter()
+            loss = kernel.fit_epoch(x, y, rows, checked=True)
+            seconds = time.perf_counter() - started
+            position += len(rows)
+            step += steps
+            samples += len(rows)
+            metrics.log(step, {
+                "train/loss": loss,  # the chunk's mean, before each example's step
+                "train/lr": job.optimizer.lr,
+                "train/samples_per_second": len(rows) / max(seconds, 1e-9),
+                "train/kernel": "compiled",
+                "progress/step": step,
+                "progress/samples": samples,
+            })
+            if (step % interval < steps or step == total) and step < total:
+                load_kernel_weights(kernel, model)
+                session.evaluate(model, step)
+        load_kernel_weights(kernel, model)
         return {"run/steps": step, "run/samples": samples}
 
     def read(self, session: Session, model: nn.Module, *, final: bool) -> bool:

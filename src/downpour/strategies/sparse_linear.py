@@ -19,13 +19,15 @@ SGD's, but each step shrinks only the coordinates it touches.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from downpour.flat import FlatParams, SparseUpdate
+from downpour.models import MODELS
 from downpour.models.linear import LinearModel
+from downpour.models.sparse_sgd import LOSSES, SparseSGD
 
 
 def supports_sparse_updates(model: nn.Module, sparse_inputs: bool) -> bool:
@@ -122,3 +124,38 @@ def _offsets(flat: FlatParams) -> list[int]:
         offsets.append(offset)
         offset += p.numel()
     return offsets
+
+
+def compiled_kernel(job: Any, model: nn.Module) -> SparseSGD | None:
+    """The compiled kernel that takes exactly ``job``'s steps on ``model``, or None where none does.
+
+    It does for a linear model trained with its own loss on in-memory sparse
+    CSR inputs, on the CPU, by plain SGD (no momentum or weight decay) at a
+    constant rate; anything else (a user's loss, Adam, a cosine schedule, a
+    GPU) trains through torch.
+    """
+    spec = job.optimizer
+    data = job.data
+    if getattr(data, "streamed", False) or not getattr(data, "sparse", False):
+        return None
+    if not isinstance(model, LinearModel) or str(job.device) != "cpu":
+        return None
+    name = next((n for n, cls in MODELS.items() if cls is type(model)), None)
+    if name not in LOSSES or job.loss is not getattr(type(model), "criterion", None):
+        return None
+    plain = spec.name == "sgd" and not any(spec.kwargs.get(k) for k in ("momentum", "weight_decay"))
+    if not plain or spec.schedule != "constant" or spec.warmup_steps:
+        return None
+    weight, bias = model.linear.weight, model.linear.bias
+    kernel = SparseSGD(name, num_features=weight.shape[1], num_classes=weight.shape[0],
+                       lr=spec.lr, l2=float(model.l2), batch_size=job.batch_size)
+    kernel.set_weights(weight.detach().numpy(), bias.detach().numpy())
+    return kernel
+
+
+def load_kernel_weights(kernel: SparseSGD, model: nn.Module) -> None:
+    """Copy the kernel's coefficients into ``model`` (its parameters keep their storage)."""
+    weights, bias = kernel.coefficients()
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.from_numpy(weights))
+        model.linear.bias.copy_(torch.from_numpy(bias))

@@ -96,4 +96,21 @@ def test_registry_errors():
         "digits",
         "imagefolder",
         "synthetic",
+        "rcv1-like",
     }
+
+
+def test_the_rcv1_shaped_set_has_rcv1s_shape_and_is_seeded():
+    data = load("rcv1-like", n_train=3000, n_test=600, features=5000, seed=4)
+    assert data.sparse and data.input_shape == (5000,) and data.num_classes == 2
+    assert (data.num_train, len(data.y_test)) == (3000, 600)
+    per_row = data.x_train.crow_indices().diff().float()
+    assert 65 <= float(per_row.mean()) <= 85  # RCV1: about 76 words a document
+    norms = torch.zeros(3000).index_add_(0, torch.repeat_interleave(per_row.long()),
+                                         data.x_train.values() ** 2)
+    assert torch.allclose(norms, torch.ones(3000), atol=1e-4)  # tf-idf rows of unit length
+    assert abs(float(data.y_train.float().mean()) - 0.5) < 0.05
+    again = load("rcv1-like", n_train=3000, n_test=600, features=5000, seed=4)
+    assert torch.equal(again.x_train.values(), data.x_train.values())
+    with pytest.raises(ValueError, match="noise"):
+        load("rcv1-like", n_train=10, n_test=10, noise=0.7)

@@ -1,0 +1,123 @@
+"""Sparse linear models: downpour's compiled kernel against scikit-learn's ``SGDClassifier``.
+
+On w8a (../shared/data) and on the RCV1-shaped synthetic set (``rcv1-like``,
+781,265 x 47,236, about 75 nonzeros a row), per row of the table:
+
+- scikit-learn ``SGDClassifier`` (hinge, and log loss), ``--epochs`` passes,
+  constant rate, ``alpha`` = λ, one binary weight vector;
+- downpour ``single`` (the compiled kernel: a 2-class linear SVM or logistic
+  regression, as downpour's models hold them: two weight vectors);
+- downpour ``hogwild`` with 1, 2, ... threads over one weight matrix (no
+  lock), and its ``lock`` and ``round_robin`` comparators at 2 threads.
+
+samples/s is each run's own (downpour: the summary's, evaluations
+excluded; scikit-learn: examples / fit time); s/epoch = 1 / (samples/s) x
+rows. Every figure is the best of ``--repeats``.
+
+    .venv/bin/python benchmarks/sparse_linear.py [--epochs 5] [--repeats 3] [--threads 1 2]
+        [--rcv1-rows 781265]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import scipy.sparse
+from sklearn.linear_model import SGDClassifier
+
+import downpour as dp
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+L2 = 1e-5  # λ of 0.5 λ ||w||² (scikit-learn's alpha)
+LR = {"w8a": 0.02, "rcv1-like": 0.2}
+
+
+def scipy_csr(tensor) -> scipy.sparse.csr_matrix:
+    return scipy.sparse.csr_matrix((tensor.values().numpy(), tensor.col_indices().numpy(),
+                                    tensor.crow_indices().numpy()), shape=tuple(tensor.shape))
+
+
+def sklearn_row(data, loss: str, epochs: int, repeats: int) -> dict:
+    x, y = scipy_csr(data.x_train), data.y_train.numpy()
+    x_test, y_test = scipy_csr(data.x_test), data.y_test.numpy()
+    best = None
+    for seed in range(repeats):
+        model = SGDClassifier(loss=loss, alpha=L2, max_iter=epochs, tol=None, random_state=seed,
+                              learning_rate="constant", eta0=LR[data.name])
+        started = time.perf_counter()
+        model.fit(x, y)
+        seconds = time.perf_counter() - started
+        row = {"samples_per_second": epochs * len(y) / seconds,
+               "error": 1.0 - model.score(x_test, y_test)}
+        if best is None or row["samples_per_second"] > best["samples_per_second"]:
+            best = row
+    return best
+
+
+def downpour_row(data, model: str, strategy, epochs: int, repeats: int, workers: int = 1) -> dict:
+    factory = partial(dp.models.build, model, data.input_shape, 2, l2=L2)
+    best = None
+    for seed in range(repeats):
+        result = dp.train(model=factory, loss=dp.models.default_loss(model), data=data,
+                          strategy=strategy, workers=workers, epochs=epochs, batch_size=1,
+                          optimizer=dp.optim("sgd", lr=LR[data.name]), eval_every=10**9,
+                          seed=seed, save=False)
+        kernel = any(e.get("train/kernel") == "compiled" for e in result.history)
+        assert kernel, "the run did not use the compiled kernel"
+        row = {"samples_per_second": result.summary["samples_per_second"],
+               "error": 1.0 - result.summary["accuracy"]}
+        if best is None or row["samples_per_second"] > best["samples_per_second"]:
+            best = row
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rcv1-rows", type=int, default=781_265)
+    parser.add_argument("--sets", nargs="+", default=["w8a", "rcv1-like"])
+    args = parser.parse_args()
+
+    print(f"{os.cpu_count()} CPUs; {args.epochs} epochs, batch 1, lambda {L2:g}, best of "
+          f"{args.repeats}", flush=True)
+    print("| set | method | s/epoch | samples/s | x scikit-learn hinge | test error |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in args.sets:
+        started = time.perf_counter()
+        if name == "w8a":
+            data = dp.data.load("w8a", data_dir=DATA)
+        else:
+            data = dp.data.load("rcv1-like", n_train=args.rcv1_rows)
+        print(f"<!-- {name}: {data.num_train} rows, loaded in {time.perf_counter() - started:.1f} s -->",
+              flush=True)
+        rows = [("scikit-learn SGDClassifier hinge", sklearn_row(data, "hinge", args.epochs, args.repeats)),
+                ("scikit-learn SGDClassifier log loss",
+                 sklearn_row(data, "log_loss", args.epochs, args.repeats)),
+                ("downpour single, svm", downpour_row(data, "svm", dp.Single(), args.epochs, args.repeats)),
+                ("downpour single, logistic",
+                 downpour_row(data, "logistic", dp.Single(), args.epochs, args.repeats))]
+        for threads in args.threads:
+            rows.append((f"downpour hogwild, svm, {threads} thread(s)",
+                         downpour_row(data, "svm", dp.Hogwild(threads="on"), args.epochs, args.repeats,
+                                      workers=threads)))
+        for mode in ("lock", "round_robin"):
+            strategy = dp.Hogwild(threads="on", **{mode: True})
+            rows.append((f"downpour hogwild {mode}, svm, 2 threads",
+                         downpour_row(data, "svm", strategy, max(1, args.epochs // 5), 1, workers=2)))
+        reference = rows[0][1]["samples_per_second"]
+        for method, row in rows:
+            speed = row["samples_per_second"]
+            print(f"| {name} | {method} | {data.num_train / speed:.3f} | {speed:,.0f} | "
+                  f"{speed / reference:.2f}x | {100 * row['error']:.2f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""Compiled SGD for the linear models over CSR rows: a few dozen flops per example, not a dispatch.
+
+A step of a linear model on a sparse row of k nonzeros costs O(k C) arithmetic
+(C classes); done through torch it costs tens of microseconds of dispatch, so
+downpour's torch path trains w8a at a few thousand examples a second where
+scikit-learn's ``SGDClassifier`` does millions. These kernels, compiled by
+numba, run the same updates as the torch models (:mod:`downpour.models.linear`)
+on ``float32`` weights, with the GIL released, so that Hogwild! threads can run
+them over one shared weight matrix (Niu, Recht, Ré, Wright, NIPS 2011).
+
+Two ways to regularise, both exact in expectation:
+
+- ``"scale"`` (one process): the weight matrix is ``W = s V``. The L2 decay of
+  every coordinate, ``W <- (1 - lr l2) W``, is one multiplication of ``s``;
+  a gradient step writes ``V`` divided by ``s``, on the row's features only
+  (Bottou's sgd and scikit-learn do the same). The result equals dense SGD
+  with weight decay.
+- ``"split"`` (Hogwild!): an example holding feature ``u`` shrinks only
+  ``W[:, u]``, by ``lr l2 N / n_u`` (``n_u`` of the N examples hold ``u``):
+  summed over the examples it is the whole L2 term, and every write stays on
+  the row's features, as in the paper's sparse SVM. A shared scale could not
+  be: every thread would write it.
+
+The bias is never regularised. Learning rates: constant, scikit-learn's
+``"optimal"`` ``1 / (alpha (t0 + t))`` and ``"invscaling"`` ``eta0 / (t + 1)^power``,
+``t`` counting the examples seen (mini-batches of B examples advance it by B).
+
+Example:
+    >>> import scipy.sparse
+    >>> x = scipy.sparse.csr_matrix(np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32))
+    >>> kernel = SparseSGD("svm", num_features=2, num_classes=2, lr=0.1)
+    >>> round(kernel.fit_epoch(x, np.array([0, 1])), 3)  # the mean loss of the epoch
+    2.1
+    >>> kernel.predict(x).tolist()
+    [0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import numba
+import numpy as np
+import scipy.sparse
+import torch
+
+from downpour.errors import DataError, check_range, choose
+
+LOSSES: dict[str, int] = {"perceptron": 0, "svm": 1, "squared-hinge-svm": 2, "multiclass-svm": 3,
+                          "logistic": 4}
+"""The kernel's losses, by the name of the model that trains with them."""
+
+SCHEDULES: dict[str, int] = {"constant": 0, "optimal": 1, "invscaling": 2}
+Regularization = Literal["scale", "split"]
+
+# Below this the scale is folded into V (an O(d C) pass), so that V / s never overflows.
+_MIN_SCALE = 1e-6
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rate(kind: int, eta0: float, alpha: float, t0: float, power: float, t: float) -> float:
+    if kind == 1:
+        return 1.0 / (alpha * (t0 + t))
+    if kind == 2:
+        return eta0 / (t + 1.0) ** power
+    return eta0
+
+
+@numba.njit(cache=True, nogil=True)
+def _score_gradient(loss: int, scores: np.ndarray, label: int, out: np.ndarray) -> float:
+    """``out = dL/dscores`` of one example; returns its loss. Ties break as torch's max does."""
+    classes = scores.shape[0]
+    for c in range(classes):
+        out[c] = 0.0
+    if loss == 0 or loss == 3:  # perceptron: max over all; Crammer-Singer: over the others, +1
+        best, best_score = -1, -np.inf
+        for c in range(classes):
+            if (loss == 0 or c != label) and scores[c] > best_score:
+                best, best_score = c, scores[c]
+        margin = best_score - scores[label] + (1.0 if loss == 3 else 0.0)
+        if margin > 0.0:
+            out[best] += 1.0
+            out[label] -= 1.0
+            return margin
+        return 0.0
+    if loss == 4:  # softmax cross-entropy
+        top = scores.max()
+        total = 0.0
+        for c in range(classes):
+            out[c] = math.exp(scores[c] - top)
+            total += out[c]
+        for c in range(classes):
+            out[c] /= total
+        value = -(scores[label] - top - math.log(total))
+        out[label] -= 1.0
+        return value
+    value = 0.0  # one-vs-rest hinge (1) or squared hinge (2), summed over classes
+    for c in range(classes):
+        target = 1.0 if c == label else -1.0
+        slack = 1.0 - target * scores[c]
+        if slack > 0.0:
+            if loss == 1:
+                value += slack
+                out[c] = -target
+            else:
+                value += slack * slack
+                out[c] = -2.0 * target * slack
+    return value
+
+
+@numba.njit(cache=True, nogil=True)
+def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, batch, schedule,
+         eta0, alpha, t0, power, l2, split, feature_scale, fit_bias):
+    """SGD over the rows ``order`` in mini-batches of ``batch``; returns the summed loss.
+
+    ``weights`` is (d, C) float32 (a feature's classes side by side), ``V^T`` of ``W = s V`` with ``split`` False
+    (``state[0]`` is ``s``), ``W`` itself with ``split`` True. ``state[1]`` is
+    the examples seen (the schedule's t); ``state[2]`` the updates written.
+    """
+    classes = weights.shape[1]
+    grads = np.empty((batch, classes), dtype=np.float64)
+    scores = np.empty(classes, dtype=np.float64)
+    total = 0.0
+    n = order.shape[0]
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        size = stop - start
+        scale = state[0]
+        for k in range(size):  # every gradient of the batch at the same weights
+            row = order[start + k]
+            for c in range(classes):
+                scores[c] = 0.0
+            for j in range(indptr[row], indptr[row + 1]):
+                u = indices[j]
+                for c in range(classes):
+                    scores[c] += weights[u, c] * values[j]
+            for c in range(classes):
+                scores[c] = scores[c] * scale + bias[c]
+            total += _score_gradient(loss, scores, labels[row], grads[k])
+        lr = _rate(schedule, eta0, alpha, t0, power, state[1])
+        step = lr / size
+        if not split and l2 > 0.0:
+            scale *= 1.0 - lr * l2
+            if scale < _MIN_SCALE:
+                for u in range(weights.shape[0]):
+                    for c in range(classes):
+                        weights[u, c] *= scale
+                scale = 1.0
+            state[0] = scale
+        for k in range(size):
+            row = order[start + k]
+            for j in range(indptr[row], indptr[row + 1]):
+                u = indices[j]
+                x = values[j]
+                if split and l2 > 0.0:
+                    shrink = min(lr * l2 * feature_scale[u] / size, 1.0)
+                    for c in range(classes):
+                        weights[u, c] = (1.0 - shrink) * weights[u, c] - step * grads[k, c] * x
+                else:
+                    for c in range(classes):
+                        weights[u, c] -= step * grads[k, c] * x / scale
+            if fit_bias:
+                for c in range(classes):
+                    bias[c] -= step * grads[k, c]
+        state[1] += size
+        state[2] += 1
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _scores(indptr, indices, values, weights, bias, scale, out):
+    classes = weights.shape[1]
+    for row in range(indptr.shape[0] - 1):
+        for c in range(classes):
+            out[row, c] = 0.0
+        for j in range(indptr[row], indptr[row + 1]):
+            for c in range(classes):
+                out[row, c] += weights[indices[j], c] * values[j]
+        for c in range(classes):
+            out[row, c] = out[row, c] * scale + bias[c]
+
+
+class Rows(NamedTuple):
+    """CSR arrays as the kernel reads them: no copy of a scipy matrix's or a torch tensor's."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    shape: tuple[int, int]
+
+
+def check_csr(x: Any, num_features: int | None = None, name: str = "x") -> Rows:
+    """``x`` (a scipy CSR matrix or a torch ``sparse_csr`` tensor) as :class:`Rows`, refused with
+    a clear error before any kernel reads it.
+
+    Out-of-range or unsorted column indices, duplicates, a broken ``indptr`` and
+    NaN or infinite values are named; nothing is copied unless the values are not float32.
+    """
+    if isinstance(x, Rows):
+        return x
+    if isinstance(x, torch.Tensor) and x.layout == torch.sparse_csr:
+        indptr, indices = x.crow_indices().numpy(), x.col_indices().numpy()
+        data = x.values().numpy()
+    elif scipy.sparse.issparse(x) and x.format == "csr":
+        indptr, indices, data = x.indptr, x.indices, x.data
+    else:
+        raise DataError(f"{name} must be a CSR matrix (scipy) or tensor (torch.sparse_csr), got "
+                        f"{type(x).__name__}")
+    rows, features = (int(n) for n in x.shape)
+    if num_features is not None and features != num_features:
+        raise DataError(f"{name} has {features} features, the model {num_features}")
+    if len(indptr) != rows + 1 or indptr[0] != 0 or indptr[-1] != len(indices) or (
+            np.diff(indptr) < 0).any():
+        raise DataError(f"{name}: indptr is not a valid CSR row pointer for {rows} rows and "
+                        f"{len(indices)} stored values")
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= features):
+        bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+        raise DataError(f"{name}: column index {bad} is outside [0, {features})")
+    if not np.isfinite(data).all():
+        raise DataError(f"{name} holds {int((~np.isfinite(data)).sum())} NaN or infinite values")
+    if len(indices) > 1 and not _sorted_rows(indptr, indices):
+        raise DataError(f"{name}: column indices are unsorted or duplicated within a row "
+                        "(call sort_indices() and sum_duplicates() first)")
+    return Rows(indptr, indices, np.ascontiguousarray(data, dtype=np.float32), (rows, features))
+
+
+@numba.njit(cache=True, nogil=True)
+def _sorted_rows(indptr, indices) -> bool:
+    for row in range(indptr.shape[0] - 1):
+        for j in range(indptr[row] + 1, indptr[row + 1]):
+            if indices[j] <= indices[j - 1]:
+                return False
+    return True
+
+
+@dataclass
+class SparseSGD:
+    """A linear model trained by the compiled kernel: ``weights`` (d, C), ``W`` transposed, and
+    ``bias`` (C,); :meth:`coefficients` gives ``W`` (C, d) as the torch models hold it.
+
+    Args:
+        loss: a model name of :data:`LOSSES` (its loss: ``"svm"`` is the one-vs-rest hinge).
+        num_features, num_classes: the shape of ``W``.
+        lr: the learning rate (``eta0`` of ``"invscaling"``; unused by ``"optimal"``).
+        l2: λ of ``0.5 λ ||W||²``.
+        schedule: ``"constant"``, ``"optimal"`` or ``"invscaling"``.
+        alpha, t0, power: the ``"optimal"`` and ``"invscaling"`` parameters;
+            ``t0`` defaults to scikit-learn's choice for ``"optimal"``.
+        regularization: ``"scale"`` or ``"split"`` (see the module).
+        batch_size: examples per step (their gradients at the same weights, averaged).
+    """
+
+    loss: str
+    num_features: int
+    num_classes: int
+    lr: float = 0.01
+    l2: float = 0.0
+    schedule: str = "constant"
+    alpha: float = 1e-4
+    t0: float | None = None
+    power: float = 0.5
+    regularization: Regularization = "scale"
+    batch_size: int = 1
+    weights: np.ndarray = field(init=False, repr=False)
+    bias: np.ndarray = field(init=False, repr=False)
+    feature_scale: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        choose("loss", self.loss, LOSSES)
+        choose("schedule", self.schedule, SCHEDULES)
+        choose("regularization", self.regularization, ("scale", "split"))
+        check_range("num_features", self.num_features, 1)
+        check_range("num_classes", self.num_classes, 2)
+        check_range("batch_size", self.batch_size, 1)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (self.l2 >= 0 and math.isfinite(self.l2)):
+            raise ValueError(f"l2 must be >= 0, got {self.l2!r}")
+        if self.schedule == "optimal" and self.t0 is None:
+            # scikit-learn's heuristic: the first rate is that of a typical hinge example.
+            typw = math.sqrt(1.0 / math.sqrt(self.alpha))
+            self.t0 = 1.0 / (typw * self.alpha)
+        # Transposed, (d, C): the classes of one feature in one cache line.
+        self.weights = np.zeros((self.num_features, self.num_classes), dtype=np.float32)
+        self.bias = np.zeros(self.num_classes, dtype=np.float32)
+        self.feature_scale = np.ones(self.num_features, dtype=np.float32)
+        self._state = np.array([1.0, 0.0, 0.0])  # scale, examples seen, updates written
+        self._lock = threading.Lock()
+
+    @property
+    def examples_seen(self) -> int:
+        return int(self._state[1])
+
+    def set_weights(self, weights: np.ndarray, bias: np.ndarray) -> None:
+        """Start from ``weights`` (C, d) and ``bias`` (C,) (a torch model's, say)."""
+        self.weights[...] = np.asarray(weights).T
+        self.bias[...] = bias
+        self._state[0] = 1.0
+
+    def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(W, b)``: the scale folded into a copy of the weights."""
+        return np.ascontiguousarray(self.weights.T) * np.float32(self._state[0]), self.bias.copy()
+
+    def frequencies(self, x: Any) -> None:
+        """The ``"split"`` regularisation's ``N / n_u`` from the training rows ``x``."""
+        x = check_csr(x, self.num_features)
+        counts = np.bincount(x.indices, minlength=self.num_features).astype(np.float64)
+        self.feature_scale = np.where(counts > 0, x.shape[0] / np.maximum(counts, 1), 0).astype(
+            np.float32)
+
+    def fit_epoch(self, x, y: np.ndarray, order: np.ndarray | None = None, *,
+                  checked: bool = False, state: np.ndarray | None = None) -> float:
+        """One pass over rows ``order`` of ``(x, y)`` (all, in order, by default); the mean loss.
+
+        ``state`` is a thread's own clock (Hogwild!: every thread its schedule's
+        t); by default the model's.
+        """
+        x = check_csr(x, self.num_features)  # at once for Rows already checked
+        if not checked:
+            y = self.check_labels(y, x.shape[0])
+        if order is None:
+            order = np.arange(x.shape[0], dtype=np.int64)
+        if len(order) == 0:
+            return 0.0
+        own = self._state if state is None else state
+        total = _fit(x.indptr, x.indices, x.data, y, order, self.weights, self.bias, own,
+                     LOSSES[self.loss], self.batch_size, SCHEDULES[self.schedule], self.lr,
+                     self.alpha, self.t0 or 1.0, self.power, self.l2,
+                     self.regularization == "split", self.feature_scale, True)
+        return total / len(order)
+
+    def check_labels(self, y: np.ndarray, rows: int) -> np.ndarray:
+        y = np.ascontiguousarray(y, dtype=np.int64)
+        if y.shape != (rows,):
+            raise DataError(f"labels have shape {y.shape}, the inputs {rows} rows")
+        if rows and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise DataError(f"a label is outside [0, {self.num_classes})")
+        return y
+
+    def decision_function(self, x) -> np.ndarray:
+        x = check_csr(x, self.num_features)
+        out = np.empty((x.shape[0], self.num_classes), dtype=np.float64)
+        _scores(x.indptr, x.indices, x.data, self.weights, self.bias, self._state[0], out)
+        return out
+
+    def predict(self, x) -> np.ndarray:
+        return self.decision_function(x).argmax(axis=1)
+
+    def error(self, x, y: np.ndarray) -> float:
+        """The share of rows of ``x`` misclassified."""
+        return float((self.predict(x) != np.asarray(y)).mean())
+
+
+def warm_up(model: SparseSGD) -> None:
+    """Compile the kernels ``model`` calls (or load them from numba's cache), leaving it as it was."""
+    probe = SparseSGD(model.loss, num_features=1, num_classes=model.num_classes, lr=model.lr,
+                      l2=model.l2, schedule=model.schedule, alpha=model.alpha, t0=model.t0,
+                      power=model.power, regularization=model.regularization,
+                      batch_size=model.batch_size)
+    x = Rows(np.array([0, 1], np.int64), np.array([0], np.int64), np.ones(1, np.float32), (1, 1))
+    probe.fit_epoch(x, np.zeros(1, np.int64))
+    probe.predict(x)
+
+
+def hogwild_threads(model: SparseSGD, x, y: np.ndarray, orders: Sequence[np.ndarray], *,
+                    mode: Literal["hogwild", "lock", "round_robin"] = "hogwild",
+                    chunk: int = 1) -> list[dict[str, float]]:
+    """One pass per thread, thread i over rows ``orders[i]``, all writing ``model``'s weights.
+
+    ``hogwild``: every thread runs the kernel over its whole order at once,
+    without a lock (the GIL released), its writes racing the others' as the
+    paper's do. ``lock`` takes one lock around each ``chunk`` of examples;
+    ``round_robin`` has the threads write in turn, ``chunk`` examples each:
+    the paper's comparators, their gradients computed inside the critical
+    section because the kernel fuses gradient and write. The model must use
+    the ``"split"`` regularisation (a shared scale would be a shared write).
+
+    Returns each thread's ``{"loss": mean loss, "examples": n, "updates": steps}``.
+    """
+    if model.regularization != "split":
+        raise ValueError("hogwild threads need regularization='split': a shared scale factor "
+                         "would be written by every thread")
+    choose("mode", mode, ("hogwild", "lock", "round_robin"))
+    check_range("chunk", chunk, 1)
+    x = check_csr(x, model.num_features)
+    y = model.check_labels(y, x.shape[0])
+    results: list[dict[str, float]] = [{} for _ in orders]
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    turn = threading.Condition()
+    whose = [0]
+    live = [True] * len(orders)
+
+    def run(rank: int, order: np.ndarray) -> None:
+        # Each thread its own clock: the schedule runs on the examples it has seen, times W.
+        state = np.array([1.0, 0.0, 0.0])
+        total = 0.0
+        try:
+            if mode == "hogwild":
+                total = model.fit_epoch(x, y, order, checked=True, state=state) * len(order)
+            else:
+                for start in range(0, len(order), chunk):
+                    part = order[start : start + chunk]
+                    if mode == "lock":
+                        with lock:
+                            total += model.fit_epoch(x, y, part, checked=True, state=state) * len(part)
+                    else:
+                        with turn:
+                            turn.wait_for(lambda: whose[0] == rank)
+                            total += model.fit_epoch(x, y, part, checked=True, state=state) * len(part)
+                            _pass_turn(whose, live, rank)
+                            turn.notify_all()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(error)
+        finally:
+            if mode == "round_robin":
+                with turn:
+                    live[rank] = False
+                    if whose[0] == rank:
+                        _pass_turn(whose, live, rank)
+                    turn.notify_all()
+        results[rank] = {"loss": total / max(len(order), 1), "examples": int(state[1]),
+                         "updates": int(state[2])}
+
+    threads = [threading.Thread(target=run, args=(rank, np.ascontiguousarray(order, np.int64)),
+                                name=f"hogwild-{rank}") for rank, order in enumerate(orders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _pass_turn(whose: list[int], live: list[bool], rank: int) -> None:
+    """The next live thread after ``rank`` in rank order gets the turn (itself if it is the last)."""
+    count = len(live)
+    for offset in range(1, count + 1):
+        nxt = (rank + offset) % count
+        if live[nxt]:
+            whose[0] = nxt
+            return

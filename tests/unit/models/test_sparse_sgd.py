@@ -1,0 +1,178 @@
+"""The compiled sparse SGD kernel against the torch models it stands in for, and its input checks."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+
+import downpour as dp
+from downpour.errors import DataError
+from downpour.models.gradients import backward
+from downpour.models.sparse_sgd import LOSSES, SparseSGD, check_csr, hogwild_threads
+
+
+def sparse_problem(rows=60, features=40, classes=3, density=0.15, seed=0):
+    rng = np.random.default_rng(seed)
+    x = scipy.sparse.random(rows, features, density=density, format="csr", dtype=np.float32,
+                            random_state=rng)
+    x.data *= 2.0
+    y = rng.integers(0, classes, size=rows)
+    return x, y
+
+
+def torch_sgd(name, x, y, weights, bias, *, lr, l2, batch):
+    """Plain torch SGD on the downpour model ``name``: its loss and regularization, dense inputs."""
+    model = dp.models.build(name, (x.shape[1],), weights.shape[0], **({"l2": l2} if l2 else {}))
+    if not l2 and hasattr(model, "l2"):
+        model.l2 = 0.0
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.from_numpy(weights))
+        model.linear.bias.copy_(torch.from_numpy(bias))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    dense, labels = torch.from_numpy(x.toarray()), torch.from_numpy(y)
+    for start in range(0, len(y), batch):
+        optimizer.zero_grad()
+        backward(model, dp.models.default_loss(name), dense[start : start + batch],
+                 labels[start : start + batch])
+        optimizer.step()
+    return model.linear.weight.detach().numpy(), model.linear.bias.detach().numpy()
+
+
+# One row per model and loss: the kernel's epoch equals torch's SGD on the same examples.
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("l2", [0.0, 0.05])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_the_kernel_takes_the_torch_models_steps(name, l2, batch):
+    if name == "perceptron" and l2:
+        pytest.skip("the perceptron has no L2 term")
+    x, y = sparse_problem()
+    rng = np.random.default_rng(1)
+    weights = rng.normal(0, 0.3, size=(3, x.shape[1])).astype(np.float32)
+    bias = rng.normal(0, 0.3, size=3).astype(np.float32)
+    kernel = SparseSGD(name, num_features=x.shape[1], num_classes=3, lr=0.1, l2=l2, batch_size=batch)
+    kernel.set_weights(weights, bias)
+    kernel.fit_epoch(x, y)
+    want_w, want_b = torch_sgd(name, x, y, weights, bias, lr=0.1, l2=l2, batch=batch)
+    got_w, got_b = kernel.coefficients()
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-4, atol=1e-5)
+    # It moved: an epoch that changed nothing would pass the comparison with an idle kernel too.
+    assert np.abs(got_w - weights).max() > 1e-3
+
+
+def test_split_regularisation_shrinks_only_the_rows_features_and_equals_scale_without_l2():
+    x, y = sparse_problem(seed=3)
+    split = SparseSGD("svm", num_features=40, num_classes=3, lr=0.1, l2=0.0, regularization="split")
+    scale = SparseSGD("svm", num_features=40, num_classes=3, lr=0.1, l2=0.0)
+    split.fit_epoch(x, y)
+    scale.fit_epoch(x, y)
+    np.testing.assert_allclose(split.coefficients()[0], scale.coefficients()[0], rtol=1e-5)
+    # With L2, a feature no row holds keeps its weight under "split".
+    x = x[:, :30]
+    x = scipy.sparse.hstack([x, scipy.sparse.csr_matrix((x.shape[0], 10), dtype=np.float32)],
+                            format="csr")
+    model = SparseSGD("svm", num_features=40, num_classes=3, lr=0.1, l2=0.1, regularization="split")
+    model.set_weights(np.ones((3, 40), np.float32), np.zeros(3, np.float32))
+    model.frequencies(x)
+    model.fit_epoch(x, y)
+    assert (model.weights[30:] == 1.0).all()
+    assert (model.weights[:30] != 1.0).any()
+
+
+def test_schedules_follow_their_formulas():
+    # One example whose hinge is active on every step: b moves by the step's rate each time.
+    x = scipy.sparse.csr_matrix(np.zeros((1, 3), np.float32))
+    y = np.array([0])
+    for schedule, rate in [("constant", lambda t: 0.5),
+                           ("invscaling", lambda t: 0.5 / (t + 1) ** 0.5),
+                           ("optimal", lambda t: 1 / (1e-2 * (100.0 + t)))]:
+        model = SparseSGD("svm", num_features=3, num_classes=2, lr=0.5, schedule=schedule,
+                          alpha=1e-2, t0=100.0)
+        model.bias[:] = -50.0  # class 0's hinge stays active; class 1's too
+        for _ in range(3):
+            model.fit_epoch(x, y)
+        assert model.bias[0] == pytest.approx(-50.0 + sum(rate(t) for t in range(3)), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["hogwild", "lock", "round_robin"])
+def test_every_thread_writes_the_shared_weights(mode):
+    # Each thread owns one block of features: its rows hold only those, so the block moved only if
+    # that thread wrote the shared matrix.
+    blocks, per = 3, 10
+    rows = []
+    for block in range(blocks):
+        part = scipy.sparse.random(40, per, density=0.3, format="csr", dtype=np.float32,
+                                   random_state=block)
+        rows.append(scipy.sparse.hstack([scipy.sparse.csr_matrix((40, block * per), dtype=np.float32),
+                                         part, scipy.sparse.csr_matrix(
+                                             (40, (blocks - block - 1) * per), dtype=np.float32)]))
+    x = scipy.sparse.vstack(rows, format="csr")
+    x.sort_indices()
+    y = np.random.default_rng(0).integers(0, 2, size=x.shape[0])
+    model = SparseSGD("svm", num_features=blocks * per, num_classes=2, lr=0.1, l2=1e-3,
+                      regularization="split")
+    model.frequencies(x)
+    orders = [np.arange(40 * b, 40 * (b + 1)) for b in range(blocks)]
+    results = hogwild_threads(model, x, y, orders, mode=mode, chunk=4)
+    assert [r["examples"] for r in results] == [40, 40, 40]
+    for block in range(blocks):
+        assert np.abs(model.weights[block * per : (block + 1) * per]).sum() > 0, block
+
+
+def test_hogwild_threads_refuse_a_shared_scale():
+    x, y = sparse_problem()
+    with pytest.raises(ValueError, match="split"):
+        hogwild_threads(SparseSGD("svm", num_features=40, num_classes=3), x, y, [np.arange(10)])
+
+
+def test_threads_run_concurrently_without_the_gil():
+    # A kernel call holds no GIL: a Python thread keeps running while two kernels train.
+    x, y = sparse_problem(rows=20_000, features=500, density=0.05)
+    model = SparseSGD("logistic", num_features=500, num_classes=3, lr=0.01, regularization="split")
+    model.fit_epoch(x[:10], y[:10])  # compiled before the measurement
+    ticks, done = [0], threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        hogwild_threads(model, x, y, [np.tile(np.arange(20_000), 5)] * 2)
+    finally:
+        done.set()
+        counter.join()
+    assert ticks[0] > 1000
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda x: setattr(x, "indices", np.where(x.indices == 0, 99, x.indices)), "outside"),
+    (lambda x: x.data.__setitem__(0, np.nan), "NaN"),
+    (lambda x: x.indices.__setitem__(slice(0, 2), x.indices[:2][::-1].copy()), "unsorted"),
+    (lambda x: x.indptr.__setitem__(1, x.indptr[2] + 1), "indptr"),
+])
+def test_broken_csr_is_refused_before_any_kernel_runs(broken, message):
+    x = scipy.sparse.csr_matrix(np.array([[1.0, 2.0, 0.0], [0.0, 3.0, 4.0], [5.0, 0.0, 6.0]],
+                                         dtype=np.float32))
+    broken(x)
+    model = SparseSGD("svm", num_features=3, num_classes=2)
+    before = model.weights.copy()
+    with pytest.raises(DataError, match=message):
+        model.fit_epoch(x, np.array([0, 1, 0]))
+    assert (model.weights == before).all()
+
+
+def test_check_csr_passes_a_good_matrix_through_and_names_a_wrong_width():
+    x, _ = sparse_problem()
+    rows = check_csr(x)
+    assert rows.indices is x.indices and rows.data is x.data  # read in place, not copied
+    tensor = check_csr(torch.sparse_csr_tensor(torch.from_numpy(x.indptr), torch.from_numpy(x.indices),
+                                               torch.from_numpy(x.data), x.shape))
+    assert np.shares_memory(tensor.data, x.data)
+    with pytest.raises(DataError, match="features"):
+        check_csr(x, num_features=41)
