@@ -112,7 +112,7 @@ def _score_gradient(loss: int, scores: np.ndarray, label: int, out: np.ndarray) 
     return value
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, batch, schedule,
          eta0, alpha, t0, power, l2, split, feature_scale, fit_bias):
     """SGD over the rows ``order`` in mini-batches of ``batch``; returns the summed loss.
@@ -124,6 +124,7 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
     classes = weights.shape[1]
     grads = np.empty((batch, classes), dtype=np.float64)
     scores = np.empty(classes, dtype=np.float64)
+    coefficient = np.empty(classes, dtype=np.float32)
     total = 0.0
     n = order.shape[0]
     for start in range(0, n, batch):
@@ -153,16 +154,22 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
             state[0] = scale
         for k in range(size):
             row = order[start + k]
-            for j in range(indptr[row], indptr[row + 1]):
-                u = indices[j]
-                x = values[j]
-                if split and l2 > 0.0:
-                    shrink = min(lr * l2 * feature_scale[u] / size, 1.0)
+            active = False
+            for c in range(classes):
+                coefficient[c] = step * grads[k, c] / scale
+                active = active or grads[k, c] != 0.0
+            if split and l2 > 0.0:
+                decay = lr * l2 / size
+                for j in range(indptr[row], indptr[row + 1]):
+                    u = indices[j]
+                    keep = 1.0 - min(decay * feature_scale[u], 1.0)
                     for c in range(classes):
-                        weights[u, c] = (1.0 - shrink) * weights[u, c] - step * grads[k, c] * x
-                else:
+                        weights[u, c] = keep * weights[u, c] - coefficient[c] * values[j]
+            elif active:  # a hinge or perceptron example on the right side writes nothing
+                for j in range(indptr[row], indptr[row + 1]):
+                    u = indices[j]
                     for c in range(classes):
-                        weights[u, c] -= step * grads[k, c] * x / scale
+                        weights[u, c] -= coefficient[c] * values[j]
             if fit_bias:
                 for c in range(classes):
                     bias[c] -= step * grads[k, c]
