@@ -1,4 +1,4 @@
-"""Shared fixtures: the datasets beside the repo, and a reaper for child processes."""
+"""Shared fixtures: the datasets beside the repo (loaded once a session), and a reaper for child processes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import downpour as dp
 from tests.processes import child_processes
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -20,6 +21,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():
         pytest.skip(f"the shared datasets are not at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def mnist(shared_data):
+    """MNIST from the shared datasets, loaded once a session."""
+    return dp.data.load("mnist", data_dir=shared_data, download=False)
 
 
 @pytest.fixture(autouse=True)

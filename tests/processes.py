@@ -44,3 +44,12 @@ def child_processes(pid: int | None = None) -> list[tuple[int, str]]:
             if not helper:
                 found.append((child, names[child]))
     return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

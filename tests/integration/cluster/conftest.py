@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import downpour as dp
 from downpour.cluster.ray_nodes import RayNodes, loopback_ray
 
 
@@ -34,8 +33,3 @@ def ray_nodes() -> Iterator[RayNodes]:
         finally:
             ray_lib.shutdown()
 
-
-@pytest.fixture(scope="session")
-def mnist(shared_data):
-    """MNIST from the shared datasets, loaded once."""
-    return dp.data.load("mnist", data_dir=shared_data)

@@ -3,7 +3,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -11,7 +10,8 @@ from downpour.cluster import LocalCluster
 from downpour.errors import PeerTimeout, WorkerFailed
 from downpour.metrics import MemorySink, Metrics
 from tests.integration.cluster.roles import Raiser, Sleeper
-from tests.processes import child_processes
+from tests.waiting import wait_until
+from tests.processes import alive, child_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -97,10 +97,8 @@ def test_sigint_to_the_coordinator_leaves_no_process(tmp_path):
         assert len(children) >= 2
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid, _ in children):
-            time.sleep(0.1)
-        assert not [pid for pid, _ in children if _alive(pid)]
+        wait_until(lambda: not [pid for pid, _ in children if alive(pid)], timeout=10,
+                   what="every role process exiting after Ctrl-C")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -140,19 +138,10 @@ def test_sigkill_of_the_coordinator_takes_its_roles_along(tmp_path):
         children = child_processes(proc.pid)
         proc.kill()
         proc.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and [pid for pid, _ in children if _alive(pid)]:
-            time.sleep(0.1)
-        assert not [pid for pid, _ in children if _alive(pid)]
+        wait_until(lambda: not [pid for pid, _ in children if alive(pid)], timeout=10,
+                   what="every role process exiting after the coordinator was killed")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

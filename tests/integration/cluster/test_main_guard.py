@@ -11,10 +11,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -50,10 +50,8 @@ def _run_script(path: Path, timeout: float = 180.0) -> subprocess.CompletedProce
     try:
         out, err = proc.communicate(timeout=timeout)
         # The fork server and the roles leave once the script is gone.
-        deadline = time.monotonic() + 15
-        while _session(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _session(proc.pid), f"processes left behind: {_session(proc.pid)}"
+        wait_until(lambda: not _session(proc.pid), timeout=15,
+                   what=f"the script's processes leaving (left: {_session(proc.pid)})")
     finally:
         for pid in [proc.pid, *_session(proc.pid)]:
             try:

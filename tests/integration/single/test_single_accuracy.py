@@ -12,11 +12,6 @@ from downpour.models.function import logistic_regression_functions
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-@pytest.fixture(scope="module")
-def mnist(shared_data):
-    return dp.data.load("mnist", data_dir=shared_data)
-
-
 def test_cli_mlp_reaches_97_percent_in_one_epoch(shared_data, tmp_path, capsys):
     run_dir = tmp_path / "mlp"
     code = main(["train", "--strategy", "single", "--dataset", "mnist", "--data-dir", str(shared_data),

@@ -6,11 +6,6 @@ import downpour as dp
 
 
 @pytest.fixture(scope="session")
-def mnist(shared_data):
-    return dp.data.load("mnist", data_dir=shared_data)
-
-
-@pytest.fixture(scope="session")
 def digits():
     return dp.data.load("digits")
 

@@ -15,7 +15,7 @@ import pytest
 import downpour as dp
 from downpour.checkpoint import load_run_state, load_shard
 from tests.integration.strategies.conftest import DOWNPOUR_MNIST, DOWNPOUR_MNIST_FLAGS
-from tests.processes import child_processes
+from tests.processes import alive, child_processes
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -52,17 +52,10 @@ def _watch(proc: subprocess.Popen, timeout: float, until=None) -> set[int]:
     return seen
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _assert_no_process_left(roles: set[int]) -> None:
     assert roles
     # Polled: a role takes a moment to exit after its coordinator; one that never does fails here.
-    wait_until(lambda: not [pid for pid in roles if _alive(pid)], timeout=30, what="every role's exit")
+    wait_until(lambda: not [pid for pid in roles if alive(pid)], timeout=30, what="every role's exit")
 
 
 @pytest.mark.slow

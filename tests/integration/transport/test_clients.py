@@ -12,12 +12,9 @@ from downpour.errors import StaleUpdate, TransportError
 from downpour.flat import SparseUpdate, shard_ranges
 from downpour.server import ApplyAtOnce, BoundedStaleness, ServerShard, Synchronous
 from downpour.transport import ParameterClient, Refused
+from tests.optimizers import sgd
 
 pytestmark = pytest.mark.integration
-
-
-def sgd(lr: float = 1.0):
-    return lambda params: torch.optim.SGD(params, lr=lr)
 
 
 @pytest.mark.timeout(60)

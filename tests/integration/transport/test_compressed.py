@@ -14,14 +14,11 @@ from downpour.transport import ParameterClient
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.payload import max_payload_bytes, to_bytes
 from tests.integration.transport.test_validation import rejection
+from tests.optimizers import sgd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 SIZE = 1000
-
-
-def sgd(lr: float = 1.0):
-    return lambda params: torch.optim.SGD(params, lr=lr)
 
 
 @pytest.mark.parametrize("spec", ["none", "fp16", "topk:0.05", "threshold:tau=0.5,entropy", "onebit"])

@@ -14,6 +14,7 @@ from downpour.server import ServerShard, Synchronous
 from downpour.transport import Refused, ShardService, codec
 from downpour.transport import downpour_pb2 as pb
 from tests.integration.transport.test_validation import FORGED, SIZE, header, rejection
+from tests.optimizers import sgd
 
 pytestmark = pytest.mark.integration
 
@@ -33,10 +34,6 @@ def calls(monkeypatch) -> collections.Counter:
 
         monkeypatch.setattr(ShardService, name, counting)
     return counted
-
-
-def sgd(lr: float = 1.0):
-    return lambda params: torch.optim.SGD(params, lr=lr)
 
 
 @pytest.mark.timeout(60)

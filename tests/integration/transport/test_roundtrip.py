@@ -12,12 +12,9 @@ from downpour.flat import SparseUpdate
 from downpour.server import BoundedStaleness, ServerShard, Synchronous
 from downpour.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, Refused
 from tests.waiting import waiting_pulls, wait_until
+from tests.optimizers import sgd
 
 pytestmark = pytest.mark.integration
-
-
-def sgd(lr: float = 1.0):
-    return lambda params: torch.optim.SGD(params, lr=lr)
 
 
 @pytest.mark.timeout(60)

@@ -21,6 +21,7 @@ from downpour.transport import ShardClient, shared
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.assembly import BufferPool, PushAssembly, Reject
 from tests.integration.transport.test_validation import rejection
+from tests.optimizers import sgd
 
 pytestmark = pytest.mark.integration
 
@@ -31,10 +32,6 @@ SIZE = 20_000  # 80 KB as float32: above shared.SHARED_MIN_BYTES
 def shared_memory() -> str:
     """``connect``'s clients here ask for shared memory as they do by default."""
     return "auto"
-
-
-def sgd(lr: float = 1.0):
-    return lambda params: torch.optim.SGD(params, lr=lr)
 
 
 def awkward(numel: int) -> torch.Tensor:

@@ -18,11 +18,6 @@ from downpour.errors import DataError
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
-@pytest.fixture(scope="module")
-def mnist(shared_data):
-    return load("mnist", data_dir=shared_data, download=False)
-
-
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
 def test_shared_files_match_published_checksums(shared_data, dataset):
     for remote in FILES[dataset].values():

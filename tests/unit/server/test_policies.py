@@ -8,10 +8,7 @@ import torch
 from downpour.errors import StaleUpdate
 from downpour.flat import SparseUpdate
 from downpour.server import ApplyAtOnce, BoundedStaleness, InvalidUpdate, ServerShard, Synchronous
-
-
-def sgd(lr: float = 1.0):
-    return lambda params: torch.optim.SGD(params, lr=lr)
+from tests.optimizers import sgd
 
 
 def balanced(status: dict) -> bool:

@@ -11,10 +11,7 @@ from downpour.errors import StaleUpdate
 from downpour.flat import ShardRange, SparseUpdate
 from downpour.server import ApplyAtOnce, BoundedStaleness, InvalidUpdate, ServerShard, Synchronous
 from tests.waiting import waiting_pulls, wait_until
-
-
-def sgd(lr: float = 1.0):
-    return lambda params: torch.optim.SGD(params, lr=lr)
+from tests.optimizers import sgd
 
 
 # -- construction -------------------------------------------------------------
