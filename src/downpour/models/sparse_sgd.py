@@ -178,6 +178,50 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
     return total
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def _batch_gradient(indptr, indices, values, labels, weights, bias, loss, l2, grad_w, grad_b):
+    """Add the mean gradient over the batch's rows to ``grad_w`` (C, d) and ``grad_b``, the L2
+    term ``l2 W`` included as torch's regularization gives it; returns the mean loss with it."""
+    classes, rows = weights.shape[0], indptr.shape[0] - 1
+    scores = np.empty(classes, dtype=np.float64)
+    g = np.empty(classes, dtype=np.float64)
+    total = 0.0
+    for row in range(rows):
+        for c in range(classes):
+            acc = 0.0
+            for j in range(indptr[row], indptr[row + 1]):
+                acc += weights[c, indices[j]] * values[j]
+            scores[c] = acc + bias[c]
+        total += _score_gradient(loss, scores, labels[row], g)
+        for c in range(classes):
+            if g[c] != 0.0:
+                coefficient = g[c] / rows
+                for j in range(indptr[row], indptr[row + 1]):
+                    grad_w[c, indices[j]] += coefficient * values[j]
+                grad_b[c] += coefficient
+    penalty = 0.0
+    if l2 > 0.0:
+        for c in range(classes):
+            for u in range(weights.shape[1]):
+                w = weights[c, u]
+                grad_w[c, u] += l2 * w
+                penalty += w * w
+    return total / max(rows, 1) + 0.5 * l2 * penalty
+
+
+def batch_gradient(loss: str, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, l2: float) -> float:
+    """Add the gradient of ``loss`` (a model name of :data:`LOSSES`) on the CSR batch ``(x, y)``
+    to ``weight.grad`` and ``bias.grad`` (CPU float32, ``weight`` (C, d) as torch holds it),
+    the model's ``0.5 l2 ||W||^2`` included; returns the loss. It is the gradient torch's
+    autograd gives for the model, without its dispatch. The batch is taken as it is (its
+    rows are downpour's own CSR batches, already checked)."""
+    return float(_batch_gradient(
+        x.crow_indices().numpy(), x.col_indices().numpy(), x.values().numpy(),
+        y.numpy(), weight.detach().numpy(), bias.detach().numpy(), LOSSES[loss], float(l2),
+        weight.grad.numpy(), bias.grad.numpy()))
+
+
 @numba.njit(cache=True, nogil=True)
 def _scores(indptr, indices, values, weights, bias, scale, out):
     classes = weights.shape[1]

@@ -19,6 +19,8 @@ SGD's, but each step shrinks only the coordinates it touches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -27,7 +29,7 @@ from torch import nn
 from downpour.flat import FlatParams, SparseUpdate
 from downpour.models import MODELS
 from downpour.models.linear import LinearModel
-from downpour.models.sparse_sgd import LOSSES, SparseSGD
+from downpour.models.sparse_sgd import LOSSES, SparseSGD, batch_gradient
 
 
 def supports_sparse_updates(model: nn.Module, sparse_inputs: bool) -> bool:
@@ -159,3 +161,26 @@ def load_kernel_weights(kernel: SparseSGD, model: nn.Module) -> None:
     with torch.no_grad():
         model.linear.weight.copy_(torch.from_numpy(weights))
         model.linear.bias.copy_(torch.from_numpy(bias))
+
+
+def compiled_gradient(job: Any, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], float] | None:
+    """``gradient(x, y) -> loss``: the compiled kernel's gradient of ``model`` (into its ``.grad``)
+    on a sparse CSR batch, where it equals autograd's: a linear model with its own loss on
+    in-memory sparse data, on the CPU. Any optimizer then steps on it. None elsewhere."""
+    data = job.data
+    if getattr(data, "streamed", False) or not getattr(data, "sparse", False):
+        return None
+    if not isinstance(model, LinearModel) or str(job.device) != "cpu":
+        return None
+    name = next((n for n, cls in MODELS.items() if cls is type(model)), None)
+    if name not in LOSSES or job.loss is not getattr(type(model), "criterion", None):
+        return None
+    weight, bias, l2 = model.linear.weight, model.linear.bias, float(model.l2)
+    return partial(_compiled_step, name, weight, bias, l2)
+
+
+def _compiled_step(name: str, weight: torch.Tensor, bias: torch.Tensor, l2: float,
+                   x: torch.Tensor, y: torch.Tensor) -> float:
+    if x.layout != torch.sparse_csr:
+        raise TypeError("the compiled gradient takes CSR batches")
+    return batch_gradient(name, x, y, weight, bias, l2)

@@ -27,6 +27,7 @@ from downpour.data import stream
 from downpour.flat import FlatParams, decode_buffers_, encode_buffers, has_buffers
 from downpour.strategies.base import Job
 from downpour.strategies.plan import Plan, Session
+from downpour.strategies.sparse_linear import compiled_gradient
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Worker:
         self.ctx = ctx
         self.model = self.job.build_model()
         self.flat = FlatParams(self.model)
+        # A sparse linear model's gradient from the compiled kernel: autograd's, without its dispatch.
+        self.compiled_gradient = compiled_gradient(self.job, self.model) if self.flat_gradients else None
         self.has_buffers = has_buffers(self.model)
         self.samples = self.steps = self.dropped = self.refused = self.discarded = 0
         self.steps, self.samples = self.start_steps, self.start_samples
@@ -134,7 +137,11 @@ class Worker:
             self.flat.zero_grad_()
         else:
             self.model.zero_grad(set_to_none=True)
-        loss = float(backward(self.model, self.job.loss, x.to(self.job.device), y.to(self.job.device)))
+        if getattr(self, "compiled_gradient", None) is not None:
+            loss = self.compiled_gradient(x, y)
+        else:
+            loss = float(backward(self.model, self.job.loss, x.to(self.job.device),
+                                  y.to(self.job.device)))
         self.steps += 1
         self.samples += len(y)
         if self.steps % self.log_every == 0 or not math.isfinite(loss):

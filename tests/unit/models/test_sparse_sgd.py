@@ -176,3 +176,26 @@ def test_check_csr_passes_a_good_matrix_through_and_names_a_wrong_width():
     assert np.shares_memory(tensor.data, x.data)
     with pytest.raises(DataError, match="features"):
         check_csr(x, num_features=41)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_the_compiled_batch_gradient_is_autograds(name):
+    from downpour.data.rows import csr_from_scipy
+    from downpour.flat import FlatParams
+    from downpour.models.sparse_sgd import batch_gradient
+
+    x, y = sparse_problem(rows=12, seed=5)
+    model = dp.models.build(name, (x.shape[1],), 3, **({} if name == "perceptron" else {"l2": 0.05}))
+    with torch.no_grad():
+        model.linear.weight.normal_(0, 0.3)
+    flat = FlatParams(model)
+    batch, labels = csr_from_scipy(x), torch.from_numpy(y)
+    flat.zero_grad_()
+    want_loss = float(backward(model, dp.models.default_loss(name), batch, labels))
+    want = flat.grads.clone()
+    flat.zero_grad_()
+    got_loss = batch_gradient(name, batch, labels, model.linear.weight, model.linear.bias,
+                              getattr(model, "l2", 0.0))
+    torch.testing.assert_close(flat.grads, want, rtol=1e-4, atol=1e-6)
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    assert want.abs().sum() > 0
