@@ -252,7 +252,7 @@ def train(
         run = RunDir.create(run_dir, strategy.name, config.output.runs_root)
     scratch = None
     checkpoint = None
-    if checkpoint_every is not None or resume or faults.kill_server:
+    if checkpoint_every is not None or resume or faults.kill_server or faults.kill_server_at_version:
         if run is None:
             scratch = tempfile.TemporaryDirectory(prefix="downpour-checkpoints-")
         folder = Path(scratch.name) if scratch else run.path / "checkpoints"

@@ -43,8 +43,10 @@ FAULT_FLAGS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "kill_worker": ("RANK@SECONDS|RANK@step=N",
                     "SIGKILL worker RANK SECONDS into training (1@3.5 or 1@3s), or as it reaches "
                     "step N (1@step=200); repeatable", ("kill", "kill_at_step")),
-    "kill_server": ("SHARD@SECONDS", "SIGKILL server shard SHARD SECONDS into training (1@5 or "
-                    "1@5s); it restarts from its checkpoint (repeatable)", ("kill_server",)),
+    "kill_server": ("SHARD@SECONDS|SHARD@version=N", "SIGKILL server shard SHARD SECONDS into training (1@5 or "
+                    "1@5s), or right after the update that takes it to version N "
+                    "(1@version=450); it restarts from its checkpoint (repeatable)",
+                    ("kill_server", "kill_server_at_version")),
 }
 
 # The usage line of a command with strategy flags: listing them all would fill the screen.
@@ -373,15 +375,17 @@ def _add_train_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> No
 
 
 def _at(item: str, flag: str, what: str, *, steps: bool) -> tuple[int, float | int, bool]:
-    """``1@3.5``, ``1@3s`` (seconds) or, if ``steps``, ``1@step=200``: (rank, when, at a step)."""
-    match = re.fullmatch(r"\s*(\d+)\s*@\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*s?|step\s*=\s*(\d+))\s*",
+    """``1@3.5``, ``1@3s`` (seconds) or ``1@step=200`` (a worker) / ``1@version=450`` (a shard):
+    (rank, when, at a step or version)."""
+    counter = "step" if steps else "version"
+    match = re.fullmatch(r"\s*(\d+)\s*@\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*s?|(step|version)\s*=\s*(\d+))\s*",
                          item)
-    if match is None or (match[3] is not None and not steps):
-        forms = f"{what}@SECONDS (1@3.5 or 1@3s)"
-        forms += " or RANK@step=N (1@step=200)" if steps else " (a shard is killed by time)"
-        raise ValueError(f"{flag} expects {forms}, got {item!r}")
+    if match is None or (match[3] is not None and match[3] != counter):
+        example = "1@step=200" if steps else "1@version=450"
+        raise ValueError(f"{flag} expects {what}@SECONDS (1@3.5 or 1@3s) or {what}@{counter}=N "
+                         f"({example}), got {item!r}")
     if match[3] is not None:
-        return int(match[1]), int(match[3]), True
+        return int(match[1]), int(match[4]), True
     return int(match[1]), float(match[2]), False
 
 
@@ -411,9 +415,16 @@ def _parse_faults(slow: Iterable[str], kill: Iterable[str],
             at_step[rank] = int(when)
         else:
             killed[rank] = float(when)
-    servers = {shard: float(when) for shard, when, _ in
-               (_at(item, "--kill-server", "SHARD", steps=False) for item in kill_server)}
-    return Faults(slow=slowed, kill=killed, kill_at_step=at_step, kill_server=servers)
+    servers: dict[int, float] = {}
+    at_version: dict[int, int] = {}
+    for item in kill_server:
+        shard, when, is_version = _at(item, "--kill-server", "SHARD", steps=False)
+        if is_version:
+            at_version[shard] = int(when)
+        else:
+            servers[shard] = float(when)
+    return Faults(slow=slowed, kill=killed, kill_at_step=at_step, kill_server=servers,
+                  kill_server_at_version=at_version)
 
 
 def _merged_options(args: argparse.Namespace) -> tuple[dict[str, Any], set[str]]:

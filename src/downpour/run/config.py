@@ -345,7 +345,8 @@ class RunConfig:
 
     def _check_recovery(self) -> None:
         strategy, checkpoint = self.strategy, self.checkpoint
-        if (checkpoint.every is not None or checkpoint.resume or self.faults.kill_server) \
+        if (checkpoint.every is not None or checkpoint.resume or self.faults.kill_server
+                or self.faults.kill_server_at_version) \
                 and not strategy.recoverable:
             raise ValueError(f"checkpoints, server restarts and --resume are for the "
                              f"parameter-server strategies ({', '.join(_having('recoverable'))}); "
@@ -542,7 +543,7 @@ def unread(strategy: Strategy, names: Iterable[str]) -> dict[str, str]:
 
 
 # The options that need a strategy whose state lives on its shards (Strategy.recoverable).
-_RECOVERY = ("checkpoint_every", "resume", "faults.kill_server")
+_RECOVERY = ("checkpoint_every", "resume", "faults.kill_server", "faults.kill_server_at_version")
 
 
 class _Fields(dict):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +63,7 @@ class ServerRole:
     checkpoint: Checkpointing | None = None
     restore: bool = False
     shared_memory: bool = True  # offer shared-memory sessions to clients on this host
+    kill_at_version: int | None = None  # a staged fault: SIGKILL this process at that version
 
     def build_shard(self) -> ServerShard:
         return ServerShard(self.initial, shard=self.shard, optimizer=self.optimizer.build,
@@ -75,6 +78,9 @@ class ServerRole:
             shard.load_state_dict(load_shard(self.checkpoint.shard_path(self.rank)))
             ctx.publish("restored_version", shard.version)
         writer = _Checkpointer(shard, self.checkpoint, self.rank, ctx) if self.checkpoint else None
+        if self.kill_at_version is not None:
+            shard.observe(self._die_at(self.kill_at_version, ctx,
+                                       then=writer._applied if writer is not None else None))
         host = self.host or getattr(ctx, "host", None) or "127.0.0.1"
         server = serve_shard(shard, host=host, port=self.port, token=self.token, security=self.security,
                              shared_memory=self.shared_memory)
@@ -91,6 +97,23 @@ class ServerRole:
             if writer is not None:
                 writer.close()
             self._report(ctx, shard, reported)
+
+    def _die_at(self, version: int, ctx: Any, then: Callable[[int, Any], None] | None = None
+                ) -> Callable[[int, Any], None]:
+        """The staged fault: SIGKILL this process once an update takes the shard to ``version``
+        (under the shard's lock, so no later update is applied first), as a crashed machine.
+        ``then`` is the observer it stands in front of (the checkpointer's), called first."""
+
+        def observe(reached: int, state: Any) -> None:
+            if then is not None:
+                then(reached, state)
+            if reached >= version:
+                log.warning("staged fault: server %d killed at version %d", self.rank, reached)
+                ctx.metrics.log(reached, {"fault/killed": f"server:{self.rank}",
+                                          "fault/killed_at_version": reached})
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return observe
 
     @staticmethod
     def _report(ctx: Any, shard: ServerShard, reported: dict[int, int]) -> dict[int, int]:

@@ -25,7 +25,9 @@ class Faults:
     ``slow`` maps a worker's rank to a slowdown factor; ``kill`` maps it to
     the second (since training started) it is SIGKILLed, ``kill_at_step`` to
     the step at which it is (so a test's kill lands at a known point);
-    ``kill_server`` maps a shard to the second it is SIGKILLed.
+    ``kill_server`` maps a shard to the second it is SIGKILLed,
+    ``kill_server_at_version`` to the version at which it is: right after the
+    update that takes it there, so that the updates lost are known exactly.
 
     Example:
         >>> Faults(kill_at_step={1: 200}).kill_at_step
@@ -36,6 +38,7 @@ class Faults:
     kill: dict[int, float] = field(default_factory=dict)
     kill_server: dict[int, float] = field(default_factory=dict)
     kill_at_step: dict[int, int] = field(default_factory=dict)
+    kill_server_at_version: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for rank, factor in self.slow.items():
@@ -46,6 +49,12 @@ class Faults:
             check_range(f"kill-server time of shard {shard}", seconds, 0.0)
         for rank, step in self.kill_at_step.items():
             check_range(f"kill-worker step of rank {rank}", step, 1)
+        for shard, version in self.kill_server_at_version.items():
+            check_range(f"kill-server version of shard {shard}", version, 1)
+        both = sorted(set(self.kill_server) & set(self.kill_server_at_version))
+        if both:
+            raise ValueError(f"shard {both[0]} is staged to be killed both by time and at a version; "
+                             "choose one")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +100,7 @@ class Job:
             check_range("max_seconds", self.max_seconds, 0.0, low_open=True)
         for rank in (*self.faults.slow, *self.faults.kill, *self.faults.kill_at_step):
             check_range("faulty worker rank", rank, 0, self.workers - 1)
-        for shard in self.faults.kill_server:
+        for shard in (*self.faults.kill_server, *self.faults.kill_server_at_version):
             check_range("killed server shard", shard, 0, self.servers - 1)
 
     def build_model(self) -> nn.Module:

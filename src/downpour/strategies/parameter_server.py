@@ -236,7 +236,8 @@ class ParameterServerPlan(Plan):
                        optimizer=self.server_optimizer, policy=self.policy, token=self.token,
                        ema_decay=self.ema_decay, checkpoint=checkpoint,
                        restore=checkpoint is not None and checkpoint.resume,
-                       shared_memory=self.job.shared_memory)
+                       shared_memory=self.job.shared_memory,
+                       kill_at_version=self.job.faults.kill_server_at_version.get(r.shard))
             for r in self.ranges
         ]
         return self.server_roles
@@ -275,7 +276,9 @@ class ParameterServerPlan(Plan):
         assert self.checkpointing is not None
         started = time.perf_counter()
         reached = VersionFile.read(self.checkpointing.version_path(shard))
-        [handle] = session.start([replace(self.server_roles[shard], restore=True)])
+        # The restarted shard is not killed again at the version its predecessor died at.
+        [handle] = session.start([replace(self.server_roles[shard], restore=True,
+                                          kill_at_version=None)])
         session.servers[shard] = handle
         address = session.wait_published(handle, "address", timeout=self.timeout)
         restored = int(handle.published["restored_version"])

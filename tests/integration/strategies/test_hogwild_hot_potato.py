@@ -200,7 +200,9 @@ def test_a_killed_worker_does_not_stop_hogwild(digits, options):
     assert steps == {0: per_worker, 1: per_worker, 2: KILLED_AT}, steps
     assert {e["rank"] for e in result.history if e.get("worker/done")} == {0, 1}
     assert result.summary["steps"] == 2 * per_worker + KILLED_AT
-    assert result.summary["accuracy"] >= 0.85
+    # Calm hogwild with these settings: 0.894 and 0.903 (measured 2026-12-03); floors: one worker
+    # alone on its third 0.847, 5% of the steps 0.379. The two survivors share the dead one's third.
+    assert result.summary["accuracy"] >= 0.87
 
 
 def _take_lock_and_die(gate: UpdateGate) -> None:

@@ -134,6 +134,8 @@ def test_a_killed_worker_does_not_stop_downpour(digits):
     steps = _per_rank(result, "worker/steps")
     assert steps == {0: per_worker, 1: per_worker, 2: KILLED_AT}, steps
     assert result.summary["steps"] == 2 * per_worker + KILLED_AT
+    # Measured 2026-12-03: 0.886 and 0.891 (the same run with no fault alike); floors: one worker
+    # alone on its third 0.663, 5% of the steps 0.203.
     assert result.summary["accuracy"] >= 0.85
 
 

@@ -21,6 +21,8 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.integration
 
 CHECKPOINT_EVERY = 100  # versions
+# Shard 1 dies halfway through the run (1,875 versions), between two checkpoints.
+KILLED_AT_VERSION = 9 * CHECKPOINT_EVERY + CHECKPOINT_EVERY // 2
 # Downpour's recipe with the shards' moving average evaluated: the raw parameters' final accuracy varies
 # by about a point between runs on two cores (one CI run's undisturbed baseline came out at 95.47%); the
 # average's measured 97.30-97.40% over four runs, steady enough for a half-point comparison.
@@ -62,8 +64,8 @@ def _assert_no_process_left(roles: set[int]) -> None:
 def test_a_killed_shard_restarts_from_its_checkpoint_and_the_run_completes(
         shared_data, tmp_path, baseline):
     run_dir = tmp_path / "killed"
-    proc = _train([*FLAGS, "--dataset", "mnist", "--kill-server", "1@4", "--checkpoint-every", str(CHECKPOINT_EVERY),
-                   "--run-dir", str(run_dir)], shared_data)
+    proc = _train([*FLAGS, "--dataset", "mnist", "--kill-server", f"1@version={KILLED_AT_VERSION}",
+                   "--checkpoint-every", str(CHECKPOINT_EVERY), "--run-dir", str(run_dir)], shared_data)
     try:
         roles = _watch(proc, timeout=240)
         out, err = proc.communicate(timeout=30)
@@ -76,9 +78,16 @@ def test_a_killed_shard_restarts_from_its_checkpoint_and_the_run_completes(
     summary = json.loads((run_dir / "summary.json").read_text())
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     [restart] = [e for e in events if e.get("fault/restarted") == "server:1"]
+    [killed] = [e for e in events if e.get("fault/killed") == "server:1"]
+    assert killed["fault/killed_at_version"] == KILLED_AT_VERSION
     assert summary["restarts"] == 1
-    assert 0 <= summary["lost_updates"] == restart["fault/lost_updates"] <= CHECKPOINT_EVERY
-    assert restart["fault/restored_version"] % CHECKPOINT_EVERY == 0 and restart["fault/restored_version"] > 0
+    # It came back from its last checkpoint written whole (900, or an earlier one had that write,
+    # fsynced by a thread of its own, not finished), and lost exactly the updates since it: a
+    # calm run loses none.
+    restored = restart["fault/restored_version"]
+    assert restored % CHECKPOINT_EVERY == 0 and 0 < restored < KILLED_AT_VERSION
+    assert summary["lost_updates"] == restart["fault/lost_updates"] == KILLED_AT_VERSION - restored
+    assert baseline["lost_updates"] == 0 and baseline["restarts"] == 0
     # Workers reconnected to the shard's new address and trained on: every step was taken.
     assert summary["steps"] == baseline["steps"]
     assert any(e.get("comm/reconnections", 0) > 0 for e in events)
@@ -169,7 +178,8 @@ def test_a_restarted_worker_rejoins_and_its_pushes_are_applied(digits):
     # Both workers took all their steps (three passes over their half of the data), the reborn one included.
     per_worker = 3 * math.ceil(digits.num_train // 2 / 16)
     assert last["worker/steps"] == per_worker and result.summary["steps"] == 2 * per_worker
-    assert result.summary["accuracy"] >= 0.87  # measured 0.91
+    # Measured 0.91; floor: one worker alone on its half for the same three passes, 0.85 (lr 0.05).
+    assert result.summary["accuracy"] >= 0.885
 
 
 def test_resuming_a_finished_run_is_refused_and_checkpoints_are_kept_readable(digits, tmp_path):

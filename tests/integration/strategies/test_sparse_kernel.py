@@ -76,7 +76,7 @@ def test_hogwild_uses_processes_where_threads_cannot_do_what_is_asked(w8a):
 @pytest.mark.slow
 def test_an_rcv1_shaped_set_trains_to_scikit_learns_error_within_its_memory(tmp_path):
     # Measured: downpour 6.9-7.0% at lr 0.02 (constant rates above 0.05 spread by 1 pp over
-    # seeds), peak 980 MB. A fresh process: its peak resident memory is this run's alone. 200,000 rows of 47,236
+    # seeds). A fresh process: its peak resident memory is this run's alone. 200,000 rows of 47,236
     # features would be 38 GB dense; CSR they are 120 MB.
     script = tmp_path / "rcv1.py"
     script.write_text(RCV1_SCRIPT)
@@ -84,7 +84,9 @@ def test_an_rcv1_shaped_set_trains_to_scikit_learns_error_within_its_memory(tmp_
                          check=True).stdout
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["downpour_error"] <= figures["sklearn_error"] + 0.005, figures
-    assert figures["peak_mb"] < 1500, figures
+    # Measured peak: 980 MB with numba's cache warm, 1,716 MB on a fresh clone (its compilation
+    # included); one dense copy of the inputs alone would be 38 GB.
+    assert figures["peak_mb"] < 2500, figures
 
 
 RCV1_SCRIPT = '''

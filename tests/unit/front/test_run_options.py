@@ -112,7 +112,8 @@ def test_kill_worker_takes_seconds_or_a_step(kill, faults):
     (["1@"], [], "--kill-worker expects"),
     (["x@3"], [], "--kill-worker expects"),
     (["1@3m"], [], "--kill-worker expects"),
-    ([], ["0@step=3"], "--kill-server expects SHARD@SECONDS (1@3.5 or 1@3s) (a shard is killed by"),
+    ([], ["0@step=3"], "--kill-server expects SHARD@SECONDS (1@3.5 or 1@3s) or SHARD@version=N"),
+    (["1@version=3"], [], "--kill-worker expects RANK@SECONDS (1@3.5 or 1@3s) or RANK@step=N"),
 ])
 def test_a_malformed_kill_is_named(kill, kill_server, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -180,3 +181,12 @@ def test_roles_take_their_defaults_and_help_from_runconfig(capsys):
     assert worker.epochs == 2.0 and worker.batch_size == RunConfig().length.batch_size
     text = flag_help(_help(capsys, "server"), "--model")
     assert text.endswith(f"(default: {RunConfig().model.name})") and "one of:" in text
+
+
+def test_a_shard_kill_at_a_version_reaches_the_run(trained):
+    assert main(["train", "--strategy", "downpour", "--workers", "2", "--servers", "2",
+                 "--kill-server", "1@version=450", "--kill-server", "0@3s", "--quiet"]) == 0
+    assert trained[0]["config"].faults == dp.Faults(kill_server={0: 3.0},
+                                                    kill_server_at_version={1: 450})
+    with pytest.raises(ValueError, match="both by time and at a version"):
+        dp.Faults(kill_server={1: 3.0}, kill_server_at_version={1: 450})
