@@ -59,8 +59,9 @@ def test_fetch_and_push_every_4_reach_the_band_of_every_1_on_mnist(mnist):
     # A quarter of the round trips, and of the parameters pulled. The pushes shrink less: one
     # batch's gradient leaves the weights of pixels blank in all 32 images at zero, so the first
     # shard's part goes sparse, while a mean of four batches is dense. Measured: rounds 188 -> 47,
-    # received 0.254x, sent 0.333x (0.2 epochs); sent 0.374x over these two epochs (CI).
+    # received 0.254x, sent 0.333x (0.2 epochs); over these two epochs sent 0.374x and 0.523x in
+    # two CI runs (how much of the every-1 pushes goes sparse varies from run to run).
     assert abs(4 * fourth.summary["rounds"] - every.summary["rounds"]) <= 8, (every.summary,
                                                                             fourth.summary)
     assert fourth.summary["bytes_received"] < 0.27 * every.summary["bytes_received"]
-    assert fourth.summary["bytes_sent"] < 0.45 * every.summary["bytes_sent"]
+    assert fourth.summary["bytes_sent"] < 0.65 * every.summary["bytes_sent"]
