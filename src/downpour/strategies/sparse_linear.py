@@ -128,6 +128,20 @@ def _offsets(flat: FlatParams) -> list[int]:
     return offsets
 
 
+def _kernel_model(job: Any, model: nn.Module) -> str | None:
+    """The kernel's name for ``model`` where it can stand in for torch: a linear model trained
+    with its own loss on in-memory sparse CSR data, on the CPU; else None."""
+    data = job.data
+    if getattr(data, "streamed", False) or not getattr(data, "sparse", False):
+        return None
+    if not isinstance(model, LinearModel) or str(job.device) != "cpu":
+        return None
+    name = next((n for n, cls in MODELS.items() if cls is type(model)), None)
+    if name not in LOSSES or job.loss is not getattr(type(model), "criterion", None):
+        return None
+    return name
+
+
 def compiled_kernel(job: Any, model: nn.Module) -> SparseSGD | None:
     """The compiled kernel that takes exactly ``job``'s steps on ``model``, or None where none does.
 
@@ -137,13 +151,8 @@ def compiled_kernel(job: Any, model: nn.Module) -> SparseSGD | None:
     GPU) trains through torch.
     """
     spec = job.optimizer
-    data = job.data
-    if getattr(data, "streamed", False) or not getattr(data, "sparse", False):
-        return None
-    if not isinstance(model, LinearModel) or str(job.device) != "cpu":
-        return None
-    name = next((n for n, cls in MODELS.items() if cls is type(model)), None)
-    if name not in LOSSES or job.loss is not getattr(type(model), "criterion", None):
+    name = _kernel_model(job, model)
+    if name is None:
         return None
     plain = spec.name == "sgd" and not any(spec.kwargs.get(k) for k in ("momentum", "weight_decay"))
     if not plain or spec.schedule != "constant" or spec.warmup_steps:
@@ -167,13 +176,8 @@ def compiled_gradient(job: Any, model: nn.Module) -> Callable[[torch.Tensor, tor
     """``gradient(x, y) -> loss``: the compiled kernel's gradient of ``model`` (into its ``.grad``)
     on a sparse CSR batch, where it equals autograd's: a linear model with its own loss on
     in-memory sparse data, on the CPU. Any optimizer then steps on it. None elsewhere."""
-    data = job.data
-    if getattr(data, "streamed", False) or not getattr(data, "sparse", False):
-        return None
-    if not isinstance(model, LinearModel) or str(job.device) != "cpu":
-        return None
-    name = next((n for n, cls in MODELS.items() if cls is type(model)), None)
-    if name not in LOSSES or job.loss is not getattr(type(model), "criterion", None):
+    name = _kernel_model(job, model)
+    if name is None:
         return None
     weight, bias, l2 = model.linear.weight, model.linear.bias, float(model.l2)
     return partial(_compiled_step, name, weight, bias, l2)
