@@ -134,6 +134,11 @@ class Stubs:
         self.push_shared = unary(
             codec.PUSH_SHARED, pb.SharedPushRequest.SerializeToString, pb.PushReply.FromString
         )
+        self.push_pull_shared = unary(
+            codec.PUSH_PULL_SHARED,
+            pb.SharedPushPullRequest.SerializeToString,
+            pb.SharedPushPullReply.FromString,
+        )
         self.goodbye = unary(
             codec.GOODBYE, pb.GoodbyeRequest.SerializeToString, pb.GoodbyeReply.FromString
         )

@@ -339,10 +339,10 @@ class ShardClient:
         """Push an update, then pull the shard as it is after it: ``(result, version, params)``.
 
         What :meth:`push` then :meth:`pull` do, for the price of one call
-        when both tensors are small (each fits in one chunk and, on a
-        shared-memory session, stays under ``SHARED_MIN_BYTES``): a worker's
-        round trip is then bounded by one call of gRPC's, not two. Larger
-        tensors go as a push and a pull, each by its own cheapest way. The
+        when both tensors are small (each fits in one chunk) or go through a
+        shared-memory session (both fit in its segment): a worker's round
+        trip is then bounded by one call of gRPC's, not two. Otherwise they
+        go as a push and a pull, each by its own cheapest way. The
         pull is checked before the push is offered, so a refused call has
         changed nothing; a refused push raises as :meth:`push` does.
 
@@ -358,6 +358,14 @@ class ShardClient:
         small = 0 <= pulled <= self._server_chunk_bytes
         if self._session is not None:
             small = small and max(pushed, pulled) < SHARED_MIN_BYTES
+        session = self._session
+        if (
+            session is not None
+            and SHARED_MIN_BYTES <= max(pushed, pulled)
+            and max(pushed, pulled) <= session.size
+            and session.lock.acquire(False)
+        ):
+            return self._push_pull_through(session, header, values, indices, request, out, seconds)
         frames = codec.push_frames(header, values, indices, self.chunk_bytes)
         if not small or header.num_chunks != 1:
             result = self._send_push(header, values, indices, seconds)  # encoded once, above
@@ -424,6 +432,40 @@ class ShardClient:
             )
             self._counters.count("bytes_shared_sent", size)
             return reply
+
+    def _push_pull_through(
+        self,
+        session: ClientSession,
+        header: pb.PushHeader,
+        values: np.ndarray,
+        indices: np.ndarray | None,
+        request: pb.PullRequest,
+        out: torch.Tensor | None,
+        seconds: float,
+    ) -> tuple[PushResult, int, torch.Tensor]:
+        """A push from, and a pull into, the session's segment in one call; ``session.lock`` is
+        held, and released here."""
+        with self._shared_call(session, "answer a push-pull", seconds) as seq:
+            size = session.write(values, indices)
+            header.num_chunks = 1
+            reply = self._rpc.push_pull_shared(
+                pb.SharedPushPullRequest(session=session.key, seq=seq, push=header, pull=request),
+                timeout=seconds,
+                metadata=self._metadata,
+            )
+            self._counters.count("bytes_shared_sent", size)
+            self._counters.count("pushes")
+            if reply.seq != seq:
+                raise self._violation(f"a shared push-pull answered seq {reply.seq} to seq {seq}")
+            if reply.pull.not_newer:
+                raise self._violation("a push-pull answered 'not newer' to a plain pull")
+            frame = region_frame(reply.pull, session.segment.view)
+            pulled = self._receive(iter([frame]), out)
+            assert pulled is not None
+            self._counters.count("bytes_shared_received", len(frame.data))
+            self._counters.count("pulls")
+            push = reply.push
+            return PushResult(push.applied, push.dropped, push.staleness, push.version), *pulled
 
     @contextmanager
     def _shared_call(self, session: ClientSession, what: str, seconds: float) -> Iterator[int]:

@@ -304,6 +304,28 @@ class SharedPushRequest(_message.Message):
     header: PushHeader
     def __init__(self, session: _Optional[bytes] = ..., seq: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ...) -> None: ...
 
+class SharedPushPullRequest(_message.Message):
+    __slots__ = ("session", "seq", "push", "pull")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    seq: int
+    push: PushHeader
+    pull: PullRequest
+    def __init__(self, session: _Optional[bytes] = ..., seq: _Optional[int] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+
+class SharedPushPullReply(_message.Message):
+    __slots__ = ("seq", "push", "pull")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    push: PushReply
+    pull: TensorHeader
+    def __init__(self, seq: _Optional[int] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ..., pull: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
+
 class GoodbyeRequest(_message.Message):
     __slots__ = ("session",)
     SESSION_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,11 @@ class ParameterServerStub:
                 request_serializer=downpour_dot_transport_dot_downpour__pb2.SharedPushRequest.SerializeToString,
                 response_deserializer=downpour_dot_transport_dot_downpour__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PushPullShared = channel.unary_unary(
+                '/downpour.v1.ParameterServer/PushPullShared',
+                request_serializer=downpour_dot_transport_dot_downpour__pb2.SharedPushPullRequest.SerializeToString,
+                response_deserializer=downpour_dot_transport_dot_downpour__pb2.SharedPushPullReply.FromString,
+                _registered_method=True)
         self.Goodbye = channel.unary_unary(
                 '/downpour.v1.ParameterServer/Goodbye',
                 request_serializer=downpour_dot_transport_dot_downpour__pb2.GoodbyeRequest.SerializeToString,
@@ -155,6 +160,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushPullShared(self, request, context):
+        """Push from the segment, then pull the shard as it is after the push into
+        the same segment, in one call: a worker's round on the server's host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Goodbye(self, request, context):
         """Ends a shared-memory session and frees its segment.
         """
@@ -226,6 +239,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushShared,
                     request_deserializer=downpour_dot_transport_dot_downpour__pb2.SharedPushRequest.FromString,
                     response_serializer=downpour_dot_transport_dot_downpour__pb2.PushReply.SerializeToString,
+            ),
+            'PushPullShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPullShared,
+                    request_deserializer=downpour_dot_transport_dot_downpour__pb2.SharedPushPullRequest.FromString,
+                    response_serializer=downpour_dot_transport_dot_downpour__pb2.SharedPushPullReply.SerializeToString,
             ),
             'Goodbye': grpc.unary_unary_rpc_method_handler(
                     servicer.Goodbye,
@@ -464,6 +482,33 @@ class ParameterServer:
             '/downpour.v1.ParameterServer/PushShared',
             downpour_dot_transport_dot_downpour__pb2.SharedPushRequest.SerializeToString,
             downpour_dot_transport_dot_downpour__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPullShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/PushPullShared',
+            downpour_dot_transport_dot_downpour__pb2.SharedPushPullRequest.SerializeToString,
+            downpour_dot_transport_dot_downpour__pb2.SharedPushPullReply.FromString,
             options,
             channel_credentials,
             insecure,

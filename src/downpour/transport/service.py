@@ -131,6 +131,9 @@ class ShardService:
             "Hello": unary(self.Hello, pb.HelloRequest, pb.HelloReply),
             "PullShared": unary(self.PullShared, pb.SharedPullRequest, pb.SharedPullReply),
             "PushShared": unary(self.PushShared, pb.SharedPushRequest, pb.PushReply),
+            "PushPullShared": unary(
+                self.PushPullShared, pb.SharedPushPullRequest, pb.SharedPushPullReply
+            ),
             "Goodbye": unary(self.Goodbye, pb.GoodbyeRequest, pb.GoodbyeReply),
             "Status": unary(self.Status, pb.StatusRequest, pb.StatusReply),
             "Shutdown": unary(self.Shutdown, pb.ShutdownRequest, pb.ShutdownReply),
@@ -301,28 +304,35 @@ class ShardService:
     ) -> pb.SharedPullReply:
         if isinstance(request, Malformed):
             raise Reject("MALFORMED", request.reason)
-        shard_id = self.shard.shard_id
         with self._session(request.session, request.seq) as region:
+            header = self._pull_into(region, request.request, context)
+        return pb.SharedPullReply(seq=request.seq, header=header)
 
-            def encode(version: int, view: torch.Tensor, wire_dtype: int) -> pb.TensorHeader:
-                write_tensor(region, view, wire_dtype)
-                return pb.TensorHeader(
-                    shard_id=shard_id,
-                    version=version,
-                    dtype=wire_dtype,
-                    shape=[view.numel()],
-                    num_chunks=1,
-                )
+    def _pull_into(
+        self, region: memoryview, request: pb.PullRequest, context: grpc.ServicerContext
+    ) -> pb.TensorHeader:
+        """A pull written to the start of a session's ``region``: the header that describes it."""
+        shard_id = self.shard.shard_id
 
-            header = self._pull(request.request, context, encode)
+        def encode(version: int, view: torch.Tensor, wire_dtype: int) -> pb.TensorHeader:
+            write_tensor(region, view, wire_dtype)
+            return pb.TensorHeader(
+                shard_id=shard_id,
+                version=version,
+                dtype=wire_dtype,
+                shape=[view.numel()],
+                num_chunks=1,
+            )
+
+        header = self._pull(request, context, encode)
         if header is None:
             header = pb.TensorHeader(
                 shard_id=shard_id,
-                version=_newer_than(request.request),
+                version=_newer_than(request),
                 not_newer=True,
                 num_chunks=1,
             )
-        return pb.SharedPullReply(seq=request.seq, header=header)
+        return header
 
     def Push(
         self, frames: Iterable[PushFrame | Malformed], context: grpc.ServicerContext
@@ -348,16 +358,20 @@ class ShardService:
     ) -> bytes:
         if isinstance(request, Malformed):
             raise Reject("MALFORMED", request.reason)
-        # Everything the pull could refuse is refused before the push changes the shard,
-        # so a refused call has changed nothing.
-        self._check_small(self._check_pull(request.pull))
-        if request.pull.average and not self.shard.status()["has_average"]:
-            raise Reject(
-                "BAD_REQUEST", f"shard {self.shard.shard_id} keeps no moving average to pull"
-            )
+        self._check_small(self._check_push_pull(request.pull))
         frame = codec.push_frame_of(request.push)
         reply = self._push(lambda assembly: assembly.feed(frame))
         return codec.push_pull_reply(reply, self._pull_small(request.pull, context))
+
+    def _check_push_pull(self, pull: pb.PullRequest) -> int:
+        """Everything the pull of a push-pull could refuse, refused before the push changes the
+        shard (so a refused call has changed nothing): its wire dtype."""
+        wire_dtype = self._check_pull(pull)
+        if pull.average and not self.shard.status()["has_average"]:
+            raise Reject(
+                "BAD_REQUEST", f"shard {self.shard.shard_id} keeps no moving average to pull"
+            )
+        return wire_dtype
 
     def PushShared(
         self, request: pb.SharedPushRequest | Malformed, context: grpc.ServicerContext
@@ -371,6 +385,25 @@ class ShardService:
             raise Reject("BAD_HEADER", "a shared-memory push carries no header")
         with self._session(request.session, request.seq) as region:
             return self._push(lambda assembly: assembly.feed_region(request.header, region))
+
+    def PushPullShared(
+        self, request: pb.SharedPushPullRequest | Malformed, context: grpc.ServicerContext
+    ) -> pb.SharedPushPullReply:
+        return self._guarded(context, lambda: self._push_pull_shared(request, context))
+
+    def _push_pull_shared(
+        self, request: pb.SharedPushPullRequest | Malformed, context: grpc.ServicerContext
+    ) -> pb.SharedPushPullReply:
+        if isinstance(request, Malformed):
+            raise Reject("MALFORMED", request.reason)
+        if not request.HasField("push"):
+            raise Reject("BAD_HEADER", "a shared-memory push-pull carries no push header")
+        self._check_push_pull(request.pull)
+        with self._session(request.session, request.seq) as region:
+            # feed_region copies the push's bytes out before the pull overwrites them
+            reply = self._push(lambda assembly: assembly.feed_region(request.push, region))
+            header = self._pull_into(region, request.pull, context)
+        return pb.SharedPushPullReply(seq=request.seq, push=reply, pull=header)
 
     def _push(self, feed: Callable[[PushAssembly], None]) -> pb.PushReply:
         """Assemble a push with ``feed``, check it whole, then offer it to the shard."""

@@ -82,10 +82,11 @@ CALL_TIMEOUT = 20.0
 BATCH = 10  # calls per hypothesis example
 
 QUOTAS = {  # calls per method, most where the checks are; multiples of BATCH
-    "Push": 1600,
-    "PushSmall": 1100,
-    "PushPull": 1000,
-    "PushShared": 1000,
+    "Push": 1300,
+    "PushSmall": 800,
+    "PushPull": 800,
+    "PushShared": 800,
+    "PushPullShared": 1000,
     "VectorOps": 1000,
     "PullShared": 700,
     "Pull": 700,
@@ -118,6 +119,7 @@ REQUESTS = {  # Push and PushSmall carry a PushChunk, which the server parses by
     "Hello": pb.HelloRequest,
     "PullShared": pb.SharedPullRequest,
     "PushShared": pb.SharedPushRequest,
+    "PushPullShared": pb.SharedPushPullRequest,
     "Goodbye": pb.GoodbyeRequest,
     "Status": pb.StatusRequest,
     "Shutdown": pb.ShutdownRequest,
@@ -835,6 +837,39 @@ def shared_push(pick: Picker, variant: str, faults: Sequence[str], *, must_fault
     )
 
 
+def shared_push_pull(
+    pick: Picker, variant: str, faults: Sequence[str], *, must_fault: bool
+) -> Forgery:
+    """A push from the segment and a pull into it: the push forged, or the pull (refused before
+    the session is looked up, so its sequence number is not taken)."""
+    session = session_choice(pick, pick.choice(("fresh", "fresh", "used", "made_up")))
+    needed = must_fault and session.fresh
+    pull_faults = [fault.removeprefix("pull_") for fault in faults if fault in PUSH_PULL_FAULTS]
+    push_forged = needed and (not pull_faults or pick.flip())
+    parts = push_parts(pick, variant, faults, way="shared", must_fault=push_forged)
+    request, pull_reasons, pull_what = pull_request(
+        pick,
+        pull_faults,
+        must_fault=needed and not push_forged,
+        possible=("shard", "dtype", "average"),
+    )
+    message = pb.SharedPushPullRequest(pull=request)
+    if parts.chunk_fault == "no_header" or pull_reasons:
+        session = replace(session, reached=False)  # refused before its session is looked up
+    if parts.chunk_fault != "no_header":
+        message.push.CopyFrom(parts.header)
+        if parts.chunk_fault == "chunk_count":
+            message.push.num_chunks = pick.integer(2, U32)
+    return Forgery(
+        "PushPullShared",
+        (message.SerializeToString(),),
+        parts.reasons | pull_reasons,
+        f"PushPullShared[push {parts.what}; pull {pull_what}; {session}]",
+        session=session,
+        segment=parts.values + parts.indices,
+    )
+
+
 # -- vector ops ------------------------------------------------------------------
 
 NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # what downpour.server.vectors takes
@@ -986,6 +1021,9 @@ METHODS: dict[str, tuple[Content, tuple[str, ...], tuple[str, ...]]] = {
     "PushSmall": (small_push, tuple(ENCODINGS), PUSH_VOCABULARY),
     "PushPull": (push_pull, tuple(ENCODINGS), (*PUSH_VOCABULARY, *PUSH_PULL_FAULTS)),
     "PushShared": (shared_push, tuple(ENCODINGS), PUSH_VOCABULARY),
+    "PushPullShared": (
+        shared_push_pull, tuple(ENCODINGS), (*PUSH_VOCABULARY, *PUSH_PULL_FAULTS)
+    ),
     "VectorOps": (vector_ops, ("-",), tuple(VECTOR_FAULTS)),
     "PullShared": (shared_pull, SESSION_MODES, tuple(PULL_FAULTS)),
     "Pull": (pulls("Pull"), ("-",), tuple(PULL_FAULTS)),
@@ -1181,7 +1219,7 @@ class Target:
             if forgery.method == "Goodbye":
                 fields = pb.GoodbyeRequest(session=key)
             else:
-                fields = pb.SharedPullRequest(session=key, seq=number)  # as SharedPushRequest's
+                fields = pb.SharedPullRequest(session=key, seq=number)  # as the other shared requests'
             messages[0] += fields.SerializeToString()  # the last value of a field counts
             if fresh:
                 seq = number
@@ -1256,6 +1294,12 @@ def _volley(target: Target, method: str) -> None:
 
 
 # -- the tests -------------------------------------------------------------------
+
+
+def test_every_rpc_of_the_service_is_fuzzed():
+    service = pb.DESCRIPTOR.services_by_name["ParameterServer"]
+    assert {method.name for method in service.methods} == set(QUOTAS) == set(METHODS)
+    assert sum(QUOTAS.values()) == MESSAGES
 
 
 @pytest.mark.timeout(600)

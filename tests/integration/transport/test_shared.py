@@ -114,6 +114,33 @@ def test_byte_counters_say_which_way_the_bytes_went(twins):
 
 
 @pytest.mark.timeout(60)
+def test_a_push_pull_through_shared_memory_is_one_call_and_equals_the_network(twins):
+    shards, network, local = twins(awkward(SIZE), optimizer=sgd(0.5))
+    calls: list[str] = []
+    for name in ("push_shared", "pull_shared", "push_pull_shared"):
+        stub = getattr(local._rpc, name)
+
+        def counted(*args, _stub=stub, _name=name, **kwargs):
+            calls.append(_name)
+            return _stub(*args, **kwargs)
+
+        setattr(local._rpc, name, counted)
+    gradient = awkward(SIZE)
+    answers = [client.push_pull(0, 0, gradient) for client in (network, local)]
+    assert calls == ["push_pull_shared"]  # one call, not a push and a pull
+    (net_result, net_version, net_params), (result, version, params) = answers
+    assert result == net_result and result.applied and version == net_version == 1
+    assert torch.equal(bits(params), bits(net_params))
+    assert torch.equal(bits(params), bits(shards[1].pull()[1]))
+    assert local.bytes_shared_sent == local.bytes_shared_received == 4 * SIZE
+    assert (local.pushes, local.pulls) == (1, 1)
+    sparse = SparseUpdate(torch.arange(0, SIZE, 2), torch.randn(SIZE // 2), SIZE)
+    answers = [client.push_pull(0, 1, sparse, average=False) for client in (network, local)]
+    assert torch.equal(bits(answers[0][2]), bits(answers[1][2])) and answers[1][1] == 2
+    assert calls == ["push_pull_shared"] * 2
+
+
+@pytest.mark.timeout(60)
 def test_pull_semantics_hold_through_shared_memory(serve, connect):
     shard = ServerShard(
         torch.zeros(SIZE), optimizer=sgd(), policy=Synchronous(num_required=2), ema_decay=0.5
@@ -371,6 +398,45 @@ def test_sessions_refuse_unknown_keys_old_seqs_and_missing_headers(session):
 
 
 @pytest.mark.timeout(60)
+def test_a_forged_shared_push_pull_is_refused_and_changes_nothing(session):
+    shard, calls, metadata, key, segment = session
+    write(segment, np.ones(SIZE, np.float32))
+    before = shard.pull()
+
+    def request(seq: int, **fields) -> pb.SharedPushPullRequest:
+        return pb.SharedPushPullRequest(session=key, seq=seq, **fields)
+
+    forged = [
+        (request(1, pull=pb.PullRequest()), "BAD_HEADER", "no push header"),
+        (request(2, push=push_header(), pull=pb.PullRequest(shard_id=3)), "BAD_SHARD", ""),
+        (request(3, push=push_header(), pull=pb.PullRequest(dtype=pb.INT32)), "BAD_DTYPE", ""),
+        (request(4, push=push_header(), pull=pb.PullRequest(average=True)), "BAD_REQUEST",
+         "no moving average"),
+        (request(5, push=push_header(version=7)), "BAD_VERSION", ""),
+        (request(6, push=push_header(shape=[SIZE + 1])), "BAD_LENGTH", ""),
+        (request(7, push=push_header(), pull=pb.PullRequest()), "", ""),  # the valid one
+        (request(7, push=push_header(), pull=pb.PullRequest()), "BAD_SESSION", "not above"),
+        (pb.SharedPushPullRequest(session=b"k" * 16, seq=8, push=push_header()), "BAD_SESSION",
+         "no such"),
+    ]
+    for message, code, words in forged:
+        if not code:
+            reply = calls.PushPullShared(message, metadata=metadata)
+            assert reply.seq == 7 and reply.push.applied and reply.pull.version == 1
+            pulled = np.frombuffer(segment.view, "<f4", count=SIZE)
+            assert np.array_equal(pulled, shard.pull()[1].numpy())
+            before = shard.pull()
+            continue
+        _, reason, message_text = refused(
+            lambda m=message: calls.PushPullShared(m, metadata=metadata)
+        )
+        assert reason == code and words in message_text
+        version, params = shard.pull()
+        assert version == before[0] and torch.equal(params, before[1])
+    assert shard.status()["pushes"] == 1
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "metadata", [(), (("downpour-token", "not-the-token"),)], ids=["missing", "wrong"]
 )
@@ -382,6 +448,9 @@ def test_the_shared_rpcs_want_the_token(session, metadata):
             pb.SharedPushRequest(session=key, seq=1, header=push_header()), metadata=metadata
         ),
         lambda: calls.PullShared(pb.SharedPullRequest(session=key, seq=2), metadata=metadata),
+        lambda: calls.PushPullShared(
+            pb.SharedPushPullRequest(session=key, seq=3, push=push_header()), metadata=metadata
+        ),
         lambda: calls.Goodbye(pb.GoodbyeRequest(session=key), metadata=metadata),
     ]
     for call in requests:
