@@ -6,7 +6,8 @@ On w8a (../shared/data) and on the RCV1-shaped synthetic set (``rcv1-like``,
 - scikit-learn ``SGDClassifier`` (hinge, and log loss), ``--epochs`` passes,
   constant rate, ``alpha`` = λ, one binary weight vector;
 - downpour ``single`` (the compiled kernel: a 2-class linear SVM or logistic
-  regression, as downpour's models hold them: two weight vectors);
+  regression, as downpour's models hold them: two weight vectors), and both
+  again with averaged SGD (the mean of the iterates from the first step on);
 - downpour ``hogwild`` with 1, 2, ... threads over one weight matrix (no
   lock), and its ``lock`` and ``round_robin`` comparators at 2 threads.
 
@@ -43,13 +44,13 @@ def scipy_csr(tensor) -> scipy.sparse.csr_matrix:
                                     tensor.crow_indices().numpy()), shape=tuple(tensor.shape))
 
 
-def sklearn_row(data, loss: str, epochs: int, repeats: int) -> dict:
+def sklearn_row(data, loss: str, epochs: int, repeats: int, average: bool = False) -> dict:
     x, y = scipy_csr(data.x_train), data.y_train.numpy()
     x_test, y_test = scipy_csr(data.x_test), data.y_test.numpy()
     best = None
     for seed in range(repeats):
         model = SGDClassifier(loss=loss, alpha=L2, max_iter=epochs, tol=None, random_state=seed,
-                              learning_rate="constant", eta0=LR[data.name])
+                              learning_rate="constant", eta0=LR[data.name], average=average)
         started = time.perf_counter()
         model.fit(x, y)
         seconds = time.perf_counter() - started
@@ -103,7 +104,11 @@ def main() -> None:
                  sklearn_row(data, "log_loss", args.epochs, args.repeats)),
                 ("downpour single, svm", downpour_row(data, "svm", dp.Single(), args.epochs, args.repeats)),
                 ("downpour single, logistic",
-                 downpour_row(data, "logistic", dp.Single(), args.epochs, args.repeats))]
+                 downpour_row(data, "logistic", dp.Single(), args.epochs, args.repeats)),
+                ("scikit-learn SGDClassifier hinge, averaged",
+                 sklearn_row(data, "hinge", args.epochs, args.repeats, average=True)),
+                ("downpour single, svm, averaged",
+                 downpour_row(data, "svm", dp.Single(average=1), args.epochs, args.repeats))]
         for threads in args.threads:
             rows.append((f"downpour hogwild, svm, {threads} thread(s)",
                          downpour_row(data, "svm", dp.Hogwild(threads="on"), args.epochs, args.repeats,

@@ -59,6 +59,8 @@ Regularization = Literal["scale", "split"]
 
 # Below this the scale is folded into V (an O(d C) pass), so that V / s never overflows.
 _MIN_SCALE = 1e-6
+# Averaging, the average's sum U + B V cancels about 1 / s of V's float32 rounding: folded sooner.
+_MIN_SCALE_AVERAGED = 1e-2
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -114,12 +116,21 @@ def _score_gradient(loss: int, scores: np.ndarray, label: int, out: np.ndarray) 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, batch, schedule,
-         eta0, alpha, t0, power, l2, split, feature_scale, fit_bias):
+         eta0, alpha, t0, power, l2, split, feature_scale, fit_bias, average, avg_sum, avg_bias,
+         avg_state):
     """SGD over the rows ``order`` in mini-batches of ``batch``; returns the summed loss.
 
     ``weights`` is (d, C) float32 (a feature's classes side by side), ``V^T`` of ``W = s V`` with ``split`` False
     (``state[0]`` is ``s``), ``W`` itself with ``split`` True. ``state[1]`` is
     the examples seen (the schedule's t); ``state[2]`` the updates written.
+
+    With ``average`` > 0, every iterate after a step that brings the examples
+    seen to ``average`` or more is summed, sparsely: the sum is ``U + B V``
+    (``avg_sum`` is ``U``, float64, ``avg_state`` is ``(B, steps summed)``), so
+    a step that moves ``V`` by ``D`` on the row's features moves ``U`` by
+    ``-B D`` there, and ``B`` grows by the step's ``s``; ``avg_bias`` sums the
+    biases. A rescale of ``V`` folds ``B V`` into ``U``; averaging, it comes at
+    ``s`` = 1e-2 (not 1e-6), since ``U`` cancels ``B V`` to about ``1 / s``.
     """
     classes = weights.shape[1]
     grads = np.empty((batch, classes), dtype=np.float64)
@@ -131,6 +142,8 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
         stop = min(start + batch, n)
         size = stop - start
         scale = state[0]
+        averaging = average > 0 and state[1] + size >= average
+        summed = avg_state[0]  # B
         for k in range(size):  # every gradient of the batch at the same weights
             row = order[start + k]
             for c in range(classes):
@@ -146,11 +159,14 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
         step = lr / size
         if not split and l2 > 0.0:
             scale *= 1.0 - lr * l2
-            if scale < _MIN_SCALE:
+            if scale < (_MIN_SCALE_AVERAGED if average > 0 else _MIN_SCALE):
                 for u in range(weights.shape[0]):
                     for c in range(classes):
+                        if summed != 0.0:
+                            avg_sum[u, c] += summed * weights[u, c]
                         weights[u, c] *= scale
                 scale = 1.0
+                summed = 0.0
             state[0] = scale
         for k in range(size):
             row = order[start + k]
@@ -164,17 +180,30 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
                     u = indices[j]
                     keep = 1.0 - min(decay * feature_scale[u], 1.0)
                     for c in range(classes):
-                        weights[u, c] = keep * weights[u, c] - coefficient[c] * values[j]
+                        old = weights[u, c]
+                        weights[u, c] = keep * old - coefficient[c] * values[j]
+                        if summed != 0.0:
+                            avg_sum[u, c] -= summed * (weights[u, c] - old)
             elif active:  # a hinge or perceptron example on the right side writes nothing
                 for j in range(indptr[row], indptr[row + 1]):
                     u = indices[j]
                     for c in range(classes):
-                        weights[u, c] -= coefficient[c] * values[j]
+                        move = coefficient[c] * values[j]
+                        weights[u, c] -= move
+                        if summed != 0.0:
+                            avg_sum[u, c] += summed * move
             if fit_bias:
                 for c in range(classes):
                     bias[c] -= step * grads[k, c]
         state[1] += size
         state[2] += 1
+        if averaging:
+            avg_state[0] = summed + scale
+            avg_state[1] += 1.0
+            for c in range(classes):
+                avg_bias[c] += bias[c]
+        else:
+            avg_state[0] = summed
     return total
 
 
@@ -303,6 +332,9 @@ class SparseSGD:
             ``t0`` defaults to scikit-learn's choice for ``"optimal"``.
         regularization: ``"scale"`` or ``"split"`` (see the module).
         batch_size: examples per step (their gradients at the same weights, averaged).
+        average: 0 for plain SGD; n >= 1 for averaged SGD (Polyak and Juditsky; Bottou's
+            ASGD; scikit-learn's ``average=n``): the model it predicts with is the mean of
+            the iterates after every step from the one that brings the examples seen to n.
     """
 
     loss: str
@@ -316,6 +348,7 @@ class SparseSGD:
     power: float = 0.5
     regularization: Regularization = "scale"
     batch_size: int = 1
+    average: int = 0
     weights: np.ndarray = field(init=False, repr=False)
     bias: np.ndarray = field(init=False, repr=False)
     feature_scale: np.ndarray = field(init=False, repr=False)
@@ -327,6 +360,7 @@ class SparseSGD:
         check_range("num_features", self.num_features, 1)
         check_range("num_classes", self.num_classes, 2)
         check_range("batch_size", self.batch_size, 1)
+        check_range("average", self.average, 0)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (self.l2 >= 0 and math.isfinite(self.l2)):
@@ -340,21 +374,45 @@ class SparseSGD:
         self.bias = np.zeros(self.num_classes, dtype=np.float32)
         self.feature_scale = np.ones(self.num_features, dtype=np.float32)
         self._state = np.array([1.0, 0.0, 0.0])  # scale, examples seen, updates written
+        # The averaged iterates' sum U + B V (see _fit): float64, as B V nearly cancels U.
+        shape = (self.num_features, self.num_classes) if self.average else (1, 1)
+        self._avg_sum = np.zeros(shape, dtype=np.float64)
+        self._avg_bias = np.zeros(self.num_classes, dtype=np.float64)
+        self._avg_state = np.zeros(2)  # B, iterates summed
         self._lock = threading.Lock()
 
     @property
     def examples_seen(self) -> int:
         return int(self._state[1])
 
+    @property
+    def iterates_averaged(self) -> int:
+        """How many iterates the average holds (0: the model predicts with the last one)."""
+        return int(self._avg_state[1])
+
     def set_weights(self, weights: np.ndarray, bias: np.ndarray) -> None:
         """Start from ``weights`` (C, d) and ``bias`` (C,) (a torch model's, say)."""
         self.weights[...] = np.asarray(weights).T
         self.bias[...] = bias
         self._state[0] = 1.0
+        self._avg_sum[...] = 0.0
+        self._avg_bias[...] = 0.0
+        self._avg_state[...] = 0.0
 
     def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(W, b)``: the scale folded into a copy of the weights."""
-        return np.ascontiguousarray(self.weights.T) * np.float32(self._state[0]), self.bias.copy()
+        """``(W, b)`` it predicts with: the average of the iterates once it holds one, else the
+        last iterate (the scale folded into a copy of the weights)."""
+        weights, bias, scale = self._predictor()
+        return np.ascontiguousarray(weights.T) * np.float32(scale), bias.copy()
+
+    def _predictor(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(weights (d, C), bias, scale)`` of the model it predicts with."""
+        count = self._avg_state[1]
+        if not count:
+            return self.weights, self.bias, float(self._state[0])
+        summed = self._avg_sum + self._avg_state[0] * self.weights
+        return ((summed / count).astype(np.float32), (self._avg_bias / count).astype(np.float32),
+                1.0)
 
     def frequencies(self, x: Any) -> None:
         """The ``"split"`` regularisation's ``N / n_u`` from the training rows ``x``."""
@@ -381,7 +439,8 @@ class SparseSGD:
         total = _fit(x.indptr, x.indices, x.data, y, order, self.weights, self.bias, own,
                      LOSSES[self.loss], self.batch_size, SCHEDULES[self.schedule], self.lr,
                      self.alpha, self.t0 or 1.0, self.power, self.l2,
-                     self.regularization == "split", self.feature_scale, True)
+                     self.regularization == "split", self.feature_scale, True, self.average,
+                     self._avg_sum, self._avg_bias, self._avg_state)
         return total / len(order)
 
     def check_labels(self, y: np.ndarray, rows: int) -> np.ndarray:
@@ -395,7 +454,8 @@ class SparseSGD:
     def decision_function(self, x) -> np.ndarray:
         x = check_csr(x, self.num_features)
         out = np.empty((x.shape[0], self.num_classes), dtype=np.float64)
-        _scores(x.indptr, x.indices, x.data, self.weights, self.bias, self._state[0], out)
+        weights, bias, scale = self._predictor()
+        _scores(x.indptr, x.indices, x.data, weights, bias, scale, out)
         return out
 
     def predict(self, x) -> np.ndarray:
@@ -411,7 +471,7 @@ def warm_up(model: SparseSGD) -> None:
     probe = SparseSGD(model.loss, num_features=1, num_classes=model.num_classes, lr=model.lr,
                       l2=model.l2, schedule=model.schedule, alpha=model.alpha, t0=model.t0,
                       power=model.power, regularization=model.regularization,
-                      batch_size=model.batch_size)
+                      batch_size=model.batch_size, average=model.average)
     x = Rows(np.array([0, 1], np.int64), np.array([0], np.int64), np.ones(1, np.float32), (1, 1))
     probe.fit_epoch(x, np.zeros(1, np.int64))
     probe.predict(x)
@@ -435,6 +495,9 @@ def hogwild_threads(model: SparseSGD, x, y: np.ndarray, orders: Sequence[np.ndar
     if model.regularization != "split":
         raise ValueError("hogwild threads need regularization='split': a shared scale factor "
                          "would be written by every thread")
+    if model.average:
+        raise ValueError("hogwild threads cannot average the iterates: the average's shared "
+                         "sum would be written by every thread")
     choose("mode", mode, ("hogwild", "lock", "round_robin"))
     check_range("chunk", chunk, 1)
     x = check_csr(x, model.num_features)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from downpour.data import epoch
 from downpour.errors import check_range, choose
@@ -30,8 +31,14 @@ class Single(Strategy):
     steps, on the same batches, without torch's dispatch per example.
     ``kernel="torch"`` keeps it on torch (to compare the two).
 
+    ``average=n`` is averaged SGD (Polyak and Juditsky 1992; Bottou's ASGD;
+    scikit-learn's ``average=n``): the model evaluated and returned is the mean
+    of the iterates after every step from the one that brings the examples seen
+    to n, parameters and floating buffers alike (torch's ``AveragedModel``; the
+    compiled kernel keeps the same mean sparsely). 0 is plain SGD.
+
     Example:
-        >>> strategy = Single(log_every=20)
+        >>> strategy = Single(log_every=20, average=1000)
     """
 
     name: ClassVar[str] = "single"
@@ -42,13 +49,15 @@ class Single(Strategy):
         "it trains in this process: there is no worker to slow down or kill")
     log_every: int = 10
     kernel: Literal["auto", "torch"] = "auto"
+    average: int = 0
 
     def __post_init__(self) -> None:
         check_range("log_every", self.log_every, 1)
         choose("kernel", self.kernel, ("auto", "torch"))
+        check_range("average", self.average, 0)
 
     def plan(self, job: Job) -> SinglePlan:
-        return SinglePlan(job, log_every=self.log_every, kernel=self.kernel)
+        return SinglePlan(job, log_every=self.log_every, kernel=self.kernel, average=self.average)
 
 
 class SinglePlan(Plan):
@@ -56,9 +65,9 @@ class SinglePlan(Plan):
 
     inline = True
 
-    def __init__(self, job: Job, *, log_every: int, kernel: str = "auto") -> None:
+    def __init__(self, job: Job, *, log_every: int, kernel: str = "auto", average: int = 0) -> None:
         super().__init__(job)
-        self.log_every, self.kernel = log_every, kernel
+        self.log_every, self.kernel, self.average = log_every, kernel, average
         self.global_steps = job.total_steps()
 
     def build_model(self) -> nn.Module:
@@ -66,7 +75,8 @@ class SinglePlan(Plan):
 
     def open(self, session: Session) -> None:
         super().open(session)
-        self.compiled = compiled_kernel(self.job, self.flat.module) if self.kernel == "auto" else None
+        self.compiled = (compiled_kernel(self.job, self.flat.module, average=self.average)
+                         if self.kernel == "auto" else None)
         if self.compiled is not None:
             warm_up(self.compiled)  # compiled (or loaded from numba's cache) before the clock starts
 
@@ -88,6 +98,7 @@ class SinglePlan(Plan):
         scheduler = job.optimizer.build_scheduler(optimizer, total)
         interval = job.eval_interval(total)
         generator = torch.Generator().manual_seed(job.seed)
+        averaged = AveragedModel(model, use_buffers=True) if self.average else None
 
         step, samples, window_samples = 0, 0, 0
         window_start = time.perf_counter()
@@ -100,6 +111,8 @@ class SinglePlan(Plan):
                 step += 1
                 samples += len(y)
                 window_samples += len(y)
+                if averaged is not None and samples >= self.average:
+                    averaged.update_parameters(model)
                 if step % self.log_every == 0:
                     now = time.perf_counter()
                     metrics.log(step, {
@@ -111,11 +124,13 @@ class SinglePlan(Plan):
                     })
                     window_start, window_samples = now, 0
                 if (step % interval == 0 or step == total) and step < total:
-                    session.evaluate(model, step)
+                    session.evaluate(_predictor(model, averaged), step)
                     window_start = time.perf_counter()
                 if step >= total or session.should_stop():
                     break
-        return {"run/steps": step, "run/samples": samples}
+        if averaged is not None and averaged.n_averaged > 0:
+            _load_average(averaged, model)
+        return {"run/steps": step, "run/samples": samples, **_averaged(averaged)}
 
     def _train_compiled(self, session: Session, kernel: SparseSGD) -> dict[str, Any]:
         """The compiled kernel over the batches the torch loop would take, in chunks between
@@ -153,7 +168,30 @@ class SinglePlan(Plan):
                 load_kernel_weights(kernel, model)
                 session.evaluate(model, step)
         load_kernel_weights(kernel, model)
-        return {"run/steps": step, "run/samples": samples}
+        return {"run/steps": step, "run/samples": samples,
+                **({"train/iterates_averaged": kernel.iterates_averaged} if kernel.average else {})}
 
     def read(self, session: Session, model: nn.Module, *, final: bool) -> bool:
         return True  # the coordinator's model is the one trained
+
+
+def _predictor(model: nn.Module, averaged: AveragedModel | None) -> nn.Module:
+    """The model to evaluate: the average of the iterates once it holds one."""
+    if averaged is None or averaged.n_averaged == 0:
+        return model
+    return averaged.module
+
+
+def _load_average(averaged: AveragedModel, model: nn.Module) -> None:
+    """The average into ``model``: its parameters and floating buffers (an integer buffer, a
+    count such as BatchNorm's ``num_batches_tracked``, keeps the model's own)."""
+    with torch.no_grad():
+        for mine, mean in zip(model.parameters(), averaged.module.parameters(), strict=True):
+            mine.copy_(mean)
+        for mine, mean in zip(model.buffers(), averaged.module.buffers(), strict=True):
+            if mine.is_floating_point():
+                mine.copy_(mean)
+
+
+def _averaged(averaged: AveragedModel | None) -> dict[str, int]:
+    return {} if averaged is None else {"train/iterates_averaged": int(averaged.n_averaged)}

@@ -142,13 +142,14 @@ def _kernel_model(job: Any, model: nn.Module) -> str | None:
     return name
 
 
-def compiled_kernel(job: Any, model: nn.Module) -> SparseSGD | None:
+def compiled_kernel(job: Any, model: nn.Module, *, average: int = 0) -> SparseSGD | None:
     """The compiled kernel that takes exactly ``job``'s steps on ``model``, or None where none does.
 
     It does for a linear model trained with its own loss on in-memory sparse
     CSR inputs, on the CPU, by plain SGD (no momentum or weight decay) at a
     constant rate; anything else (a user's loss, Adam, a cosine schedule, a
-    GPU) trains through torch.
+    GPU) trains through torch. ``average``: the kernel's averaged SGD (see
+    :class:`SparseSGD`).
     """
     spec = job.optimizer
     name = _kernel_model(job, model)
@@ -159,7 +160,7 @@ def compiled_kernel(job: Any, model: nn.Module) -> SparseSGD | None:
         return None
     weight, bias = model.linear.weight, model.linear.bias
     kernel = SparseSGD(name, num_features=weight.shape[1], num_classes=weight.shape[0],
-                       lr=spec.lr, l2=float(model.l2), batch_size=job.batch_size)
+                       lr=spec.lr, l2=float(model.l2), batch_size=job.batch_size, average=average)
     kernel.set_weights(weight.detach().numpy(), bias.detach().numpy())
     return kernel
 

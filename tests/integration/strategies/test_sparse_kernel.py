@@ -19,10 +19,10 @@ def w8a(shared_data):
     return dp.data.load("w8a", data_dir=shared_data)
 
 
-def run(w8a, kernel, **kwargs):
+def run(w8a, kernel, average=0, **kwargs):
     options = dict(model="logistic", data=w8a, batch_size=1, max_steps=1500, save=False,
                    optimizer=dp.optim("sgd", lr=0.05), eval_every=500)
-    return dp.train(strategy=dp.Single(kernel=kernel), **{**options, **kwargs})
+    return dp.train(strategy=dp.Single(kernel=kernel, average=average), **{**options, **kwargs})
 
 
 @pytest.mark.parametrize("batch_size", [1, 16])
@@ -34,6 +34,20 @@ def test_the_kernel_takes_the_same_steps_as_torch_on_the_same_batches(w8a, batch
         torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4)
     assert compiled.summary["samples"] == torch_run.summary["samples"] == min(1500 * batch_size, 39_799)
     # Evaluated on the model the kernel trained, at the same steps.
+    assert compiled.summary["accuracy"] == pytest.approx(torch_run.summary["accuracy"], abs=1e-3)
+
+
+def test_averaged_sgd_returns_the_same_mean_of_iterates_on_the_kernel_and_on_torch(w8a):
+    # From the 500th example on: the mean of the last 1001 iterates of 1500 steps at batch 1.
+    compiled, torch_run = run(w8a, "auto", average=500), run(w8a, "torch", average=500)
+    plain = run(w8a, "auto")
+    for run_ in (compiled, torch_run):
+        (final,) = [e for e in run_.history if "train/iterates_averaged" in e]
+        assert final["train/iterates_averaged"] == 1001
+    for mine, theirs, last in zip(compiled.model.parameters(), torch_run.model.parameters(),
+                                  plain.model.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4)
+        assert not torch.allclose(mine, last, rtol=1e-3, atol=1e-4)  # not the last iterate
     assert compiled.summary["accuracy"] == pytest.approx(torch_run.summary["accuracy"], abs=1e-3)
 
 

@@ -24,8 +24,12 @@ def sparse_problem(rows=60, features=40, classes=3, density=0.15, seed=0):
     return x, y
 
 
-def torch_sgd(name, x, y, weights, bias, *, lr, l2, batch):
-    """Plain torch SGD on the downpour model ``name``: its loss and regularization, dense inputs."""
+def torch_sgd(name, x, y, weights, bias, *, lr, l2, batch, average=0):
+    """Plain torch SGD on the downpour model ``name``: its loss and regularization, dense inputs.
+
+    With ``average`` n, the mean of the iterates after every step from the one that brings the
+    examples seen to n (summed in float64, one by one).
+    """
     model = dp.models.build(name, (x.shape[1],), weights.shape[0], **({"l2": l2} if l2 else {}))
     if not l2 and hasattr(model, "l2"):
         model.l2 = 0.0
@@ -34,11 +38,18 @@ def torch_sgd(name, x, y, weights, bias, *, lr, l2, batch):
         model.linear.bias.copy_(torch.from_numpy(bias))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     dense, labels = torch.from_numpy(x.toarray()), torch.from_numpy(y)
+    sums, count = [np.zeros(weights.shape), np.zeros(bias.shape)], 0
     for start in range(0, len(y), batch):
         optimizer.zero_grad()
         backward(model, dp.models.default_loss(name), dense[start : start + batch],
                  labels[start : start + batch])
         optimizer.step()
+        if average and min(start + batch, len(y)) >= average:
+            sums[0] += model.linear.weight.detach().double().numpy()
+            sums[1] += model.linear.bias.detach().double().numpy()
+            count += 1
+    if average:
+        return sums[0] / count, sums[1] / count
     return model.linear.weight.detach().numpy(), model.linear.bias.detach().numpy()
 
 
@@ -62,6 +73,44 @@ def test_the_kernel_takes_the_torch_models_steps(name, l2, batch):
     np.testing.assert_allclose(got_b, want_b, rtol=1e-4, atol=1e-5)
     # It moved: an epoch that changed nothing would pass the comparison with an idle kernel too.
     assert np.abs(got_w - weights).max() > 1e-3
+
+
+# Averaged SGD: the kernel keeps the average sparsely (U + B V); torch sums every iterate densely.
+# L2 2.0 at lr 0.1 rescales V every ~70 steps, folding B V into U. "split" equals dense L2 only
+# in expectation, so it is compared without L2.
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize(("regularization", "l2"),
+                         [("scale", 0.0), ("scale", 0.05), ("scale", 2.0), ("split", 0.0)])
+@pytest.mark.parametrize("name", ["svm", "logistic"])
+def test_averaged_sgd_predicts_with_the_mean_of_the_torch_iterates(name, regularization, l2,
+                                                                  batch):
+    x, y = sparse_problem(rows=240)
+    rng = np.random.default_rng(1)
+    weights = rng.normal(0, 0.3, size=(3, x.shape[1])).astype(np.float32)
+    bias = rng.normal(0, 0.3, size=3).astype(np.float32)
+    kernel = SparseSGD(name, num_features=x.shape[1], num_classes=3, lr=0.1, l2=l2,
+                       batch_size=batch, average=37, regularization=regularization)
+    kernel.set_weights(weights, bias)
+    kernel.fit_epoch(x[:100], y[:100])  # two calls (100 rows: whole batches): the average
+    kernel.fit_epoch(x[100:], y[100:])  # carries across them
+    want_w, want_b = torch_sgd(name, x, y, weights, bias, lr=0.1, l2=l2, batch=batch, average=37)
+    last_w, _ = torch_sgd(name, x, y, weights, bias, lr=0.1, l2=l2, batch=batch)
+    got_w, got_b = kernel.coefficients()
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-4, atol=2e-5)
+    steps = [start for start in range(0, 240, batch) if min(start + batch, 240) >= 37]
+    assert kernel.iterates_averaged == len(steps)
+    assert np.abs(want_w - last_w).max() > 1e-3  # the average is not the last iterate
+    np.testing.assert_array_equal(kernel.predict(x), (x @ got_w.T + got_b).argmax(axis=1))
+
+
+def test_averaging_is_refused_by_hogwild_threads_and_checked():
+    with pytest.raises(ValueError, match="average"):
+        SparseSGD("svm", num_features=3, num_classes=2, average=-1)
+    model = SparseSGD("svm", num_features=40, num_classes=3, average=1, regularization="split")
+    x, y = sparse_problem()
+    with pytest.raises(ValueError, match="cannot average"):
+        hogwild_threads(model, x, y, [np.arange(30), np.arange(30, 60)])
 
 
 def test_split_regularisation_shrinks_only_the_rows_features_and_equals_scale_without_l2():
