@@ -7,12 +7,10 @@ import torch
 
 import downpour as dp
 from downpour.flat import FlatParams
-from downpour.models import backward
-from downpour.strategies import Job
 from downpour.strategies.allreduce import Allreduce
 from downpour.strategies.collective import ring_allreduce_bytes
 from downpour.strategies.local_sgd import Ensemble, LocalSGD, sample_clients
-from downpour.strategies.worker import shard_job, worker_stream
+from tests.reference import reference_job, reference_sgd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -67,20 +65,10 @@ def test_allreduce_equals_large_batch_sgd_and_local_sgd_every_step_equals_allred
     local = dp.train(strategy=LocalSGD(average_every=1), **common)
 
     # The same steps in this process: one momentum-SGD step per round on the W x b examples of the round.
-    job = Job(model=lambda: dp.models.build("mlp", digits.input_shape, digits.num_classes),
-              loss=dp.models.default_loss("mlp"), data=digits, optimizer=optimizer, workers=workers,
-              batch_size=batch)
-    streams = [worker_stream(shard_job(job, r), r, workers) for r in range(workers)]
-    model = job.build_model()
-    flat = FlatParams(model)
-    reference = optimizer.build(model.parameters())
-    for _ in range(steps):
-        xs, ys = zip(*(next(s) for s in streams))
-        flat.zero_grad_()
-        backward(model, job.loss, torch.cat(xs), torch.cat(ys))
-        reference.step()
+    job = reference_job("mlp", digits, optimizer, workers=workers, batch_size=batch)
+    reference = reference_sgd(job, [range(workers)] * steps)
     trained = _flat(allreduce.model)
-    assert torch.allclose(trained, flat.params, atol=1e-5), (trained - flat.params).abs().max()
+    assert torch.allclose(trained, reference, atol=1e-5), (trained - reference).abs().max()
     averaged = _flat(local.model)
     assert torch.allclose(averaged, trained, atol=1e-5), (averaged - trained).abs().max()
     assert allreduce.summary["rounds"] == local.summary["rounds"] == steps

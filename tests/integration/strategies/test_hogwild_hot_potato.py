@@ -4,7 +4,6 @@ import math
 import multiprocessing
 import os
 import signal
-from functools import partial
 
 import pytest
 import torch
@@ -13,11 +12,10 @@ import downpour as dp
 from downpour.data import batches
 from downpour.flat import FlatParams
 from downpour.models import backward, build, default_loss
-from downpour.strategies import Job
 from downpour.strategies.hogwild import Hogwild, HogwildWorker, UpdateGate
 from downpour.strategies.hot_potato import HotPotato
 from downpour.strategies.sparse_linear import SparseLinearGradient
-from downpour.strategies.worker import shard_job, worker_stream
+from tests.reference import reference_job, reference_sgd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -126,27 +124,19 @@ def test_hot_potato_equals_sequential_sgd_over_the_shards_in_turn():
                       optimizer=dp.optim("sgd", lr=lr), workers=workers, epochs=2, batch_size=batch, save=False)
 
     # The same steps in this process: turn t takes the next k batches of worker t mod W's shard.
-    job = Job(model=partial(build, "logistic", digits.input_shape, digits.num_classes),
-              loss=default_loss("logistic"), data=digits, optimizer=dp.optim("sgd", lr=lr), workers=workers,
-              epochs=2, batch_size=batch)
-    streams = [worker_stream(shard_job(job, r), r, workers) for r in range(workers)]
-    model = job.build_model()
-    flat = FlatParams(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    job = reference_job("logistic", digits, dp.optim("sgd", lr=lr), workers=workers,
+                        batch_size=batch, epochs=2)
     steps = job.total_steps()
     turns = math.ceil(steps / per_turn)
-    for turn in range(turns):
-        for _ in range(min(per_turn, steps - turn * per_turn)):
-            x, y = next(streams[turn % workers])
-            flat.zero_grad_()
-            backward(model, job.loss, x, y)
-            optimizer.step()
+    schedule = [[turn % workers] for turn in range(turns)
+                for _ in range(min(per_turn, steps - turn * per_turn))]
+    reference = reference_sgd(job, schedule)
     trained = FlatParams(result.model).params
-    assert torch.allclose(trained, flat.params, atol=1e-5), (trained - flat.params).abs().max()
+    assert torch.allclose(trained, reference, atol=1e-5), (trained - reference).abs().max()
     s = result.summary
     assert s["steps"] == steps
     assert s["pushes"] == turns - 1
-    assert s["bytes_sent"] == s["bytes_received"] == (turns - 1) * (4 * flat.numel + 16)
+    assert s["bytes_sent"] == s["bytes_received"] == (turns - 1) * (4 * reference.numel() + 16)
 
 
 # ----------------------------------------------------------------- bad input

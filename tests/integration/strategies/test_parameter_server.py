@@ -11,12 +11,10 @@ import torch
 import downpour as dp
 from downpour.errors import WorkerFailed
 from downpour.flat import FlatParams
-from downpour.models import backward
-from downpour.strategies import Job
-from downpour.strategies.worker import worker_stream
 from tests.integration.strategies.conftest import DOWNPOUR_MNIST
 from tests.processes import child_processes
 from tests.waiting import wait_until
+from tests.reference import reference_job, reference_sgd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -56,21 +54,11 @@ def test_sync_without_backups_equals_single_process_large_batch_sgd(digits):
                       workers=workers, servers=2, batch_size=batch, max_steps=rounds, epochs=5, save=False)
 
     # The same k steps in this process: one SGD step per round on the N x b examples of the round.
-    job = Job(model=lambda: dp.models.build("logistic", digits.input_shape, digits.num_classes),
-              loss=dp.models.default_loss("logistic"), data=digits, optimizer=dp.optim("sgd", lr=lr),
-              workers=workers, batch_size=batch)
-    streams = [worker_stream(Job(**{**job.__dict__, "data": digits.shard(r, workers, seed=0).train_only()}),
-                             r, workers) for r in range(workers)]
-    model = job.build_model()
-    flat = FlatParams(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(rounds):
-        xs, ys = zip(*(next(s) for s in streams))
-        flat.zero_grad_()
-        backward(model, job.loss, torch.cat(xs), torch.cat(ys))
-        optimizer.step()
+    job = reference_job("logistic", digits, dp.optim("sgd", lr=lr), workers=workers,
+                        batch_size=batch)
+    reference = reference_sgd(job, [range(workers)] * rounds)
     trained = FlatParams(result.model).params
-    assert torch.allclose(trained, flat.params, atol=1e-5), (trained - flat.params).abs().max()
+    assert torch.allclose(trained, reference, atol=1e-5), (trained - reference).abs().max()
     assert result.summary["steps"] == rounds * workers
 
 
