@@ -10,6 +10,7 @@ import downpour as dp
 from downpour.cli import main
 from downpour.compare import compare
 from downpour.metrics.report import COLUMNS, format_cell
+from tests import events
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -113,8 +114,7 @@ def test_sync_with_a_backup_ignores_a_straggler(mnist_half, tmp_path):
     slowed = compare(strategies=[dp.Sync(backup=1)], out_dir=tmp_path / "slowed",
                      faults=dp.Faults(slow={1: 5.0}), **mnist_half)
     slow_row = slowed.row("sync")
-    events = [json.loads(line) for line in (slowed.path / "sync-w4" / "events.jsonl").open()]
-    done = {e["rank"]: e for e in events if e.get("worker/done")}
+    done = events.last_reports(events.read(slowed.path / "sync-w4"), "worker/done")
     # The rounds went on without the straggler: it took far fewer steps than the others (in a calm run
     # every worker takes about as many), and its late pushes are the ones dropped.
     assert done[1]["worker/steps"] < min(done[r]["worker/steps"] for r in (0, 2, 3)) / 2, done
@@ -129,7 +129,7 @@ def test_downpour_completes_when_a_worker_dies_and_the_report_marks_it(mnist_hal
     # The victim is slow too, so that it is surely still training when the kill comes.
     result = compare(strategies=[dp.Downpour()], out_dir=tmp_path / "killed",
                      faults=dp.Faults(slow={2: 20.0}, kill={2: 1.0}), **mnist_half)
-    events = [json.loads(line) for line in (result.path / "downpour-w4" / "events.jsonl").open()]
-    assert any(e.get("fault/died") == "worker:2" for e in events)
+    log = events.read(result.path / "downpour-w4")
+    assert any(e.get("fault/died") == "worker:2" for e in log)
     assert result.row("downpour")["accuracy"] > 0.8
     assert "worker 2 killed at 1 s" in (result.path / "report.html").read_text()

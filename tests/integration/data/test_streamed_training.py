@@ -17,6 +17,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 import downpour as dp
 from downpour.errors import DataError, DownpourError
+from tests import events
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -139,8 +140,7 @@ def test_a_user_metric_is_in_the_events_and_the_summary(tmp_path):
     train, test = Blobs(1500, 1), Blobs(400, 2)
     _run((train, test), "downpour", metric=confident_share, run_dir=tmp_path / "run",
                   save=True)
-    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").open()]
-    scored = [e for e in events if "eval/user/confident" in e]
+    scored = [e for e in events.read(tmp_path / "run") if "eval/user/confident" in e]
     assert scored and all(e["eval/user/examples"] == 400.0 for e in scored)
     assert scored[-1]["eval/metric_name"] == "user/confident"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 import downpour as dp
 from downpour.strategies import STRATEGIES
+from tests import events
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -60,7 +60,7 @@ def test_a_worker_killed_at_a_step_dies_at_that_step_and_the_run_goes_on(digits)
     killed = [e for e in result.history if e.get("fault/killed") == "worker:1"]
     assert [e["fault/killed_at_step"] for e in killed] == [20]
     assert any(e.get("fault/died") == "worker:1" for e in result.history)
-    steps = {e["rank"]: e["worker/steps"] for e in result.history if "worker/steps" in e}
+    steps = events.per_rank(result.history, "worker/steps")
     assert steps[1] == 20 and steps[0] > 20, steps
     assert result.summary["accuracy"] > 0.85
 
@@ -107,6 +107,5 @@ def test_a_model_that_does_not_fit_the_task_is_refused_before_any_process_starts
     with pytest.raises(dp.errors.DataError, match=r"outside \[0, 1\).*before training"):
         dp.train(model=OneOutput, data=digits, strategy="downpour", workers=2, epochs=50,
                  run_dir=tmp_path / "run")
-    events = tmp_path / "run" / "events.jsonl"
-    roles = {json.loads(line).get("role") for line in events.read_text().splitlines()} if events.exists() else set()
+    roles = {e.get("role") for e in events.read(tmp_path / "run")}
     assert "worker" not in roles, roles

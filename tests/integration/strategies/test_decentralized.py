@@ -1,18 +1,13 @@
 """Decentralized asynchronous SGD with compressed updates: real peer processes, real gRPC between them."""
 
-import json
 import math
 
 import pytest
 
 import downpour as dp
+from tests import events
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-def events(result) -> list[dict]:
-    with open(f"{result.summary['run_dir']}/events.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def test_peers_exchange_compressed_changes_and_their_replicas_agree(digits, tmp_path):
@@ -24,7 +19,7 @@ def test_peers_exchange_compressed_changes_and_their_replicas_agree(digits, tmp_
     assert s["compression_ratio"] > 5 and s["bytes_raw"] > 5 * s["bytes_encoded"]
     # Every peer sends every other peer's share over the network: pushes are counted, pulls are none.
     assert s["pushes"] > 0 and s["pulls"] == 0 and s["bytes_sent"] >= s["bytes_encoded"]
-    log = events(result)
+    log = events.read(result.summary["run_dir"])
     distances = [e["decentralized/max_distance"] for e in log if "decentralized/max_distance" in e]
     assert distances, "the coordinator measured no distance between replicas"
     [final] = [e for e in log if "decentralized/replica_accuracy" in e]
@@ -41,10 +36,7 @@ def test_a_killed_peer_does_not_stop_the_others(digits):
                       strategy=dp.Decentralized(), optimizer=dp.optim("sgd", lr=0.1),
                       faults=dp.Faults(kill_at_step={2: KILLED_AT}), save=False)
     per_peer = 4 * math.ceil(digits.num_train // 3 / 8)
-    last = {}
-    for e in result.history:
-        if e.get("role") == "worker" and "worker/steps" in e:
-            last[e["rank"]] = e
+    last = events.last_reports(result.history, "worker/steps")
     # The killed peer's steps stop at the kill; the others take all of theirs, as in a calm run.
     assert [e["fault/killed_at_step"] for e in result.history if e.get("fault/killed") == "worker:2"] == [KILLED_AT]
     assert {rank: e["worker/steps"] for rank, e in last.items()} == {0: per_peer, 1: per_peer, 2: KILLED_AT}

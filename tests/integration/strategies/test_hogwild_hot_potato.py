@@ -15,6 +15,7 @@ from downpour.models import backward, build, default_loss
 from downpour.strategies.hogwild import Hogwild, HogwildWorker, UpdateGate
 from downpour.strategies.hot_potato import HotPotato
 from downpour.strategies.sparse_linear import SparseLinearGradient
+from tests.events import per_rank
 from tests.reference import reference_job, reference_sgd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -185,7 +186,7 @@ def test_a_killed_worker_does_not_stop_hogwild(digits, options):
     assert any(e.get("fault/died") == "worker:2" for e in result.history)
     # The dead worker's steps stop at the kill and it never finishes; the others take all of theirs, as
     # every worker does in a calm run.
-    steps = {e["rank"]: e["worker/steps"] for e in result.history if e.get("role") == "worker" and "worker/steps" in e}
+    steps = per_rank(result.history, "worker/steps")
     per_worker = 3 * math.ceil(digits.num_train // 3 / 16)
     assert steps == {0: per_worker, 1: per_worker, 2: KILLED_AT}, steps
     assert {e["rank"] for e in result.history if e.get("worker/done")} == {0, 1}

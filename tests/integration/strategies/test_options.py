@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import downpour as dp
+from tests.events import per_rank
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -22,26 +23,19 @@ def run(digits, strategy, *, workers=2, optimizer=None, **kwargs):
                     optimizer=optimizer or dp.optim("sgd", lr=0.1), save=False, **kwargs)
 
 
-def per_worker(result, key):
-    last = {}
-    for event in result.history:
-        if event.get("role") == "worker" and key in event:
-            last[event["rank"]] = event[key]
-    return last
-
-
 def test_fetch_every_and_push_every_cut_traffic_by_their_factor_and_still_train(digits):
     # A push is the mean of its four gradients, one server step for a batch four times larger, so
     # the same epochs take a quarter of the steps: at 4x the learning rate every 4 reaches 0.87
     # (0.64 at lr 0.1). test_downpour_overlap.py shows it at the same rate on MNIST.
     every = run(digits, dp.Downpour())
     fourth = run(digits, dp.Downpour(fetch_every=4, push_every=4), optimizer=dp.optim("sgd", lr=0.4))
-    steps = per_worker(every, "worker/steps")
-    assert per_worker(fourth, "worker/steps") == steps
+    steps = per_rank(every.history, "worker/steps")
+    assert per_rank(fourth.history, "worker/steps") == steps
+    pushes, pulls = per_rank(fourth.history, "comm/pushes"), per_rank(fourth.history, "comm/pulls")
     for rank, n in steps.items():
-        assert per_worker(every, "comm/pushes")[rank] == n
-        assert per_worker(fourth, "comm/pushes")[rank] == -(-n // 4)  # the last partial group pushes too
-        assert per_worker(fourth, "comm/pulls")[rank] <= n // 4 + 2  # and the first, and the last
+        assert per_rank(every.history, "comm/pushes")[rank] == n
+        assert pushes[rank] == -(-n // 4)  # the last partial group pushes too
+        assert pulls[rank] <= n // 4 + 2  # and the first, and the last
     assert fourth.summary["bytes_sent"] < 0.3 * every.summary["bytes_sent"]
     assert fourth.summary["accuracy"] >= TRAINED
 
@@ -84,7 +78,7 @@ def test_downpour_with_onebit_trains_at_about_28_times_less(digits):
 def test_hogwild_with_a_lock_trains_and_waits_for_it(digits):
     result = run(digits, dp.Hogwild(lock=True))
     assert result.summary["accuracy"] >= TRAINED
-    assert sum(per_worker(result, "hogwild/wait_seconds").values()) > 0
+    assert sum(per_rank(result.history, "hogwild/wait_seconds").values()) > 0
 
 
 @pytest.mark.parametrize("strategy", ["downpour", "sync", "allreduce", "local-sgd", "hogwild", "hot-potato",

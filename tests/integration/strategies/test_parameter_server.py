@@ -12,7 +12,8 @@ import downpour as dp
 from downpour.errors import WorkerFailed
 from downpour.flat import FlatParams
 from tests.integration.strategies.conftest import DOWNPOUR_MNIST
-from tests.processes import child_processes
+from tests import events
+from tests.processes import alive, child_processes
 from tests.waiting import wait_until
 from tests.reference import reference_job, reference_sgd
 
@@ -62,11 +63,6 @@ def test_sync_without_backups_equals_single_process_large_batch_sgd(digits):
     assert result.summary["steps"] == rounds * workers
 
 
-def _per_rank(result, key: str) -> dict[int, object]:
-    """Each worker's last report of ``key`` (its own count: events carry role and rank)."""
-    return {e["rank"]: e[key] for e in result.history if e.get("role") == "worker" and key in e}
-
-
 # A straggler 5x slower makes its own pushes stale by about (workers - 1) x 5 = 10 versions while the
 # others run; a calm run's staleness stays about 1 (measured: at most 4-5 with 3 workers, once 15 on a
 # loaded machine). The shards count staleness for all workers together; a bound refuses the pushes
@@ -78,9 +74,9 @@ PROBE = dict(model="logistic", strategy=dp.Downpour(max_staleness=6), optimizer=
 
 
 def test_a_slow_worker_makes_its_own_downpour_pushes_stale(digits):
-    calm = _per_rank(dp.train(data=digits, **PROBE), "worker/refused")
+    calm = events.per_rank(dp.train(data=digits, **PROBE).history, "worker/refused")
     slowed = dp.train(data=digits, faults=dp.Faults(slow={1: 5.0}), **PROBE)
-    refused = _per_rank(slowed, "worker/refused")
+    refused = events.per_rank(slowed.history, "worker/refused")
     assert refused[1] > max(calm[1], refused[0], refused[2]), (refused, calm)
     assert slowed.summary["staleness_max"] <= 6  # what was stale was refused, not applied
 
@@ -91,7 +87,7 @@ def test_max_staleness_bounds_every_applied_push(digits):
     result = dp.train(model="logistic", data=digits, strategy=dp.Downpour(max_staleness=1),
                       optimizer=dp.optim("sgd", lr=0.1), workers=3, servers=2, epochs=2, batch_size=16, save=False)
     assert result.summary["staleness_max"] <= 1
-    refused = _per_rank(result, "worker/refused")
+    refused = events.per_rank(result.history, "worker/refused")
     assert sum(refused.values()) > 0, refused  # the bound was reached, and refused rather than applied
 
 
@@ -119,7 +115,7 @@ def test_a_killed_worker_does_not_stop_downpour(digits):
     assert [e["fault/killed_at_step"] for e in result.history if e.get("fault/killed") == "worker:2"] == [KILLED_AT]
     assert any(e.get("fault/died") == "worker:2" for e in result.history)
     # The dead worker's steps stop at the kill; the others take all of theirs, as in a calm run.
-    steps = _per_rank(result, "worker/steps")
+    steps = events.per_rank(result.history, "worker/steps")
     assert steps == {0: per_worker, 1: per_worker, 2: KILLED_AT}, steps
     assert result.summary["steps"] == 2 * per_worker + KILLED_AT
     # Measured 2026-12-03: 0.886 and 0.891 (the same run with no fault alike); floors: one worker
@@ -152,7 +148,6 @@ def test_sigint_to_the_coordinator_stops_every_role(tmp_path, shared_data):
                "--servers", "2", "--dataset", "mnist", "--data-dir", str(shared_data), "--model", "logistic",
                "--epochs", "5", "--quiet", "--run-dir", str(tmp_path / "run")]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    events = tmp_path / "run" / "events.jsonl"
     try:
         def four_roles() -> list[tuple[int, str]] | None:
             found = child_processes(proc.pid)
@@ -160,25 +155,18 @@ def test_sigint_to_the_coordinator_stops_every_role(tmp_path, shared_data):
 
         roles = wait_until(four_roles, timeout=120, what="the coordinator's four roles")
         # Training under way (a worker reported steps), so the signal lands mid-run, not at start-up.
-        wait_until(lambda: events.exists() and '"worker/steps"' in events.read_text(), timeout=120,
-                   what="a worker's first report")
+        wait_until(lambda: events.per_rank(events.read(tmp_path / "run"), "worker/steps"),
+                   timeout=120, what="a worker's first report")
         assert proc.poll() is None, "the run ended before it was interrupted"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
         # Every role ends with the coordinator (polled: a process takes a moment to exit).
-        wait_until(lambda: not [pid for pid, _ in roles if _running(pid)], timeout=30,
+        wait_until(lambda: not [pid for pid, _ in roles if alive(pid)], timeout=30,
                    what="every role's exit")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _running(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 THRESHOLD = "threshold:tau=0.05,entropy"

@@ -17,6 +17,7 @@ from downpour.checkpoint import load_run_state, load_shard
 from tests.integration.strategies.conftest import DOWNPOUR_MNIST, DOWNPOUR_MNIST_FLAGS
 from tests.processes import alive, child_processes
 from tests.waiting import wait_until
+from tests import events
 
 pytestmark = pytest.mark.integration
 
@@ -76,9 +77,9 @@ def test_a_killed_shard_restarts_from_its_checkpoint_and_the_run_completes(
             proc.wait()
     _assert_no_process_left(roles)
     summary = json.loads((run_dir / "summary.json").read_text())
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    [restart] = [e for e in events if e.get("fault/restarted") == "server:1"]
-    [killed] = [e for e in events if e.get("fault/killed") == "server:1"]
+    log = events.read(run_dir)
+    [restart] = [e for e in log if e.get("fault/restarted") == "server:1"]
+    [killed] = [e for e in log if e.get("fault/killed") == "server:1"]
     assert killed["fault/killed_at_version"] == KILLED_AT_VERSION
     assert summary["restarts"] == 1
     # It came back from its last checkpoint written whole (900, or an earlier one had that write,
@@ -90,7 +91,7 @@ def test_a_killed_shard_restarts_from_its_checkpoint_and_the_run_completes(
     assert baseline["lost_updates"] == 0 and baseline["restarts"] == 0
     # Workers reconnected to the shard's new address and trained on: every step was taken.
     assert summary["steps"] == baseline["steps"]
-    assert any(e.get("comm/reconnections", 0) > 0 for e in events)
+    assert any(e.get("comm/reconnections", 0) > 0 for e in log)
     assert summary["accuracy"] >= baseline["accuracy"] - 0.005, (
         summary["accuracy"], baseline["accuracy"])
 
@@ -105,15 +106,7 @@ def test_a_run_stopped_with_sigint_resumes_to_the_same_steps_and_accuracy(
                   shared_data)
     try:
         def past_halfway() -> bool:
-            events = run_dir / "events.jsonl"
-            if not events.exists():
-                return False
-            steps = {}
-            for line in events.read_text().splitlines():
-                event = json.loads(line)
-                if "worker/steps" in event:
-                    steps[event["rank"]] = event["worker/steps"]
-            return sum(steps.values()) >= halfway
+            return sum(events.per_rank(events.read(run_dir), "worker/steps").values()) >= halfway
 
         roles = _watch(proc, timeout=240, until=past_halfway)
         assert proc.poll() is None, "the run ended before it was interrupted"
@@ -145,8 +138,9 @@ def test_a_run_stopped_with_sigint_resumes_to_the_same_steps_and_accuracy(
         summary["accuracy"], baseline["accuracy"])
     assert load_run_state(run_dir / "checkpoints")["finished"]
     # The resumed part's events follow the first part's in the same log.
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert [e.get("event") for e in events if e.get("event") in ("start", "end")] == ["start", "start", "end"]
+    starts_and_ends = [e.get("event") for e in events.read(run_dir)
+                       if e.get("event") in ("start", "end")]
+    assert starts_and_ends == ["start", "start", "end"]
 
 
 KILLED_AT = 30  # a multiple of the workers' log_every (10): a worker's last report is at the kill step

@@ -8,6 +8,7 @@ import pytest
 import downpour as dp
 from downpour.strategies.sandblaster import Sandblaster
 from tests.integration.strategies.logistic import flat64, objective, scipy_optimum
+from tests.events import last_reports
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -87,10 +88,7 @@ def test_backup_portions_keep_a_straggler_from_holding_up_a_pass(mnist_part):
     result = dp.train(model="logistic", data=mnist_part, workers=4, servers=1, save=False,
                       faults=dp.Faults(slow={1: 10.0}),
                       strategy=Sandblaster(method="lbfgs", l2=1e-3, max_iterations=6, ftol=0, gtol=0))
-    last = {}
-    for e in result.history:
-        if e.get("role") == "worker" and "comm/pushes" in e:
-            last[e["rank"]] = e
+    last = last_reports(result.history, "comm/pushes")
     assert sum(e.get("sandblaster/backups", 0) for e in last.values()) > 0
     # A calm run takes backups too (measured: 11-13 over its 7 passes, each worker some) and every worker
     # about as many portions (28-34 each); the straggler answered a handful (6-8), the others the rest.
