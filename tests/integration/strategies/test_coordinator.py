@@ -62,7 +62,8 @@ def test_a_worker_killed_at_a_step_dies_at_that_step_and_the_run_goes_on(digits)
     assert any(e.get("fault/died") == "worker:1" for e in result.history)
     steps = events.per_rank(result.history, "worker/steps")
     assert steps[1] == 20 and steps[0] > 20, steps
-    assert result.summary["accuracy"] > 0.85
+    # Measured 2026-12-03: 0.891; floors: one worker alone on its half 0.827, 5% of the steps 0.493.
+    assert result.summary["accuracy"] >= 0.85
 
 
 def test_a_batch_method_says_whether_it_converged_and_why_it_stopped(digits, caplog):

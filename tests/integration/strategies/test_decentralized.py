@@ -52,7 +52,10 @@ def test_a_killed_peer_does_not_stop_the_others(digits):
     # 0.07-0.12). Two peers that each trained on their own third alone end 1.5 apart.
     [final] = [e for e in result.history if "decentralized/final_max_distance" in e]
     assert final["decentralized/final_max_distance"] < 0.5, final
-    assert result.summary["accuracy"] >= 0.85, result.summary  # a floor only: one peer alone reaches 0.90
+    # Measured 2026-12-03 over seeds 0-2: 0.911-0.916 (calm runs 0.911-0.922); floors: one peer
+    # alone on its third for the same four epochs 0.897, 5% of the steps 0.630. The bar is barely
+    # above the lone peer (digits saturates): the replicas' distance above shows the survivors met.
+    assert result.summary["accuracy"] >= 0.905, result.summary
 
 
 def test_bad_configurations_say_what_is_wrong(digits):

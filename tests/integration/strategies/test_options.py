@@ -1,8 +1,10 @@
 """Every documented option does what it says in a real run, and the run still trains.
 
-Digits, logistic regression, 2 workers, three epochs at lr 0.1 (measured on 2 cores: single 0.85,
-every option below 0.79-0.87; three steps of single reach 0.14, so the 0.75 bar separates a run
-that trained from one that did not).
+Digits, logistic regression, 2 workers, three epochs at lr 0.1. Measured 2026-12-03 on 2 cores:
+single 0.847; the options below 0.864-0.905 (fetch/push every 4 0.864-0.880, a server-side adagrad
+0.891-0.905, onebit 0.869-0.886, hogwild's lock 0.877-0.883; two runs each), but for the two with
+bars of their own. Floors: one worker alone on its half for the same three epochs 0.758, 5% of the
+steps 0.189. TRAINED sits between them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from tests.events import per_rank
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-TRAINED = 0.75
+TRAINED = 0.80
 
 
 def run(digits, strategy, *, workers=2, optimizer=None, **kwargs):
@@ -55,7 +57,9 @@ def test_scale_lr_divides_each_stale_push_by_its_staleness(digits):
     scaled = run(digits, dp.Downpour(staleness="scale-lr"), workers=4)
     assert scaled.summary["staleness_max"] >= 2, scaled.summary
     assert moved(scaled) < 0.92 * moved(plain), (moved(scaled), moved(plain))
-    assert scaled.summary["accuracy"] >= TRAINED
+    # Smaller steps train less in the same epochs: 0.769-0.836 over five runs (2026-12-03); floors:
+    # one of the four workers alone on its quarter 0.643, 5% of the steps 0.189.
+    assert scaled.summary["accuracy"] >= 0.72
 
 
 def test_a_server_optimizer_keeps_its_state_on_the_shards(digits):
@@ -66,7 +70,9 @@ def test_a_server_optimizer_keeps_its_state_on_the_shards(digits):
 def test_sync_with_compression_trains_and_sends_less(digits):
     result = run(digits, dp.Sync(compress="topk:0.1"))
     assert result.summary["compression_ratio"] > 4
-    assert result.summary["accuracy"] >= TRAINED
+    # Synchronous, so the same at a seed: 0.788 in three runs at this one (0.827 at seed 1),
+    # measured 2026-12-03; floors: one worker alone on its half 0.758, 5% of the steps 0.189.
+    assert result.summary["accuracy"] >= 0.77
 
 
 def test_downpour_with_onebit_trains_at_about_28_times_less(digits):

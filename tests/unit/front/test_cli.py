@@ -136,7 +136,7 @@ def test_train_then_report_from_events_alone(tmp_path, capsys):
                       'batch-size = 32\n')
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(config), "--epochs", "2", "--run-dir", str(run_dir), "--quiet",
-                 "--target-accuracy", "0.5"]) == 0
+                 "--target-accuracy", "0.85"]) == 0
     out = capsys.readouterr().out
     assert f"run directory: {run_dir}" in out
     for name in ("config.json", "events.jsonl", "model.safetensors", "loss.png", "accuracy.png", "summary.json"):
@@ -145,7 +145,8 @@ def test_train_then_report_from_events_alone(tmp_path, capsys):
     config_json = json.loads((run_dir / "config.json").read_text())
     assert config_json["epochs"] == 2 and config_json["model"] == "logistic"  # the flag beat the file
     assert summary["strategy"] == "single" and summary["dataset"] == "digits"
-    assert summary["accuracy"] >= 0.5 and summary["time_to_target"] is not None
+    # Single is the same at a seed: 0.919 (measured 2026-12-03); floor: 5% of the steps (4), 0.680.
+    assert summary["accuracy"] >= 0.85 and summary["time_to_target"] is not None
 
     for name in ("loss.png", "accuracy.png", "summary.json"):
         (run_dir / name).unlink()
