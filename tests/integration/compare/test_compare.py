@@ -104,9 +104,9 @@ def test_the_report_page_renders_in_headless_chromium(comparison, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mnist_half(shared_data):
-    return dict(model="logistic", data=dp.data.load("mnist", data_dir=shared_data), workers=4, servers=1,
-                epochs=0.5, batch_size=64, optimizer=dp.optim("sgd", lr=0.05))
+def mnist_half(mnist):
+    return dict(model="logistic", data=mnist, workers=4, servers=1, epochs=0.5, batch_size=64,
+                optimizer=dp.optim("sgd", lr=0.05))
 
 
 def test_sync_with_a_backup_ignores_a_straggler(mnist_half, tmp_path):
@@ -116,20 +116,31 @@ def test_sync_with_a_backup_ignores_a_straggler(mnist_half, tmp_path):
     slow_row = slowed.row("sync")
     done = events.last_reports(events.read(slowed.path / "sync-w4"), "worker/done")
     # The rounds went on without the straggler: it took far fewer steps than the others (in a calm run
-    # every worker takes about as many), and its late pushes are the ones dropped.
-    assert done[1]["worker/steps"] < min(done[r]["worker/steps"] for r in (0, 2, 3)) / 2, done
-    assert done[1]["worker/dropped"] > 0 and slow_row["dropped_gradients"] >= done[1]["worker/dropped"]
+    # every worker takes about as many), and its late pushes are the ones dropped (in a calm run the
+    # late push of a round is anyone's, so each worker has about a quarter of the drops).
+    others = (0, 2, 3)
+    assert done[1]["worker/steps"] < min(done[r]["worker/steps"] for r in others) / 2, done
+    assert done[1]["worker/dropped"] > sum(done[r]["worker/dropped"] for r in others), done
+    assert slow_row["dropped_gradients"] >= done[1]["worker/dropped"]
     page = (slowed.path / "report.html").read_text()
     assert "worker 1 5x slower" in page
     dropped_column = [heading for key, heading in COLUMNS if key == "dropped_gradients"][0]
     assert dropped_column in page
 
 
+KILLED_AT = 20  # a multiple of the workers' log_every (10): the victim's last report is at the kill
+
+
 def test_downpour_completes_when_a_worker_dies_and_the_report_marks_it(mnist_half, tmp_path):
-    # The victim is slow too, so that it is surely still training when the kill comes.
     result = compare(strategies=[dp.Downpour()], out_dir=tmp_path / "killed",
-                     faults=dp.Faults(slow={2: 20.0}, kill={2: 1.0}), **mnist_half)
+                     faults=dp.Faults(kill_at_step={2: KILLED_AT}), **mnist_half)
     log = events.read(result.path / "downpour-w4")
     assert any(e.get("fault/died") == "worker:2" for e in log)
-    assert result.row("downpour")["accuracy"] > 0.8
-    assert "worker 2 killed at 1 s" in (result.path / "report.html").read_text()
+    # The victim's steps stop at the kill; the others take all of theirs (118 each: half an epoch
+    # of batch 64 split four ways), as every worker does in a calm run.
+    steps = events.per_rank(log, "worker/steps")
+    assert steps == {0: 118, 1: 118, 2: KILLED_AT, 3: 118}, steps
+    # Measured 2026-12-03: 0.907 and 0.908 (the same run with no fault 0.910); floors: 5% of the
+    # steps (24) 0.773, 50 steps 0.874.
+    assert result.row("downpour")["accuracy"] >= 0.89
+    assert f"worker 2 killed at step {KILLED_AT}" in (result.path / "report.html").read_text()

@@ -15,3 +15,6 @@ def digits():
 DOWNPOUR_MNIST = dict(model="mlp", workers=4, servers=2, epochs=1, batch_size=32)
 DOWNPOUR_MNIST_FLAGS = ["--strategy", "downpour", "--model", "mlp", "--workers", "4", "--servers", "2",
                         "--epochs", "1", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.001"]
+# The accuracy of the shards' moving average (ema_decay 0.99) over six calm runs of that recipe with
+# Adam at lr 0.001 (measured 2026-12-03): asynchronous runs are held to this band, not to one run.
+DOWNPOUR_MNIST_ADAM_BAND = (0.9706, 0.9734)

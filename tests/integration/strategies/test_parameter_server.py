@@ -11,7 +11,7 @@ import torch
 import downpour as dp
 from downpour.errors import WorkerFailed
 from downpour.flat import FlatParams
-from tests.integration.strategies.conftest import DOWNPOUR_MNIST
+from tests.integration.strategies.conftest import DOWNPOUR_MNIST, DOWNPOUR_MNIST_ADAM_BAND
 from tests import events
 from tests.processes import alive, child_processes
 from tests.waiting import wait_until
@@ -170,6 +170,9 @@ def test_sigint_to_the_coordinator_stops_every_role(tmp_path, shared_data):
 
 
 THRESHOLD = "threshold:tau=0.05,entropy"
+# Uncompressed Downpour with momentum on the shards, the raw parameters: 94.85-95.47% over three
+# runs (measured 2026-12-03). With Adam, DOWNPOUR_MNIST_ADAM_BAND.
+MOMENTUM_BAND = (0.9485, 0.9547)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +183,8 @@ def compressed_runs(mnist):
     normalizes each coordinate's step, so the fixed +-tau (whatever a layer's gradient scale)
     costs nothing there. Each is held to the uncompressed run with its own optimizer. The Adam
     pair evaluates the shards' moving average: the raw parameters of two asynchronous runs differ
-    by up to 0.65 pp either way (measured), more than the half point the pair is held to.
+    by up to 0.65 pp either way (measured), more than the half point the pair is held to. Each
+    compressed run is held to the band of several uncompressed runs, not to its one partner.
     """
     optimizers = {"momentum": dp.optim("momentum", lr=0.02), "adam": dp.optim("adam", lr=0.001)}
     average = {"momentum": {}, "adam": {"ema_decay": 0.99, "evaluate_average": True}}
@@ -198,9 +202,10 @@ def test_topk_pushes_over_100x_fewer_bytes_at_the_same_accuracy(compressed_runs)
     assert topk["steps"] == plain["steps"]
     # Fewer than the baseline's actual pushes, which are already sparse where that is smaller.
     assert topk["bytes_sent"] * 100 <= plain["bytes_sent"], (topk["bytes_sent"], plain["bytes_sent"])
-    # Asynchronous runs on two cores vary by about a point: top-k measured 95.65-97.3% over six runs,
-    # uncompressed 96.5-96.7%. The half-point goal is threshold's (below); top-k is held to 1.5 pp.
-    assert topk["accuracy"] >= plain["accuracy"] - 0.015, (topk["accuracy"], plain["accuracy"])
+    # Asynchronous runs on two cores vary by about a point: top-k measured 95.76-96.34% over three
+    # runs (2026-12-03), against MOMENTUM_BAND uncompressed. The half-point goal is threshold's
+    # (below); top-k is held to 1.5 pp below the band.
+    assert topk["accuracy"] >= MOMENTUM_BAND[0] - 0.015, (topk["accuracy"], plain["accuracy"])
 
 
 @pytest.mark.slow
@@ -209,8 +214,9 @@ def test_threshold_pushes_over_100x_fewer_bytes_within_half_a_point(compressed_r
     assert threshold["steps"] == plain["steps"]
     # Against float32 pushes (the baseline's own pushes are already sparse where that is smaller).
     assert threshold["compression_ratio"] >= 100 and threshold["bytes_sent"] * 100 <= threshold["bytes_raw"]
-    # Measured at tau 0.05, moving averages: 1,755-1,823x, 97.00-97.25% against 97.30-97.52% uncompressed
-    # (the gap 0.06-0.37 pp over five pairs, two of them under CPU load). With momentum
-    # on the shards no tau came within 1 pp: a fixed +-tau caps how fast a coordinate moves, and the
-    # last layer's gradients are 10-50x the first layer's.
-    assert threshold["accuracy"] >= plain["accuracy"] - 0.005, (threshold["accuracy"], plain["accuracy"])
+    # Measured at tau 0.05, moving averages: 1,701-1,760x, 97.02-97.08% over three runs against
+    # DOWNPOUR_MNIST_ADAM_BAND uncompressed (2026-12-03). With momentum on the shards no tau came
+    # within 1 pp: a fixed +-tau caps how fast a coordinate moves, and the last layer's gradients
+    # are 10-50x the first layer's.
+    low = DOWNPOUR_MNIST_ADAM_BAND[0]
+    assert threshold["accuracy"] >= low - 0.005, (threshold["accuracy"], plain["accuracy"])

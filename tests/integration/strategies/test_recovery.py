@@ -14,7 +14,11 @@ import pytest
 
 import downpour as dp
 from downpour.checkpoint import load_run_state, load_shard
-from tests.integration.strategies.conftest import DOWNPOUR_MNIST, DOWNPOUR_MNIST_FLAGS
+from tests.integration.strategies.conftest import (
+    DOWNPOUR_MNIST,
+    DOWNPOUR_MNIST_ADAM_BAND,
+    DOWNPOUR_MNIST_FLAGS,
+)
 from tests.processes import alive, child_processes
 from tests.waiting import wait_until
 from tests import events
@@ -26,13 +30,14 @@ CHECKPOINT_EVERY = 100  # versions
 KILLED_AT_VERSION = 9 * CHECKPOINT_EVERY + CHECKPOINT_EVERY // 2
 # Downpour's recipe with the shards' moving average evaluated: the raw parameters' final accuracy varies
 # by about a point between runs on two cores (one CI run's undisturbed baseline came out at 95.47%); the
-# average's measured 97.30-97.40% over four runs, steady enough for a half-point comparison.
+# average's stays in DOWNPOUR_MNIST_ADAM_BAND, steady enough to hold a run to half a point of it.
+LOW, HIGH = DOWNPOUR_MNIST_ADAM_BAND
 FLAGS = [*DOWNPOUR_MNIST_FLAGS, "--downpour.ema-decay", "0.99", "--downpour.evaluate-average"]
 
 
 @pytest.fixture(scope="module")
 def baseline(mnist):
-    """The undisturbed run that faulty and resumed runs are held to."""
+    """The undisturbed run: faulty and resumed runs are held to its steps, samples, lost updates."""
     return dp.train(data=mnist, strategy=dp.Downpour(ema_decay=0.99, evaluate_average=True),
                     optimizer=dp.optim("adam", lr=0.001), save=False, **DOWNPOUR_MNIST).summary
 
@@ -92,8 +97,7 @@ def test_a_killed_shard_restarts_from_its_checkpoint_and_the_run_completes(
     # Workers reconnected to the shard's new address and trained on: every step was taken.
     assert summary["steps"] == baseline["steps"]
     assert any(e.get("comm/reconnections", 0) > 0 for e in log)
-    assert summary["accuracy"] >= baseline["accuracy"] - 0.005, (
-        summary["accuracy"], baseline["accuracy"])
+    assert summary["accuracy"] >= LOW - 0.005, (summary["accuracy"], baseline["accuracy"])
 
 
 @pytest.mark.slow
@@ -134,7 +138,7 @@ def test_a_run_stopped_with_sigint_resumes_to_the_same_steps_and_accuracy(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == baseline["steps"]
     assert summary["samples"] == baseline["samples"]
-    assert abs(summary["accuracy"] - baseline["accuracy"]) <= 0.005, (
+    assert LOW - 0.005 <= summary["accuracy"] <= HIGH + 0.005, (
         summary["accuracy"], baseline["accuracy"])
     assert load_run_state(run_dir / "checkpoints")["finished"]
     # The resumed part's events follow the first part's in the same log.
@@ -193,14 +197,27 @@ def test_checkpoints_are_refused_where_workers_hold_the_state(digits):
         dp.train(model="logistic", data=digits, strategy="allreduce", workers=2, save=False, checkpoint_every=10)
 
 
+SYNC_KILLED_AT_VERSION = 50  # between two checkpoints (every 20 versions)
+
+
 def test_sync_rounds_go_on_from_the_checkpointed_version_of_a_restarted_shard(mnist):
     result = dp.train(model="logistic", data=mnist, strategy=dp.Sync(backup=1), optimizer=dp.optim("sgd", lr=0.1),
                       workers=3, servers=2, epochs=0.5, batch_size=32, save=False,
-                      faults=dp.Faults(kill_server={1: 2.0}), checkpoint_every=20)
+                      checkpoint_every=20,
+                      faults=dp.Faults(kill_server_at_version={1: SYNC_KILLED_AT_VERSION}))
+    [killed] = [e for e in result.history if e.get("fault/killed") == "server:1"]
     [restart] = [e for e in result.history if e.get("fault/restarted") == "server:1"]
-    assert restart["fault/restored_version"] % 20 == 0 and 0 <= restart["fault/lost_updates"] <= 20
+    assert killed["fault/killed_at_version"] == SYNC_KILLED_AT_VERSION
+    # It came back from a checkpoint before the kill (40, or 20 where 40's write had not finished)
+    # and lost exactly the rounds since it, which a calm run never loses.
+    restored = restart["fault/restored_version"]
+    assert restored % 20 == 0 and 0 < restored < SYNC_KILLED_AT_VERSION, restart
+    lost = SYNC_KILLED_AT_VERSION - restored
+    assert restart["fault/lost_updates"] == result.summary["lost_updates"] == lost, restart
     # Shard 1 redid the rounds it lost and the run reached its last round on every shard.
-    assert result.summary["restarts"] == 1 and result.summary["accuracy"] >= 0.88
+    # Measured 2026-12-03: 0.913 and 0.907 (the same run with no fault 0.908); floor: 5% of the
+    # rounds 0.853.
+    assert result.summary["restarts"] == 1 and result.summary["accuracy"] >= 0.89
 
 
 def test_an_allreduce_worker_death_ends_the_run_naming_it(digits):
