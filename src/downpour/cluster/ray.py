@@ -152,6 +152,7 @@ class _Outbox:
         self._items: list[dict[str, Any]] = []
         self._urgent = False  # a control message (publish, done, error) is waiting: no batching
         self._finished = False
+        self._takes = 0  # drains begun: one begun after a take means that take's items arrived
         self._changed = threading.Condition()
 
     def write(self, event: dict[str, Any]) -> None:
@@ -168,9 +169,27 @@ class _Outbox:
             self._finished = True
             self._changed.notify_all()
 
+    def flush(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until everything written so far reached the coordinator.
+
+        A drain's items have arrived once the coordinator begins its next drain
+        (it drains one call after another), so a role about to die by its own
+        hand (a staged fault) waits for that, not just for its items' take.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            self._urgent = True
+            self._changed.notify_all()
+            if not self._changed.wait_for(lambda: not self._items, timeout=timeout):
+                return
+            taken = self._takes
+            self._changed.wait_for(lambda: self._takes > taken, timeout=max(0.0, deadline - time.monotonic()))
+
     def take(self, wait: float) -> list[dict[str, Any]]:
         """Everything written so far, once there is something (or the role ended, or ``wait`` passed)."""
         with self._changed:
+            self._takes += 1
+            self._changed.notify_all()
             self._changed.wait_for(lambda: self._items or self._finished, timeout=wait)
             if self._items and not (self._urgent or self._finished):
                 self._changed.wait_for(lambda: self._urgent or self._finished, timeout=_BATCH_SECONDS)

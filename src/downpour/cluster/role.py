@@ -101,6 +101,14 @@ class RoleContext:
     def send(self, message: dict[str, Any]) -> None:
         self._sink.write(message)
 
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (at most ``timeout`` s) until every event sent so far reached the coordinator:
+        before a role ends its own process. A pipe delivers as it writes; a Ray actor's outbox
+        waits for the coordinator's drains."""
+        flush = getattr(self._sink, "flush", None)
+        if flush is not None:
+            flush(timeout)
+
     def publish(self, key: str, value: Any) -> None:
         """Tell the coordinator a value (such as the address a server bound)."""
         self.send({"_control": "publish", "key": key, "value": value})

@@ -111,6 +111,7 @@ class ServerRole:
                 log.warning("staged fault: server %d killed at version %d", self.rank, reached)
                 ctx.metrics.log(reached, {"fault/killed": f"server:{self.rank}",
                                           "fault/killed_at_version": reached})
+                ctx.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
 
         return observe

@@ -163,6 +163,7 @@ class Worker:
         log.warning("staged fault: worker %d killed at step %d", self.rank, self.steps)
         self.ctx.metrics.log(self.steps, {"fault/killed": f"worker:{self.rank}",
                                           "fault/killed_at_step": self.steps})
+        self.ctx.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
     def discard(self, samples: int) -> None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from downpour.cluster.ray import RayCluster, RoleActor
 from downpour.errors import WorkerFailed
 from downpour.metrics import MemorySink, Metrics
 from downpour.strategies.allreduce import Allreduce
+from tests import events
 from tests.integration.cluster.roles import Raiser, Sleeper
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -32,6 +34,8 @@ DOWNPOUR = {"strategy": dp.Downpour(ema_decay=0.99, evaluate_average=True), "opt
 # (measured: equal to the last digit). One worker per node.
 ALLREDUCE = {"strategy": Allreduce(), "optimizer": dp.optim("nesterov", lr=0.15, schedule="cosine"), "workers": 3,
              "batch_size": 64, "epochs": 0.25, "eval_every": 10**6}
+
+KILLED_AT_STEP = 20
 
 
 def test_the_config_is_checked_and_ray_is_imported_only_when_a_cluster_opens():
@@ -69,6 +73,17 @@ def test_an_actor_batches_events_and_its_flags_only_go_up(monkeypatch):
     actor.outbox.write({"step": 3})
     actor.outbox.write({"_control": "publish", "key": "k", "value": 1})
     assert len(actor.drain(wait=1.0)) == 2
+    # A flush (a role about to kill itself) returns once the coordinator began the drain after the
+    # one that took its events: those events have then arrived.
+    actor.outbox.write({"fault/killed": "worker:0"})
+    flushed = threading.Event()
+    flusher = threading.Thread(target=lambda: (actor.outbox.flush(timeout=30), flushed.set()))
+    flusher.start()
+    assert [e.get("fault/killed") for e in actor.drain(wait=1.0)] == ["worker:0"]
+    assert not flushed.wait(0.2)  # taken, not yet known to have arrived
+    assert actor.drain(wait=0.05) == []
+    flusher.join(timeout=30)
+    assert flushed.is_set()
     actor.set_flags(1, 1, 1)  # end, then a late, overtaken call with stop alone
     actor.set_flags(1, 0, 0)
     assert (actor.stop.value, actor.go.value, actor.end.value) == (1, 1, 1)
@@ -139,11 +154,17 @@ def test_allreduce_on_ray_reaches_the_accuracy_of_the_local_cluster(ray_nodes, m
 
 @pytest.mark.slow
 def test_downpour_on_ray_survives_a_killed_worker_process(ray_nodes, mnist):
-    # Three workers and one shard (four actors start faster than six); worker 1 dies 1 s in.
+    # Three workers and one shard (four actors start faster than six); worker 1 dies at its step 20,
+    # of about 125 each, and its last event (the kill) reaches the coordinator before it dies.
     result = _train(mnist, f"ray:{ray_nodes.address}", **{**DOWNPOUR, "workers": 3, "servers": 1, "epochs": 0.2},
-                    faults=dp.Faults(kill={1: 1.0}))
-    assert any(e.get("fault/killed") == "worker:1" for e in result.history)
+                    faults=dp.Faults(kill_at_step={1: KILLED_AT_STEP}))
+    killed = [e for e in result.history if e.get("fault/killed") == "worker:1"]
+    assert [e["fault/killed_at_step"] for e in killed] == [KILLED_AT_STEP]
     assert any(e.get("fault/died") == "worker:1" for e in result.history)
-    assert result.summary["accuracy"] >= 0.9, result.summary
+    steps = events.per_rank(result.history, "worker/steps")
+    assert steps[1] <= KILLED_AT_STEP < min(steps[0], steps[2]), steps
+    # Locally, the same run measured 93.27-93.52% over four runs (2026-12-04); calm, 94.4%; one worker
+    # alone on its third 90.4%, 5% of the budget 52.7%.
+    assert result.summary["accuracy"] >= 0.92, result.summary
     # The victim never finished; the others did.
     assert sorted(e["rank"] for e in result.history if e.get("worker/done")) == [0, 2]
