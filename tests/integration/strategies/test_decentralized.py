@@ -54,8 +54,9 @@ def test_a_killed_peer_does_not_stop_the_others(digits):
     assert final["decentralized/final_max_distance"] < 0.5, final
     # Measured 2026-12-03 over seeds 0-2: 0.911-0.916 (calm runs 0.911-0.922); floors: one peer
     # alone on its third for the same four epochs 0.897, 5% of the steps 0.630. The bar is barely
-    # above the lone peer (digits saturates): the replicas' distance above shows the survivors met.
-    assert result.summary["accuracy"] >= 0.905, result.summary
+    # above the lone peer (digits saturates; a point is about 3.6 of its 360 test images): the
+    # replicas' distance above shows the survivors met.
+    assert result.summary["accuracy"] >= 0.90, result.summary
 
 
 def test_bad_configurations_say_what_is_wrong(digits):
