@@ -42,3 +42,12 @@ def last_reports(events: Iterable[Event], key: str) -> dict[int, Event]:
 def per_rank(events: Iterable[Event], key: str) -> dict[int, Any]:
     """Each worker's last report of ``key``, by rank: its own count, where ``key`` is a counter."""
     return {rank: event[key] for rank, event in last_reports(events, key).items()}
+
+
+def summed(events: Iterable[Event], key: str) -> Any:
+    """A cumulative counter summed over every role's last report of it, as the summary sums bytes."""
+    last: dict[tuple[str, int], Any] = {}
+    for event in events:
+        if event.get(key) is not None:
+            last[event["role"], event["rank"]] = event[key]
+    return sum(last.values())

@@ -24,17 +24,9 @@ from downpour.strategies.boost import (
     selfie_objective,
 )
 from downpour.strategies.worker import shard_job
+from tests import events
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-def _per_role(history, key: str) -> int:
-    """A cumulative counter summed over roles (its last value from each), as the summary sums bytes."""
-    last = {}
-    for event in history:
-        if event.get(key) is not None:
-            last[(event["role"], event["rank"])] = event[key]
-    return sum(last.values())
 
 
 def _gather_bytes(workers: int, values_per_gather: list[int]) -> int:
@@ -65,7 +57,7 @@ def test_boost_reaches_1_percent_error_within_the_seeds_rounds_moving_fewer_byte
 
     # Only sampled examples travel: at most k a round, d features and the label each, as float32.
     numel = FlatParams(build("svm", data.input_shape, data.num_classes)).numel
-    shipped = _per_role(result.history, "boost/examples_sent")
+    shipped = events.summed(result.history, "boost/examples_sent")
     assert 0 < shipped <= s["rounds"] * k
     assert s["bytes_sent"] == s["bytes_received"] == (
         shipped * (data.input_shape[0] + 1) * 4
@@ -123,7 +115,7 @@ def test_selfieboost_is_the_algorithm_run_in_one_process():
     assert torch.allclose(trained, flat.params, atol=1e-5), (trained - flat.params).abs().max()
     s = result.summary
     assert s["steps"] == total and s["rounds"] == 4
-    assert _per_role(result.history, "boost/examples_sent") == shipped
+    assert events.summed(result.history, "boost/examples_sent") == shipped
     assert s["bytes_sent"] == (shipped * (64 + 1) * 4 + 4 * 4 * flat.numel + _gather_bytes(workers, [4] * 5))
 
 
@@ -145,4 +137,4 @@ def test_selfieboost_reaches_97_percent_on_mnist_with_less_training_error_than_s
     logged = [e["train/error"] for e in selfie.history if "train/error" in e]
     assert logged[-1] == pytest.approx(error["selfieboost"], abs=2e-4)
     assert selfie.summary["rounds"] == 6
-    assert _per_role(selfie.history, "boost/examples_sent") <= 6 * 8192  # never a whole shard (30,000)
+    assert events.summed(selfie.history, "boost/examples_sent") <= 6 * 8192  # never a whole shard (30,000)
