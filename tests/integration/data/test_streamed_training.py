@@ -61,6 +61,7 @@ def test_a_torch_dataset_trains_as_the_same_data_in_memory(strategy):
     streamed = _run((train, test), strategy)
     memory = _run(in_memory(train, test), strategy)
     a, b = streamed.summary["accuracy"], memory.summary["accuracy"]
+    # Measured in memory 0.949-0.954 over the four strategies (2026-12-04); 5% of single's budget 0.829.
     assert a >= 0.9 and b >= 0.9, (a, b)
     assert abs(a - b) <= 0.02, (a, b)
     assert streamed.summary["samples"] == memory.summary["samples"]
@@ -147,7 +148,8 @@ def test_a_user_metric_is_in_the_events_and_the_summary(tmp_path):
     assert summary["metric_name"] == "user/confident"
     assert summary["metric"] == scored[-1]["eval/user/confident"] > 0.0
     assert summary["user_metrics"]["examples"] == 400.0
-    assert summary["accuracy"] >= 0.85  # classification keeps its accuracy
+    # Classification keeps its accuracy: measured 0.935; one worker on 5% of the budget 0.785.
+    assert summary["accuracy"] >= 0.88
 
 
 @pytest.mark.parametrize("strategy", ["sandblaster", "boost", "selfieboost", "dane"])
@@ -173,7 +175,9 @@ def test_a_worker_killed_with_its_loader_processes_leaves_none_behind():
     result = _run((train, test), "downpour", loader_workers=1,
                   faults=dp.Faults(kill_at_step={1: 20}))
     assert any(e.get("fault/killed") == "worker:1" for e in result.history)
-    assert result.summary["accuracy"] >= 0.85
+    # Measured 0.935 (worker 0 alone on its half also 0.945: blobs is easy; the test is about the
+    # processes); one worker on 5% of the budget 0.785.
+    assert result.summary["accuracy"] >= 0.88
 
 
 class Tags(TorchDataset):
@@ -197,6 +201,7 @@ def test_a_multilabel_task_reports_per_label_f1():
                       workers=2, task="multilabel", target_metric="f1_macro>=0.99", epochs=2,
                       batch_size=32, optimizer=dp.optim("sgd", lr=0.1), save=False)
     summary = result.summary
+    # Measured macro F1 0.949 (2026-12-04); 5% of the budget 0.643.
     assert summary["metric_name"] == "f1_macro" and summary["metric"] >= 0.85
     last = [e for e in result.history if "eval/f1_per_label" in e][-1]
     assert len(last["eval/f1_per_label"]) == 4 and min(last["eval/f1_per_label"]) >= 0.75

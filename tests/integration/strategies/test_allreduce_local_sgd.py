@@ -81,14 +81,17 @@ def test_one_shot_averaging_and_the_ensemble_report_their_accuracy(digits):
     averaged = dp.train(strategy=LocalSGD(average_every=0), **common)
     ensemble = dp.train(strategy=LocalSGD(average_every=0, ensemble=True), **common)
 
-    assert averaged.summary["accuracy"] >= 0.88, averaged.summary
+    # Measured 0.914-0.925 over seeds 0-2 (2026-12-04); 5% of the budget 0.727. One worker alone on
+    # its third reaches 0.911: that is the method's claim (the average of models trained apart is
+    # as good as one of them, and better as shards grow), not a broken run.
+    assert averaged.summary["accuracy"] >= 0.90, averaged.summary
     assert averaged.summary["rounds"] == 1  # the models met once, at the end
     model = ensemble.model
     assert isinstance(model, Ensemble) and len(model.members) == 3
     members = [_flat(m) for m in model.members]
     assert not torch.allclose(members[0], members[1])  # trained apart, never averaged
     report = next(e for e in ensemble.history if "eval/ensemble_accuracy" in e)
-    assert report["eval/ensemble_accuracy"] == ensemble.summary["accuracy"] >= 0.88
+    assert report["eval/ensemble_accuracy"] == ensemble.summary["accuracy"] >= 0.90
     # Same seed, same shards: the ensemble's average is the one-shot run's model.
     assert torch.allclose(_flat(model.average()), _flat(averaged.model), atol=1e-6)
     assert report["eval/averaged_accuracy"] == pytest.approx(averaged.summary["accuracy"])

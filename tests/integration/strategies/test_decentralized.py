@@ -15,6 +15,8 @@ def test_peers_exchange_compressed_changes_and_their_replicas_agree(digits, tmp_
                       strategy=dp.Decentralized(compress="threshold:tau=0.01,entropy", fanout=2, snapshot_every=10),
                       optimizer=dp.optim("sgd", lr=0.1), run_dir=tmp_path / "run")
     s = result.summary
+    # Measured 0.897-0.905 over seeds 0-2 (2026-12-04); floors: one peer alone on its quarter for the
+    # same three epochs 0.822, 5% of the steps 0.323.
     assert s["accuracy"] >= 0.85, s
     assert s["compression_ratio"] > 5 and s["bytes_raw"] > 5 * s["bytes_encoded"]
     # Every peer sends every other peer's share over the network: pushes are counted, pulls are none.

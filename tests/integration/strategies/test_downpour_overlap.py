@@ -28,8 +28,8 @@ def test_overlap_keeps_every_push_within_its_bound_and_trains(digits, overlap):
     assert overlapped.summary["staleness_max"] <= overlap, overlapped.summary
     # It did overlap: most pushes left while the next gradient was computed on older parameters.
     assert overlapped.summary["staleness_mean"] >= 0.5 * overlap, overlapped.summary
-    # Measured: staleness mean 0.99 (overlap 1) and 1.91 (overlap 2), accuracy 0.84-0.85 like the
-    # calm run's 0.85. Floor: three steps of single reach 0.14 (test_options.py).
+    # Measured: staleness mean 0.99 (overlap 1) and 1.91 (overlap 2), accuracy 0.84-0.875 over two
+    # seeds each (2026-12-04) like the calm run's 0.85. Floor: 5% of the budget with overlap 0.19.
     assert overlapped.summary["accuracy"] >= 0.75, overlapped.summary
     assert overlapped.summary["samples"] == calm.summary["samples"]
 
