@@ -8,6 +8,10 @@ On w8a (../shared/data) and on the RCV1-shaped synthetic set (``rcv1-like``,
 - downpour ``single`` (the compiled kernel: a 2-class linear SVM or logistic
   regression, as downpour's models hold them: two weight vectors), and both
   again with averaged SGD (the mean of the iterates from the first step on);
+- both with the rows shuffled once and then passed in order (Bottou's sgd's
+  way): scikit-learn ``shuffle=False`` on rows permuted before its clock starts,
+  downpour ``single --single.shuffle once``, whose time includes laying the
+  rows out in that order;
 - downpour ``hogwild`` with 1, 2, ... threads over one weight matrix (no
   lock), and its ``lock`` and ``round_robin`` comparators at 2 threads.
 
@@ -28,6 +32,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import scipy.sparse
 from sklearn.linear_model import SGDClassifier
 
@@ -44,13 +49,19 @@ def scipy_csr(tensor) -> scipy.sparse.csr_matrix:
                                     tensor.crow_indices().numpy()), shape=tuple(tensor.shape))
 
 
-def sklearn_row(data, loss: str, epochs: int, repeats: int, average: bool = False) -> dict:
+def sklearn_row(data, loss: str, epochs: int, repeats: int, average: bool = False,
+                once: bool = False) -> dict:
+    """``once``: the rows shuffled once before the clock starts, then passed in order."""
     x, y = scipy_csr(data.x_train), data.y_train.numpy()
     x_test, y_test = scipy_csr(data.x_test), data.y_test.numpy()
+    if once:
+        order = np.random.default_rng(0).permutation(len(y))
+        x, y = x[order], y[order]
     best = None
     for seed in range(repeats):
         model = SGDClassifier(loss=loss, alpha=L2, max_iter=epochs, tol=None, random_state=seed,
-                              learning_rate="constant", eta0=LR[data.name], average=average)
+                              learning_rate="constant", eta0=LR[data.name], average=average,
+                              shuffle=not once)
         started = time.perf_counter()
         model.fit(x, y)
         seconds = time.perf_counter() - started
@@ -108,7 +119,11 @@ def main() -> None:
                 ("scikit-learn SGDClassifier hinge, averaged",
                  sklearn_row(data, "hinge", args.epochs, args.repeats, average=True)),
                 ("downpour single, svm, averaged",
-                 downpour_row(data, "svm", dp.Single(average=1), args.epochs, args.repeats))]
+                 downpour_row(data, "svm", dp.Single(average=1), args.epochs, args.repeats)),
+                ("scikit-learn SGDClassifier hinge, rows shuffled once",
+                 sklearn_row(data, "hinge", args.epochs, args.repeats, once=True)),
+                ("downpour single, svm, shuffled once",
+                 downpour_row(data, "svm", dp.Single(shuffle="once"), args.epochs, args.repeats))]
         for threads in args.threads:
             rows.append((f"downpour hogwild, svm, {threads} thread(s)",
                          downpour_row(data, "svm", dp.Hogwild(threads="on"), args.epochs, args.repeats,

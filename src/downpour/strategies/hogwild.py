@@ -44,7 +44,7 @@ from downpour.errors import PeerTimeout, check_range, choose
 from downpour.flat import FlatParams, apply_sparse_
 from downpour.strategies.base import Job, Strategy
 from downpour.strategies.collective import check_lockstep_optimizer
-from downpour.models.sparse_sgd import SparseSGD, check_csr, hogwild_threads, warm_up
+from downpour.models.sparse_sgd import SparseSGD, check_csr, compact, hogwild_threads, warm_up
 from downpour.strategies.sparse_linear import (
     SparseLinearGradient,
     compiled_kernel,
@@ -448,7 +448,7 @@ class HogwildThreadsPlan(Plan):
                                 batch_size=job.batch_size, regularization="split")
         weights, bias = base.coefficients()
         self.kernel.set_weights(weights, bias)
-        self.x = check_csr(job.data.x_train, self.kernel.num_features, "x_train")
+        self.x = compact(check_csr(job.data.x_train, self.kernel.num_features, "x_train"))
         self.y = self.kernel.check_labels(job.data.y_train.numpy(), self.x.shape[0])
         self.kernel.frequencies(self.x)
         warm_up(self.kernel)  # compiled before the clock starts

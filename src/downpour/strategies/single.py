@@ -7,13 +7,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from downpour.data import epoch
 from downpour.errors import check_range, choose
-from downpour.models.sparse_sgd import SparseSGD, check_csr, warm_up
+from downpour.models.sparse_sgd import SparseSGD, check_csr, compact, gather_rows, warm_up
 from downpour.strategies.base import Job, Strategy, sgd_step
 from downpour.strategies.plan import Plan, Session
 from downpour.strategies.sparse_linear import compiled_kernel, load_kernel_weights
@@ -37,8 +38,15 @@ class Single(Strategy):
     to n, parameters and floating buffers alike (torch's ``AveragedModel``; the
     compiled kernel keeps the same mean sparsely). 0 is plain SGD.
 
+    ``shuffle`` is ``"epoch"`` (a new random order every epoch, as every
+    strategy batches) or ``"once"``: one random order, drawn as the first
+    epoch's, kept for every epoch (Bottou's sgd, which shuffles its data once;
+    scikit-learn's ``shuffle=False`` on shuffled rows). On the compiled kernel
+    the rows are then laid out in that order once, so every pass reads memory
+    front to back instead of waiting on it at every row.
+
     Example:
-        >>> strategy = Single(log_every=20, average=1000)
+        >>> strategy = Single(log_every=20, average=1000, shuffle="once")
     """
 
     name: ClassVar[str] = "single"
@@ -50,14 +58,17 @@ class Single(Strategy):
     log_every: int = 10
     kernel: Literal["auto", "torch"] = "auto"
     average: int = 0
+    shuffle: Literal["epoch", "once"] = "epoch"
 
     def __post_init__(self) -> None:
         check_range("log_every", self.log_every, 1)
         choose("kernel", self.kernel, ("auto", "torch"))
         check_range("average", self.average, 0)
+        choose("shuffle", self.shuffle, ("epoch", "once"))
 
     def plan(self, job: Job) -> SinglePlan:
-        return SinglePlan(job, log_every=self.log_every, kernel=self.kernel, average=self.average)
+        return SinglePlan(job, log_every=self.log_every, kernel=self.kernel, average=self.average,
+                          shuffle=self.shuffle)
 
 
 class SinglePlan(Plan):
@@ -65,9 +76,10 @@ class SinglePlan(Plan):
 
     inline = True
 
-    def __init__(self, job: Job, *, log_every: int, kernel: str = "auto", average: int = 0) -> None:
+    def __init__(self, job: Job, *, log_every: int, kernel: str = "auto", average: int = 0,
+                 shuffle: str = "epoch") -> None:
         super().__init__(job)
-        self.log_every, self.kernel, self.average = log_every, kernel, average
+        self.log_every, self.kernel, self.average, self.shuffle = log_every, kernel, average, shuffle
         self.global_steps = job.total_steps()
 
     def build_model(self) -> nn.Module:
@@ -104,6 +116,8 @@ class SinglePlan(Plan):
         window_start = time.perf_counter()
         model.train()
         while step < total and not session.should_stop():
+            if self.shuffle == "once":  # every epoch in the first one's order
+                generator = torch.Generator().manual_seed(job.seed)
             for x, y in epoch(job.data, job.batch_size, generator=generator):
                 loss = sgd_step(model, self.flat.zero_grad_, optimizer, job.loss, x.to(job.device),
                                 y.to(job.device))
@@ -139,15 +153,20 @@ class SinglePlan(Plan):
         total, batch = self.global_steps, job.batch_size
         interval = job.eval_interval(total)
         generator = torch.Generator().manual_seed(job.seed)
-        x = check_csr(job.data.x_train, kernel.num_features, "x_train")
+        x = compact(check_csr(job.data.x_train, kernel.num_features, "x_train"))
         y = kernel.check_labels(job.data.y_train.numpy(), x.shape[0])
         n = x.shape[0]
         step = samples = 0
         order, position = None, n
+        if self.shuffle == "once":  # the first epoch's order, laid out in memory: passes in order
+            first = torch.randperm(n, generator=generator).numpy()
+            x, y, order = gather_rows(x, first), y[first], np.arange(n, dtype=np.int64)
         chunk_steps = max(1, min(interval, _CHUNK_EXAMPLES // batch))
         while step < total and not session.should_stop():
             if position >= n:  # a new epoch, shuffled as data.batches shuffles it
-                order, position = torch.randperm(n, generator=generator).numpy(), 0
+                if self.shuffle == "epoch":
+                    order = torch.randperm(n, generator=generator).numpy()
+                position = 0
             steps = min(chunk_steps, total - step, math.ceil((n - position) / batch))
             rows = order[position : position + steps * batch]
             started = time.perf_counter()

@@ -37,6 +37,25 @@ def test_the_kernel_takes_the_same_steps_as_torch_on_the_same_batches(w8a, batch
     assert compiled.summary["accuracy"] == pytest.approx(torch_run.summary["accuracy"], abs=1e-3)
 
 
+def test_shuffled_once_every_epoch_takes_the_first_ones_order_on_the_kernel_and_on_torch(w8a):
+    small = w8a.subset(torch.arange(2000))
+    options = dict(model="logistic", data=small, batch_size=4, save=False, eval_every=10**6,
+                   optimizer=dp.optim("sgd", lr=0.05))
+
+    def trained(kernel, shuffle, epochs):
+        result = dp.train(strategy=dp.Single(kernel=kernel, shuffle=shuffle), epochs=epochs, **options)
+        assert any(e.get("train/kernel") == "compiled" for e in result.history) == (kernel == "auto")
+        return torch.cat([p.detach().reshape(-1) for p in result.model.parameters()])
+
+    once = trained("auto", "once", 3)
+    torch.testing.assert_close(once, trained("torch", "once", 3), rtol=1e-3, atol=1e-4)
+    # Its first epoch is the reshuffling run's first epoch; the later ones are not that run's.
+    torch.testing.assert_close(trained("auto", "once", 1), trained("auto", "epoch", 1))
+    assert not torch.allclose(once, trained("auto", "epoch", 3), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="shuffle"):
+        dp.Single(shuffle="twice")
+
+
 def test_averaged_sgd_returns_the_same_mean_of_iterates_on_the_kernel_and_on_torch(w8a):
     # From the 500th example on: the mean of the last 1001 iterates of 1500 steps at batch 1.
     compiled, torch_run = run(w8a, "auto", average=500), run(w8a, "torch", average=500)

@@ -56,7 +56,7 @@ STRATEGY_OPTIONS = {
     "sandblaster": ["backup-portions", "beta", "ftol", "gtol", "l2", "max-iterations", "memory",
                     "method", "no-backup-portions", "portions", "step"],
     "selfieboost": ["coordinator-device", "log-every", "sample-size", "steps-per-round"],
-    "single": ["average", "kernel", "log-every"],
+    "single": ["average", "kernel", "log-every", "shuffle"],
     "sync": ["backup", "compress", "ema-decay", "evaluate-average", "late", "log-every",
              "no-evaluate-average"],
 }

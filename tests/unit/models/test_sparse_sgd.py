@@ -12,7 +12,8 @@ import torch
 import downpour as dp
 from downpour.errors import DataError
 from downpour.models.gradients import backward
-from downpour.models.sparse_sgd import LOSSES, SparseSGD, check_csr, hogwild_threads
+from downpour.models.sparse_sgd import (LOSSES, SparseSGD, check_csr, compact, gather_rows,
+                                        hogwild_threads)
 
 
 def sparse_problem(rows=60, features=40, classes=3, density=0.15, seed=0):
@@ -225,6 +226,26 @@ def test_check_csr_passes_a_good_matrix_through_and_names_a_wrong_width():
     assert np.shares_memory(tensor.data, x.data)
     with pytest.raises(DataError, match="features"):
         check_csr(x, num_features=41)
+
+
+def test_gathered_rows_are_scipys_rows_in_that_order():
+    x, _ = sparse_problem()
+    order = np.random.default_rng(3).permutation(x.shape[0])
+    rows = gather_rows(check_csr(x), order)
+    expected = x[order]
+    assert rows.shape == expected.shape
+    for mine, theirs in zip(rows[:3], (expected.indptr, expected.indices, expected.data)):
+        np.testing.assert_array_equal(mine, theirs)
+    assert gather_rows(check_csr(x), np.zeros(0, np.int64)).shape == (0, x.shape[1])
+    # torch's int64 indices, compacted to int32: the same rows, and the kernel takes either.
+    wide = check_csr(torch.sparse_csr_tensor(torch.from_numpy(x.indptr).long(),
+                                             torch.from_numpy(x.indices).long(),
+                                             torch.from_numpy(x.data), x.shape))
+    narrow = compact(wide)
+    assert wide.indices.dtype == np.int64 and narrow.indices.dtype == narrow.indptr.dtype == np.int32
+    assert compact(narrow) is narrow
+    for mine, theirs in zip(narrow[:3], wide[:3]):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
