@@ -9,9 +9,9 @@ On w8a (../shared/data) and on the RCV1-shaped synthetic set (``rcv1-like``,
   regression, as downpour's models hold them: two weight vectors), and both
   again with averaged SGD (the mean of the iterates from the first step on);
 - both with the rows shuffled once and then passed in order (Bottou's sgd's
-  way): scikit-learn ``shuffle=False`` on rows permuted before its clock starts,
-  downpour ``single --single.shuffle once``, whose time includes laying the
-  rows out in that order;
+  way): scikit-learn ``shuffle=False`` on the rows permuted, downpour
+  ``single --single.shuffle once``; both times include laying the rows out in
+  that order (one shuffled read of the data);
 - downpour ``hogwild`` with 1, 2, ... threads over one weight matrix (no
   lock), and its ``lock`` and ``round_robin`` comparators at 2 threads.
 
@@ -51,18 +51,19 @@ def scipy_csr(tensor) -> scipy.sparse.csr_matrix:
 
 def sklearn_row(data, loss: str, epochs: int, repeats: int, average: bool = False,
                 once: bool = False) -> dict:
-    """``once``: the rows shuffled once before the clock starts, then passed in order."""
-    x, y = scipy_csr(data.x_train), data.y_train.numpy()
+    """``once``: the rows shuffled once (on the clock, as downpour's are), then passed in order."""
+    rows, labels = scipy_csr(data.x_train), data.y_train.numpy()
     x_test, y_test = scipy_csr(data.x_test), data.y_test.numpy()
-    if once:
-        order = np.random.default_rng(0).permutation(len(y))
-        x, y = x[order], y[order]
     best = None
     for seed in range(repeats):
         model = SGDClassifier(loss=loss, alpha=L2, max_iter=epochs, tol=None, random_state=seed,
                               learning_rate="constant", eta0=LR[data.name], average=average,
                               shuffle=not once)
         started = time.perf_counter()
+        x, y = rows, labels
+        if once:
+            order = np.random.default_rng(seed).permutation(len(y))
+            x, y = x[order], y[order]
         model.fit(x, y)
         seconds = time.perf_counter() - started
         row = {"samples_per_second": epochs * len(y) / seconds,

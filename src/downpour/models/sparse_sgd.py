@@ -138,12 +138,14 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
     coefficient = np.empty(classes, dtype=np.float32)
     total = 0.0
     n = order.shape[0]
+    # The clock, the scale and B in locals, stored back once: kept in arrays, every write to the
+    # weights (which may alias them, for all numba knows) would make them be read again.
+    scale, seen, updates = state[0], state[1], state[2]
+    summed, averaged = avg_state[0], avg_state[1]  # B, steps summed
     for start in range(0, n, batch):
         stop = min(start + batch, n)
         size = stop - start
-        scale = state[0]
-        averaging = average > 0 and state[1] + size >= average
-        summed = avg_state[0]  # B
+        averaging = average > 0 and seen + size >= average
         for k in range(size):  # every gradient of the batch at the same weights
             row = order[start + k]
             for c in range(classes):
@@ -163,7 +165,7 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
             for c in range(classes):
                 scores[c] = scores[c] * scale + bias[c]
             total += _score_gradient(loss, scores, labels[row], grads[k])
-        lr = _rate(schedule, eta0, alpha, t0, power, state[1])
+        lr = _rate(schedule, eta0, alpha, t0, power, seen)
         step = lr / size
         if not split and l2 > 0.0:
             scale *= 1.0 - lr * l2
@@ -175,7 +177,6 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
                         weights[u, c] *= scale
                 scale = 1.0
                 summed = 0.0
-            state[0] = scale
         for k in range(size):
             row = order[start + k]
             active = False
@@ -209,15 +210,15 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
             if fit_bias:
                 for c in range(classes):
                     bias[c] -= step * grads[k, c]
-        state[1] += size
-        state[2] += 1
+        seen += size
+        updates += 1
         if averaging:
-            avg_state[0] = summed + scale
-            avg_state[1] += 1.0
+            summed += scale
+            averaged += 1.0
             for c in range(classes):
                 avg_bias[c] += bias[c]
-        else:
-            avg_state[0] = summed
+    state[0], state[1], state[2] = scale, seen, updates
+    avg_state[0], avg_state[1] = summed, averaged
     return total
 
 
