@@ -153,7 +153,7 @@ class SinglePlan(Plan):
         total, batch = self.global_steps, job.batch_size
         interval = job.eval_interval(total)
         generator = torch.Generator().manual_seed(job.seed)
-        x = compact(check_csr(job.data.x_train, kernel.num_features, "x_train"))
+        x = check_csr(job.data.x_train, kernel.num_features, "x_train")
         y = kernel.check_labels(job.data.y_train.numpy(), x.shape[0])
         n = x.shape[0]
         step = samples = 0
@@ -161,6 +161,8 @@ class SinglePlan(Plan):
         if self.shuffle == "once":  # the first epoch's order, laid out in memory: passes in order
             first = torch.randperm(n, generator=generator).numpy()
             x, y, order = gather_rows(x, first), y[first], np.arange(n, dtype=np.int64)
+        else:
+            x = compact(x)  # int32 indices (gather_rows makes them so too)
         chunk_steps = max(1, min(interval, _CHUNK_EXAMPLES // batch))
         while step < total and not session.should_stop():
             if position >= n:  # a new epoch, shuffled as data.batches shuffles it
