@@ -46,16 +46,19 @@ def test_overlap_survives_a_refused_push(digits):
 
 @pytest.mark.slow
 def test_fetch_and_push_every_4_reach_the_band_of_every_1_on_mnist(mnist):
-    # The push is the mean of its four gradients (DownpourWorker says why): momentum at 0.05 with
-    # 2 workers and 2 shards, where the sum diverged to 10.9%. Measured 2026-12-03 on 2 cores, two
-    # epochs: every 1 at 95.4% (twice), every 4 at 97.0% and 97.4%; floor: 5% of the budget of
-    # every 4 reaches 73%.
+    # The push is the mean of its four gradients (DownpourWorker says why; at momentum 0.05 the sum
+    # diverged to 10.9%). At 0.05 every 1 itself sits at the edge of stability here (93.5-95.0% over
+    # four runs, and once 26.3% in CI), so the two are compared at 0.02, measured 2026-12-04 on 2
+    # cores, two epochs: every 1 at 97.29-97.46% and every 4 at 97.12-97.38% (three runs each);
+    # floor: 5% of the budget of every 4 reaches 53.3%.
     common = dict(model="mlp", data=mnist, workers=2, servers=2, epochs=2, batch_size=32,
-                  optimizer=dp.optim("momentum", lr=0.05), eval_every=10**9, save=False)
+                  optimizer=dp.optim("momentum", lr=0.02), eval_every=10**9, save=False)
     every = dp.train(strategy=dp.Downpour(), **common)
     fourth = dp.train(strategy=dp.Downpour(fetch_every=4, push_every=4), **common)
-    assert every.summary["accuracy"] >= 0.94, every.summary
+    assert every.summary["accuracy"] >= 0.96, every.summary
     assert fourth.summary["accuracy"] >= 0.96, fourth.summary
+    assert abs(fourth.summary["accuracy"] - every.summary["accuracy"]) <= 0.01, (every.summary,
+                                                                               fourth.summary)
     # A quarter of the round trips, and of the parameters pulled. The pushes shrink less: one
     # batch's gradient leaves the weights of pixels blank in all 32 images at zero, so the first
     # shard's part goes sparse, while a mean of four batches is dense. Measured: rounds 188 -> 47,
