@@ -90,11 +90,11 @@ def test_hogwild_with_a_lock_trains_and_waits_for_it(digits):
 @pytest.mark.parametrize("strategy", ["downpour", "sync", "allreduce", "local-sgd", "hogwild", "hot-potato",
                                       "decentralized"])
 def test_the_cnn_trains_through_every_distributed_family(strategy, digits):
-    # single reaches 0.93 on this budget; an untrained CNN 0.1. Downpour (2 x 2, momentum on the
-    # shards) is the lowest: 0.75-0.905 over six runs since a round through shared memory is one
-    # call (2026-12-03; 0.84-0.925 before, when the other worker's push more often landed between
-    # a worker's push and its pull).
+    # single reaches 0.93 on this budget; an untrained CNN 0.1, Downpour on 5% of it 0.19-0.20.
+    # Downpour (2 x 2, momentum on the shards) is the lowest: 0.727-0.914 over 21 runs since a round
+    # through shared memory is one call (2026-12-03/04; 0.84-0.925 before, when the other worker's
+    # push more often landed between a worker's push and its pull).
     result = dp.train(model="cnn", data=digits, strategy=strategy, workers=2, epochs=4, batch_size=32,
                       optimizer=dp.optim("momentum", lr=0.05), save=False,
                       **({"servers": 2} if dp.strategies.STRATEGIES[strategy].uses_servers else {}))
-    assert result.summary["accuracy"] >= 0.7, result.summary["accuracy"]
+    assert result.summary["accuracy"] >= 0.6, result.summary["accuracy"]
