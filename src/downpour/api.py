@@ -57,7 +57,7 @@ def _resolve_model(model: str | Callable[[], nn.Module],
 def _resolve_data(data: Any, config: RunConfig) -> Any:
     """The run's dataset: loaded by name, or the user's (a pair of torch Datasets is wrapped)."""
     if isinstance(data, (str, _Unset)):
-        data = data_lib.load(config.data.dataset, data_dir=config.data.data_dir)
+        data = config.data.load()
     elif isinstance(data, tuple):
         if len(data) != 2:
             raise TypeError(f"data=(train, test) takes two torch Datasets, got {len(data)} items")
@@ -144,6 +144,8 @@ def train(
     progress: bool = False,
     tensorboard: bool = UNSET,
     data_dir: str | Path | None = UNSET,
+    data_path: str | Path | None = UNSET,
+    test_path: str | Path | None = UNSET,
     cluster: Any = UNSET,
     checkpoint_every: str | int | None = UNSET,
     restart_workers: bool = UNSET,

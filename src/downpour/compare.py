@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from downpour import data as data_lib
 from downpour import strategies as strategy_lib
 from downpour.api import UNSET, train
 from downpour.data import Dataset
@@ -126,8 +125,8 @@ def compare(
     refuse_unread(configs, changed, spell=lambda name: table[name].api,
                   spell_field=lambda s, name: f"{type(s).__name__}({name}=...)")
     if isinstance(data, (str, type(UNSET))):
-        where = RunConfig.of(**{k: values[k] for k in ("dataset", "data_dir") if k in values}).data
-        data = data_lib.load(where.dataset, data_dir=where.data_dir)
+        where = ("dataset", "data_dir", "data_path", "test_path")
+        data = RunConfig.of(**{k: values[k] for k in where if k in values}).data.load()
     runs_root = values.pop("runs_root", table["runs_root"].default)
     path = Path(out_dir) if out_dir is not None else Path(runs_root) / new_run_id("compare")
     if (path / "comparison.json").exists():

@@ -151,20 +151,19 @@ def _wait_for_servers(addresses: list[str], ranges: list[ShardRange], token: str
 
 # The run options every hand-started role takes, from RunConfig with their defaults there, so that
 # a run started by hand trains as one `downpour train` starts; a worker also takes its length.
-ROLE_OPTIONS = ("dataset", "data_dir", "model", "seed", "optimizer", "lr")
+ROLE_OPTIONS = ("dataset", "data_dir", "data_path", "test_path", "model", "seed", "optimizer", "lr")
 WORKER_LENGTH = ("batch_size", "epochs")
 
 
 def _workload(args: argparse.Namespace, strategy: Any, **counts: int):
     """The job every role of a hand-started run rebuilds identically from the same flags."""
-    from downpour import data as data_lib
     from downpour import models
     from downpour.run import RunConfig
 
     given = {name: getattr(args, name) for name in (*ROLE_OPTIONS, *WORKER_LENGTH)
              if hasattr(args, name)}
     config = RunConfig.of(strategy=strategy, **counts, **given)
-    data = data_lib.load(config.data.dataset, data_dir=config.data.data_dir)
+    data = config.data.load()
     name = config.model.name
     factory = partial(models.build, name, data.input_shape, data.num_classes)
     return config.job(model=factory, loss=models.default_loss(name), data=data)

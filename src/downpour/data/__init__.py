@@ -14,13 +14,14 @@ from downpour.data.batching import stream
 from downpour.data.dataset import Dataset
 from downpour.data.download import resolve_data_dir
 from downpour.data.partition import partition
-from downpour.data.registry import DATASETS
+from downpour.data.registry import DATASETS, dataset_options
 from downpour.data.registry import load
 from downpour.data.streamed import StreamedDataset
 from downpour.data.streamed import from_torch
 
 __all__ = [
     "DATASETS",
+    "dataset_options",
     "Dataset",
     "StreamedDataset",
     "batches",

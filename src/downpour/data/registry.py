@@ -57,11 +57,7 @@ def load(
     """
     choose("dataset", name, DATASETS)
     loader = DATASETS[name]
-    accepted = [
-        p.name
-        for p in inspect.signature(loader).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "download"
-    ]
+    accepted = dataset_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(
@@ -69,3 +65,15 @@ def load(
             f"its options are: {', '.join(accepted) or '(none)'}"
         )
     return loader(resolve_data_dir(data_dir), download=download, **options)
+
+
+def dataset_options(name: str) -> list[str]:
+    """The options :func:`load` takes for dataset ``name`` (``path``, ``seed``, ...).
+
+    Example:
+        >>> "path" in dataset_options("svmlight"), "path" in dataset_options("mnist")
+        (True, False)
+    """
+    choose("dataset", name, DATASETS)
+    return [p.name for p in inspect.signature(DATASETS[name]).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "download"]

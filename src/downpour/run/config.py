@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 from downpour.checkpoint import Checkpointing
 from downpour.cluster import parse_cluster
-from downpour.data import DATASETS
+from downpour.data import DATASETS, dataset_options
+from downpour.data import load as load_dataset
 from downpour.errors import check_range
 from downpour.models import MODELS
 from downpour.models.evaluate import TASKS, Target, Task
@@ -96,19 +97,47 @@ class DataConfig:
     Args:
         dataset: the dataset, by name.
         data_dir: the dataset folder (default: $DOWNPOUR_DATA, then the user cache).
+        data_path: the user's own data: the training file of an svmlight dataset, the
+            folder of an imagefolder one.
+        test_path: the test file of an svmlight dataset (default: a seeded fifth of the
+            training file's rows, held back).
         loader_workers: DataLoader worker processes each worker reads a streamed
             dataset through (0: in the worker's own process).
     """
 
     dataset: str = field(default="mnist", metadata={"choices": DATASETS, "api": "data"})
     data_dir: str | None = None
+    data_path: str | None = None
+    test_path: str | None = None
     loader_workers: int = 0
 
     def __post_init__(self) -> None:
         _check_text("dataset", self.dataset)
-        _as_path_text(self, "data_dir")
+        for name in ("data_dir", "data_path", "test_path"):
+            _as_path_text(self, name)
         _check_number("loader_workers", self.loader_workers, int)
         check_range("loader_workers", self.loader_workers, 0, 64)
+
+    def load(self) -> Any:
+        """The dataset, loaded by name, from ``data_path`` and ``test_path`` where they are given.
+
+        A path given to a dataset that reads no such file is an error naming its flag.
+
+        Example:
+            >>> DataConfig(dataset="digits", data_path="train.svm").load()
+            Traceback (most recent call last):
+            ...
+            ValueError: --data-path: dataset 'digits' reads no file of yours; \
+the ones that do: imagefolder, svmlight
+        """
+        files = {"path": self.data_path, "test_path": self.test_path}
+        for key, flag in (("path", "--data-path"), ("test_path", "--test-path")):
+            if files[key] is not None and key not in dataset_options(self.dataset):
+                takers = sorted(name for name in DATASETS if key in dataset_options(name))
+                raise ValueError(f"{flag}: dataset {self.dataset!r} reads no file of yours; "
+                                 f"the ones that do: {', '.join(takers)}")
+        given = {key: value for key, value in files.items() if value is not None}
+        return load_dataset(self.dataset, data_dir=self.data_dir, **given)
 
 
 @dataclass(frozen=True, kw_only=True)

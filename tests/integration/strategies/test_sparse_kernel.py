@@ -144,3 +144,44 @@ if __name__ == "__main__":
     print(json.dumps({"downpour_error": 1 - result.summary["accuracy"], "peak_mb": peak,
                       "sklearn_error": 1 - sk.score(csr(data.x_test), data.y_test.numpy())}))
 '''
+
+
+def test_rcv1s_own_svmlight_files_train_through_the_command_line(tmp_path):
+    # The real RCV1 (LIBSVM's rcv1_train.binary) is +-1 labels and one-based tf-idf features; these
+    # files are the RCV1-shaped set written that way, read back by --dataset svmlight.
+    from sklearn.datasets import dump_svmlight_file
+    from sklearn.linear_model import SGDClassifier
+
+    from downpour.cli import main
+
+    data = dp.data.load("rcv1-like", n_train=20_000, n_test=4_000)
+    files = {}
+    for part, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        files[part] = tmp_path / f"rcv1_{part}.binary"
+        dump_svmlight_file(scipy_csr(x), 2 * y.numpy() - 1, str(files[part]), zero_based=False)
+    read = dp.data.load("svmlight", path=files["train"], test_path=files["test"],
+                        n_features=data.input_shape[0])
+    assert torch.equal(read.y_train, data.y_train) and torch.equal(read.y_test, data.y_test)
+    assert torch.equal(read.x_train.col_indices(), data.x_train.col_indices())
+    assert torch.equal(read.x_train.values(), data.x_train.values())
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--dataset", "svmlight", "--data-path", str(files["train"]),
+                 "--test-path", str(files["test"]), "--model", "svm", "--batch-size", "1",
+                 "--epochs", "3", "--optimizer", "sgd", "--lr", "0.02", "--run-dir", str(run_dir),
+                 "--quiet"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    kernel = [json.loads(line).get("train/kernel") for line in open(run_dir / "events.jsonl")]
+    assert summary["dataset"] == "svmlight" and "compiled" in kernel
+    sk = SGDClassifier(loss="hinge", alpha=1e-4, max_iter=3, tol=None, random_state=0)
+    sk.fit(scipy_csr(read.x_train), read.y_train.numpy())
+    sk_accuracy = sk.score(scipy_csr(read.x_test), read.y_test.numpy())
+    # Measured (single, so the same at the seed): 91.9% against scikit-learn's 92.0%.
+    assert summary["accuracy"] >= sk_accuracy - 0.005, (summary["accuracy"], sk_accuracy)
+
+
+def scipy_csr(tensor: torch.Tensor):
+    import scipy.sparse
+
+    return scipy.sparse.csr_matrix((tensor.values().numpy(), tensor.col_indices().numpy(),
+                                    tensor.crow_indices().numpy()), shape=tuple(tensor.shape))
