@@ -193,7 +193,7 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
                         weights[u, c] = keep * old - coefficient[c] * values[j]
                         if summed != 0.0:
                             avg_sum[u, c] -= summed * (weights[u, c] - old)
-            elif active and classes == 2 and summed == 0.0:
+            elif active and classes == 2 and summed == 0.0:  # both classes' moves in one pass
                 first, second = coefficient[0], coefficient[1]
                 for j in range(indptr[row], indptr[row + 1]):
                     u = indices[j]
@@ -356,8 +356,8 @@ def gather_rows(x: Rows, order: np.ndarray) -> Rows:
     lengths = np.diff(x.indptr)[order]
     indptr = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    compact = indptr[-1] <= _INT32_MAX and x.shape[1] <= _INT32_MAX  # as compact() makes them
-    kind = np.int32 if compact else np.int64
+    fits = indptr[-1] <= _INT32_MAX and x.shape[1] <= _INT32_MAX  # as compact() makes them
+    kind = np.int32 if fits else np.int64
     indptr = indptr.astype(kind, copy=False)
     indices = np.empty(int(indptr[-1]), dtype=kind)
     data = np.empty(int(indptr[-1]), dtype=x.data.dtype)
