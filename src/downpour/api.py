@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
+import shutil
 import tempfile
 from collections.abc import Callable
 from functools import partial
@@ -303,12 +304,16 @@ def train(
             raise ValueError("tensorboard=True needs a run directory (save=True)")
         metrics.sinks.append(TensorBoardSink(run.path / "tensorboard",
                                              start_time=metrics.start_time))
+    trained = None
     try:
         trained = Coordinator(job, metrics, scoring=config.evaluation.scoring()).run(strategy)
     finally:
         metrics.close()
         if scratch is not None:
             scratch.cleanup()
+        if trained is None and run is not None and not resume and not history.events:
+            # Refused before anything ran (a strategy's own check of the job): nothing to keep.
+            shutil.rmtree(run.path, ignore_errors=True)
     # A resumed run's summary covers every attempt: its event log holds them all.
     events = list(read_events(run.path / RunDir.EVENTS)) if resume else history.events
     summary = summarize(events, description)

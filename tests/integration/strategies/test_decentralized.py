@@ -61,13 +61,15 @@ def test_a_killed_peer_does_not_stop_the_others(digits):
     assert result.summary["accuracy"] >= 0.90, result.summary
 
 
-def test_bad_configurations_say_what_is_wrong(digits):
+def test_bad_configurations_say_what_is_wrong(digits, tmp_path):
     with pytest.raises(ValueError, match="unknown compressor 'thresh'"):
         dp.Decentralized(compress="thresh:tau=1")
     with pytest.raises(ValueError, match="fanout must be in"):
         dp.Decentralized(fanout=0)
     with pytest.raises(ValueError, match="at least 2 peers"):
-        dp.train(model="logistic", data=digits, workers=1, strategy=dp.Decentralized(), max_steps=2)
+        dp.train(model="logistic", data=digits, workers=1, strategy=dp.Decentralized(), max_steps=2,
+                 runs_root=tmp_path)
+    assert not list(tmp_path.iterdir())  # a job refused before it ran leaves no run directory
 
 
 @pytest.mark.slow
