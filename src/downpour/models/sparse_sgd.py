@@ -323,7 +323,11 @@ def check_csr(x: Any, num_features: int | None = None, name: str = "x") -> Rows:
     return Rows(indptr, indices, np.ascontiguousarray(data, dtype=np.float32), (rows, features))
 
 
-_INT32_MAX = np.iinfo(np.int32).max
+def _index_dtype(stored: int, features: int) -> type:
+    """int32 for the row pointers and column indices of ``stored`` values over ``features``
+    columns where they fit, else int64."""
+    small = max(stored, features) <= np.iinfo(np.int32).max
+    return np.int32 if small else np.int64
 
 
 def compact(x: Rows) -> Rows:
@@ -336,10 +340,10 @@ def compact(x: Rows) -> Rows:
         >>> compact(x).indices.dtype
         dtype('int32')
     """
-    if (x.indptr.dtype == x.indices.dtype == np.int32 or len(x.indices) > _INT32_MAX
-            or x.shape[1] > _INT32_MAX):
+    kind = _index_dtype(len(x.indices), x.shape[1])
+    if x.indptr.dtype == x.indices.dtype == kind:
         return x
-    return Rows(x.indptr.astype(np.int32), x.indices.astype(np.int32), x.data, x.shape)
+    return Rows(x.indptr.astype(kind), x.indices.astype(kind), x.data, x.shape)
 
 
 def gather_rows(x: Rows, order: np.ndarray) -> Rows:
@@ -356,8 +360,7 @@ def gather_rows(x: Rows, order: np.ndarray) -> Rows:
     lengths = np.diff(x.indptr)[order]
     indptr = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    fits = indptr[-1] <= _INT32_MAX and x.shape[1] <= _INT32_MAX  # as compact() makes them
-    kind = np.int32 if fits else np.int64
+    kind = _index_dtype(int(indptr[-1]), x.shape[1])  # as compact() makes them
     indptr = indptr.astype(kind, copy=False)
     indices = np.empty(int(indptr[-1]), dtype=kind)
     data = np.empty(int(indptr[-1]), dtype=x.data.dtype)
