@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -66,7 +67,7 @@ class ServerRole:
     kill_at_version: int | None = None  # a staged fault: SIGKILL this process at that version
 
     def build_shard(self) -> ServerShard:
-        return ServerShard(self.initial, shard=self.shard, optimizer=self.optimizer.build,
+        return ServerShard(self.initial, shard=self.shard, optimizer=partial(self.optimizer.build, fused=True),
                            policy=self.policy, ema_decay=self.ema_decay)
 
     def run(self, ctx: Any) -> None:

@@ -517,7 +517,6 @@ def _plain_sgd_lr(optimizer: torch.optim.Optimizer) -> float | None:
         group["momentum"] != 0
         or group["weight_decay"] != 0
         or group.get("maximize")
-        or group.get("fused")
     ):
         return None
     return float(group["lr"])

@@ -404,7 +404,7 @@ class BoostWorker(SamplingWorker):
                 if not self.warm_start:
                     self.flat.params.copy_(initial)
                 # Each member is a new learner for a new distribution: fresh optimizer state and schedule.
-                optimizer = self.job.optimizer.build(self.model.parameters())
+                optimizer = self.job.optimizer.build_for(self.model)
                 scheduler = self.job.optimizer.build_scheduler(optimizer, self.steps_per_round)
                 self.descend(*sample, self.steps_per_round, self.job.loss, optimizer, scheduler)
             self.broadcast_params_()

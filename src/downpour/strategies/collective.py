@@ -149,7 +149,7 @@ class CollectiveWorker(Worker):
         a busy machine): start-up, not training, and it must not keep the
         other workers waiting in the first collective.
         """
-        self.optimizer = self.job.optimizer.build(self.model.parameters())
+        self.optimizer = self.job.optimizer.build_for(self.model)
         self.scheduler = self.job.optimizer.build_scheduler(self.optimizer, self.total_steps)
 
     def join(self) -> None:

@@ -71,7 +71,7 @@ class Peer(Worker):
     snapshot_every: int = 50
 
     def connect(self) -> None:
-        self.optimizer = self.job.optimizer.build(self.model.parameters())
+        self.optimizer = self.job.optimizer.build_for(self.model)
         # The replica others write into; the model's own parameters are a
         # working copy taken from it at every step.
         self.replica = ServerShard(self.flat.params, policy=ApplyAtOnce())

@@ -200,7 +200,7 @@ class HogwildWorker(Worker):
             raise RuntimeError("the shared parameters arrived as a private copy; hogwild needs shared memory")
         bind_shared_(self.flat, self.shared, self.shared_buffers)
         self.wait_seconds = 0.0
-        self.optimizer = self.job.optimizer.build(self.model.parameters())
+        self.optimizer = self.job.optimizer.build_for(self.model)
         self.scheduler = self.job.optimizer.build_scheduler(self.optimizer, self.total_steps)
         if self.sparse:
             self.sparse_gradient = SparseLinearGradient(self.flat, self.job.loss, self.job.data.x_train)

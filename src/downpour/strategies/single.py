@@ -105,7 +105,7 @@ class SinglePlan(Plan):
 
     def _train(self, session: Session) -> dict[str, Any]:
         job, metrics, model = self.job, session.metrics, self.flat.module
-        optimizer = job.optimizer.build(model.parameters())
+        optimizer = job.optimizer.build_for(model)
         total = self.global_steps
         scheduler = job.optimizer.build_scheduler(optimizer, total)
         interval = job.eval_interval(total)

@@ -161,9 +161,23 @@ def translate(error: grpc.RpcError, peer: str, where: str, what: str, seconds: f
     """A failed call as downpour's error: ``PeerTimeout``, ``StaleUpdate``, ``Refused`` or
     ``TransportError``; ``where`` names the shard and address, ``what`` the call."""
     code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    return failure(code, reject_of(error), details, peer, where, what, seconds)
+
+
+def failure(
+    code: grpc.StatusCode | None,
+    reject: pb.Reject | None,
+    details: str,
+    peer: str,
+    where: str,
+    what: str,
+    seconds: float,
+) -> Exception:
+    """What :func:`translate` makes of a call that ended with ``code`` and, if refused, ``reject``
+    (a call through a session's Unix socket ends the same way, see :mod:`.local`)."""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return PeerTimeout(peer, seconds, what)
-    reject = reject_of(error)
     if reject is not None:
         reason = (
             pb.RejectCode.Name(reject.code)
@@ -173,7 +187,6 @@ def translate(error: grpc.RpcError, peer: str, where: str, what: str, seconds: f
         if reason == "STALE":
             return StaleUpdate(reject.message)
         return Refused(reason, f"{where}: {reject.message}", code.name if code else "")
-    details = error.details() if hasattr(error, "details") else str(error)
     if code == grpc.StatusCode.UNAVAILABLE:
         return PeerUnavailable(peer, f"{where} is unavailable: {details}")
     name = code.name if code is not None else "UNKNOWN"

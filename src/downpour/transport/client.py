@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from downpour.compress import PAYLOADS, Payload
-from downpour.errors import PeerTimeout, TransportError
+from downpour.errors import PeerTimeout, StaleUpdate, TransportError
 from downpour.flat import SparseUpdate
-from downpour.transport import codec
+from downpour.transport import codec, local
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.assembly import Violation, read_pull, region_frame
 from downpour.transport.payload import to_bytes
 from downpour.transport.channel import DETECT_SECONDS, Stubs, reject_of, translate
-from downpour.transport.protocol import UPDATE_KINDS, PushResult, UpdateKind
+from downpour.transport.protocol import UPDATE_KINDS, PushResult, Refused, UpdateKind
 from downpour.transport.security import Security
 from downpour.transport.shared import SHARED_MIN_BYTES, ClientSession, Segment, is_loopback
 from downpour.transport.shared import available as shared_memory_available
@@ -45,6 +45,16 @@ SharedMemory = bool | Literal["auto"]
 logger = logging.getLogger(__name__)
 
 _KINDS = {"gradient": pb.GRADIENT, "delta": pb.DELTA}
+_SESSION_REPLIES = {
+    local.PULL_SHARED: pb.SharedPullReply,
+    local.PUSH_SHARED: pb.PushReply,
+    local.PUSH_PULL_SHARED: pb.SharedPushPullReply,
+}
+_SESSION_CALLS = {
+    local.PULL_SHARED: "answer a pull",
+    local.PUSH_SHARED: "answer a push",
+    local.PUSH_PULL_SHARED: "answer a push-pull",
+}
 
 _GOODBYE_S = 2.0  # the longest close() waits for the server to end a shared-memory session
 
@@ -121,6 +131,7 @@ class ShardClient:
         self._size: int | None = None
         self._server_chunk_bytes = 0
         self._session: ClientSession | None = None
+        self._detect_seconds = detect_seconds
         self._rpc = Stubs(address, security or Security(), detect_seconds)
         self._counters = self._rpc.counters
 
@@ -249,10 +260,12 @@ class ShardClient:
     ) -> tuple[int, torch.Tensor] | None:
         """A pull into the session's segment; ``session.lock`` is held, and released here."""
         with self._shared_call(session, "answer a pull", seconds) as seq:
-            reply = self._rpc.pull_shared(
+            reply = self._session_call(
+                session,
+                local.PULL_SHARED,
                 pb.SharedPullRequest(session=session.key, seq=seq, request=request),
-                timeout=seconds,
-                metadata=self._metadata,
+                request.HasField("wait_version"),
+                seconds,
             )
             if reply.seq != seq:
                 raise self._violation(f"a shared pull answered seq {reply.seq} to seq {seq}")
@@ -425,10 +438,12 @@ class ShardClient:
         with self._shared_call(session, "answer a push", seconds) as seq:
             size = session.write(values, indices)
             header.num_chunks = 1
-            reply = self._rpc.push_shared(
+            reply = self._session_call(
+                session,
+                local.PUSH_SHARED,
                 pb.SharedPushRequest(session=session.key, seq=seq, header=header),
-                timeout=seconds,
-                metadata=self._metadata,
+                False,
+                seconds,
             )
             self._counters.count("bytes_shared_sent", size)
             return reply
@@ -448,10 +463,12 @@ class ShardClient:
         with self._shared_call(session, "answer a push-pull", seconds) as seq:
             size = session.write(values, indices)
             header.num_chunks = 1
-            reply = self._rpc.push_pull_shared(
+            reply = self._session_call(
+                session,
+                local.PUSH_PULL_SHARED,
                 pb.SharedPushPullRequest(session=session.key, seq=seq, push=header, pull=request),
-                timeout=seconds,
-                metadata=self._metadata,
+                request.HasField("wait_version"),
+                seconds,
             )
             self._counters.count("bytes_shared_sent", size)
             self._counters.count("pushes")
@@ -482,10 +499,31 @@ class ShardClient:
         except grpc.RpcError as error:
             clean = reject_of(error) is not None
             raise self._error(error, what, seconds) from None
+        except (StaleUpdate, Refused):
+            raise  # the server answered: the session is as it left it
+        except TransportError:
+            clean = False  # a local call without an answer, or a broken answer
+            raise
         finally:
             session.lock.release()
             if not clean:
                 self._drop(session)
+
+    def _session_call(
+        self, session: ClientSession, method: int, request: Any, waits: bool, seconds: float
+    ) -> Any:
+        """A session call through its Unix socket when it has one (and the call's pull does not
+        wait for a version), else through gRPC."""
+        if session.line is not None and not waits:
+            return session.line.call(
+                method, request, _SESSION_REPLIES[method], seconds, _SESSION_CALLS[method]
+            )
+        stub = {
+            local.PULL_SHARED: self._rpc.pull_shared,
+            local.PUSH_SHARED: self._rpc.push_shared,
+            local.PUSH_PULL_SHARED: self._rpc.push_pull_shared,
+        }[method]
+        return stub(request, timeout=seconds, metadata=self._metadata)
 
     # -- the first call's Hello ------------------------------------------
 
@@ -532,7 +570,20 @@ class ShardClient:
             )
             return None
         segment.unlink()  # mapped on both sides now; nothing needs the name
-        return ClientSession(offer.session, segment)
+        line = None
+        if offer.socket:
+            where = f"shard {self.shard_id} at {self.address}"
+            try:
+                line = local.LocalLine(
+                    offer.socket,
+                    peer=self.address,
+                    where=where,
+                    timeout=seconds,
+                    detect_seconds=self._detect_seconds,
+                )
+            except OSError as error:
+                logger.info("%s: no local socket (%s); its session goes through gRPC", where, error)
+        return ClientSession(offer.session, segment, line)
 
     def _drop(self, session: ClientSession) -> None:
         """Stop using ``session``; the next call asks Hello for a fresh one."""

@@ -255,14 +255,16 @@ class HelloRequest(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class SharedSegment(_message.Message):
-    __slots__ = ("session", "name", "size")
+    __slots__ = ("session", "name", "size", "socket")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_FIELD_NUMBER: _ClassVar[int]
     session: bytes
     name: str
     size: int
-    def __init__(self, session: _Optional[bytes] = ..., name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+    socket: str
+    def __init__(self, session: _Optional[bytes] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., socket: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
     __slots__ = ("shard_id", "size", "chunk_bytes", "segment")

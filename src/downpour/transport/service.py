@@ -27,7 +27,7 @@ import grpc
 import torch
 
 from downpour.errors import StaleUpdate, TransportError
-from downpour.transport import codec
+from downpour.transport import codec, local
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.assembly import KINDS, BufferPool, PushAssembly, Reject
 from downpour.transport.codec import Malformed, PushFrame
@@ -103,6 +103,12 @@ class ShardService:
             and shared_memory_available()
             else None
         )
+        self.local: local.LocalServer | None = None
+        if self.sessions is not None:
+            try:
+                self.local = local.LocalServer(self.local_call, name=f"shard{shard.shard_id}")
+            except OSError as error:  # sessions still work, through gRPC
+                logger.warning("shard %d: no Unix socket for its sessions: %s", shard.shard_id, error)
         self.shutdown_requested = threading.Event()
         self.stopping = threading.Event()
 
@@ -143,6 +149,8 @@ class ShardService:
 
     def close(self) -> None:
         """End every shared-memory session (their segments go with them)."""
+        if self.local is not None:
+            self.local.close()
         if self.sessions is not None:
             self.sessions.close_all()
 
@@ -169,29 +177,68 @@ class ShardService:
             )
 
     def _refuse(self, context: grpc.ServicerContext, reject: Reject) -> None:
+        detail = self._detail(reject)
+        context.set_trailing_metadata(((codec.REJECT_KEY, detail.SerializeToString()),))
+        context.abort(reject.code, f"{reject.reason}: {detail.message}")
+
+    def _detail(self, reject: Reject) -> pb.Reject:
+        """The refusal's ``Reject`` message (logged), its message clipped."""
         message = _clip(reject.message)
         logger.info(
             "refused a call to shard %d: %s: %s", self.shard.shard_id, reject.reason, message
         )
-        detail = pb.Reject(code=pb.RejectCode.Value(reject.reason), message=message)
-        context.set_trailing_metadata(((codec.REJECT_KEY, detail.SerializeToString()),))
-        context.abort(reject.code, f"{reject.reason}: {message}")
+        return pb.Reject(code=pb.RejectCode.Value(reject.reason), message=message)
 
     def _guarded(self, context: grpc.ServicerContext, call):
         """Run ``call()`` after authenticating; turn every refusal into a typed gRPC error."""
         try:
             self._authenticate(context)
+            return self._checked(call)
+        except Reject as reject:
+            self._refuse(context, reject)
+
+    def _checked(self, call: Callable[[], T]) -> T:
+        """``call()`` unless the server is stopping; every refusal raised as a :class:`Reject`."""
+        try:
             if self.stopping.is_set():
                 raise Reject("SHUTTING_DOWN", "the server is stopping", grpc.StatusCode.UNAVAILABLE)
             return call()
-        except Reject as reject:
-            self._refuse(context, reject)
+        except Reject:
+            raise
         except InvalidUpdate as error:
-            self._refuse(context, Reject(error.reason, str(error)))
+            raise Reject(error.reason, str(error)) from None
         except StaleUpdate as error:
-            self._refuse(context, Reject("STALE", str(error), grpc.StatusCode.FAILED_PRECONDITION))
+            raise Reject("STALE", str(error), grpc.StatusCode.FAILED_PRECONDITION) from None
         except (ValueError, TypeError) as error:
-            self._refuse(context, Reject("BAD_REQUEST", str(error)))
+            raise Reject("BAD_REQUEST", str(error)) from None
+
+    def local_call(self, method: int, payload: bytes) -> tuple[int, int, bytes]:
+        """One session call through the Unix socket (:mod:`.local`): the same handlers and
+        checks as through gRPC; the session key stands for the token."""
+        request_type, handler = {
+            local.PUSH_SHARED: (pb.SharedPushRequest, self._push_shared),
+            local.PULL_SHARED: (pb.SharedPullRequest, self._pull_shared_local),
+            local.PUSH_PULL_SHARED: (pb.SharedPushPullRequest, self._push_pull_shared_local),
+        }[method]
+        request = codec.tolerant(request_type.FromString)(payload)
+        try:
+            reply = self._checked(lambda: handler(request))
+        except Reject as reject:
+            detail = self._detail(reject)
+            return local.REJECTED, reject.code.value[0], detail.SerializeToString()
+        return local.REPLY, 0, reply.SerializeToString()
+
+    def _pull_shared_local(self, request: pb.SharedPullRequest | Malformed) -> pb.SharedPullReply:
+        if not isinstance(request, Malformed):
+            _no_wait(request.request)
+        return self._pull_shared(request, _LOCAL_CALL)
+
+    def _push_pull_shared_local(
+        self, request: pb.SharedPushPullRequest | Malformed
+    ) -> pb.SharedPushPullReply:
+        if not isinstance(request, Malformed):
+            _no_wait(request.pull)
+        return self._push_pull_shared(request, _LOCAL_CALL)
 
     # -- methods ---------------------------------------------------------
 
@@ -446,7 +493,12 @@ class ShardService:
             if opened is not None:
                 key, segment = opened
                 reply.segment.CopyFrom(
-                    pb.SharedSegment(session=key, name=segment.name, size=segment.size)
+                    pb.SharedSegment(
+                        session=key,
+                        name=segment.name,
+                        size=segment.size,
+                        socket="" if self.local is None else self.local.path,
+                    )
                 )
         return reply
 
@@ -557,6 +609,25 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 2_000),  # channel.MIN_PING_MS
 ]
+
+
+def _no_wait(pull: pb.PullRequest) -> None:
+    if pull.HasField("wait_version"):
+        raise Reject("BAD_REQUEST", "a pull that waits for a version goes through gRPC, not the socket")
+
+
+class _LocalCall:
+    """What the handlers ask of a gRPC context, for a call through the Unix socket: it has no
+    deadline (its pulls never wait) and stays active."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    def is_active(self) -> bool:
+        return True
+
+
+_LOCAL_CALL = _LocalCall()
 
 
 class ShardServer:

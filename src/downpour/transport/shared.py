@@ -35,12 +35,16 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from downpour.transport import codec
 from downpour.transport.assembly import Reject
+
+if TYPE_CHECKING:
+    from downpour.transport.local import LocalLine
 
 logger = logging.getLogger(__name__)
 
@@ -323,9 +327,10 @@ def _unlink_all(names: set[str]) -> None:
 class ClientSession:
     """A client's end of a session: the mapped segment, the next seq, one call at a time."""
 
-    def __init__(self, key: bytes, segment: Segment) -> None:
+    def __init__(self, key: bytes, segment: Segment, line: LocalLine | None = None) -> None:
         self.key = key
         self.segment = segment
+        self.line = line  # the server's Unix socket for the session's calls, if it offers one
         self.lock = threading.Lock()
         self._seq = 0
 
@@ -351,4 +356,6 @@ class ClientSession:
 
     def close(self) -> None:
         with self.lock:
+            if self.line is not None:
+                self.line.close()
             self.segment.close()

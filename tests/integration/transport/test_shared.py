@@ -1,4 +1,5 @@
-"""The same-host path: tensors through a shared-memory segment, headers through gRPC.
+"""The same-host path: tensors through a shared-memory segment, headers through gRPC (or the
+session's Unix socket, see test_local_socket.py).
 
 Equal bits to the network path, honest byte counters, forged headers refused,
 and no segment left in /dev/shm (the ``segments`` fixture checks every test).
@@ -20,6 +21,7 @@ from downpour.server import ServerShard, Synchronous
 from downpour.transport import ShardClient, shared
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.assembly import BufferPool, PushAssembly, Reject
+from downpour.transport.local import METHODS
 from tests.integration.transport.test_validation import rejection
 from tests.optimizers import sgd
 
@@ -117,17 +119,16 @@ def test_byte_counters_say_which_way_the_bytes_went(twins):
 def test_a_push_pull_through_shared_memory_is_one_call_and_equals_the_network(twins):
     shards, network, local = twins(awkward(SIZE), optimizer=sgd(0.5))
     calls: list[str] = []
-    for name in ("push_shared", "pull_shared", "push_pull_shared"):
-        stub = getattr(local._rpc, name)
+    session_call = local._session_call
 
-        def counted(*args, _stub=stub, _name=name, **kwargs):
-            calls.append(_name)
-            return _stub(*args, **kwargs)
+    def counted(session, method, *args):
+        calls.append(METHODS[method])
+        return session_call(session, method, *args)
 
-        setattr(local._rpc, name, counted)
+    local._session_call = counted
     gradient = awkward(SIZE)
     answers = [client.push_pull(0, 0, gradient) for client in (network, local)]
-    assert calls == ["push_pull_shared"]  # one call, not a push and a pull
+    assert calls == ["PushPullShared"]  # one call, not a push and a pull
     (net_result, net_version, net_params), (result, version, params) = answers
     assert result == net_result and result.applied and version == net_version == 1
     assert torch.equal(bits(params), bits(net_params))
@@ -137,7 +138,7 @@ def test_a_push_pull_through_shared_memory_is_one_call_and_equals_the_network(tw
     sparse = SparseUpdate(torch.arange(0, SIZE, 2), torch.randn(SIZE // 2), SIZE)
     answers = [client.push_pull(0, 1, sparse, average=False) for client in (network, local)]
     assert torch.equal(bits(answers[0][2]), bits(answers[1][2])) and answers[1][1] == 2
-    assert calls == ["push_pull_shared"] * 2
+    assert calls == ["PushPullShared"] * 2
 
 
 @pytest.mark.timeout(60)
