@@ -160,16 +160,19 @@ def gloo_all_reduce(numel: int, rounds: int) -> dict[str, list]:
     return {"round": times}
 
 
-def small_round_trip(rounds: int) -> dict[str, list]:
-    """A 4 KB shard: push + pull (two unary calls), push_pull (one), and a Status call.
+def small_round_trip(rounds: int, shared_memory: bool) -> dict[str, list]:
+    """A 4 KB shard: push + pull (two calls), push_pull (one), and a Status call.
 
-    The three alternate within each round, so load on the machine hits them alike.
+    The three alternate within each round, so load on the machine hits them alike. Over the
+    network each is a unary gRPC call; through a session its header takes the session's socket.
     """
     numel = 1024  # 4 KB of float32
     update = torch.randn(numel)
     out = torch.empty(numel)
     with Servers(numel, 1) as servers:
-        client = ShardClient(servers.addresses[0], servers.token, 0, timeout=30)
+        client = ShardClient(
+            servers.addresses[0], servers.token, 0, timeout=30, shared_memory=shared_memory
+        )
         client.wait_ready(60)
         version = 0
         for _ in range(100):
@@ -299,15 +302,18 @@ def bandwidth_rows(numel: int, rounds: int, repeats: int) -> list[tuple[str, lis
 
 
 def latency_rows(rounds: int, repeats: int) -> list[tuple[str, list, str]]:
-    """A 4 KB shard's round trip as two calls and as one, and gRPC's floor beside them."""
-    s = repeated(lambda: small_round_trip(rounds), repeats)
-    notes = (
-        f"push {median(s['push']) * 1e3:.2f} ms, pull {median(s['pull']) * 1e3:.2f} ms, "
-        f"{tail(s['round'])} (goal <= 1 ms)"
-    )
-    rows = [("4 KB shard: push + pull (2 unary calls)", s["round"], notes)]
-    notes = f"push and pull in one unary call; {tail(s['push_pull'])} (goal <= 1 ms)"
-    rows.append(("4 KB shard: push_pull (1 unary call)", s["push_pull"], notes))
+    """A 4 KB shard's round trip as two calls and as one, over gRPC and through a session's
+    socket, and gRPC's floor beside them."""
+    rows = []
+    for shared_memory, path in ((False, "gRPC over TCP"), (True, "session socket")):
+        s = repeated(lambda m=shared_memory: small_round_trip(rounds, m), repeats)
+        notes = (
+            f"push {median(s['push']) * 1e3:.2f} ms, pull {median(s['pull']) * 1e3:.2f} ms, "
+            f"{tail(s['round'])} (goal <= 1 ms)"
+        )
+        rows.append((f"4 KB shard, {path}: push + pull (2 calls)", s["round"], notes))
+        notes = f"push and pull in one call; {tail(s['push_pull'])} (goal <= 1 ms)"
+        rows.append((f"4 KB shard, {path}: push_pull (1 call)", s["push_pull"], notes))
     notes = "one unary call carrying no tensor: the per-call floor of gRPC Python here"
     rows.append(("Status call (same server)", s["floor"], notes))
     return rows

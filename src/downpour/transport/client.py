@@ -8,10 +8,11 @@ missed deadline raises ``PeerTimeout`` naming the address.
 
 A client picks the cheapest way for each call on its own. On its first call
 it asks the server's ``Hello`` for the shard's size and, when the server is on
-this host, for a shared-memory session. Then: a tensor of at least
-``SHARED_MIN_BYTES`` goes through the session's segment (gRPC carries only
-the header); one that fits in a chunk goes as one unary call; anything else
-as a stream of chunks. All three end in the same checks on both sides.
+this host, for a shared-memory session. Then: a tensor goes through the
+session's segment, its header through the session's Unix socket (any size)
+or, where the server offers none, through gRPC (from ``SHARED_MIN_BYTES``
+on); one that fits in a chunk goes as one unary call; anything else as a
+stream of chunks. All of them end in the same checks on both sides.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ class ShardClient:
         self._greet(seconds)
         size = self._pull_bytes(request)
         session = self._session
-        if session is not None and size >= SHARED_MIN_BYTES and session.lock.acquire(False):
+        if session is not None and session.carries(size) and session.lock.acquire(False):
             result = self._pull_through(session, request, out, seconds)
         elif 0 <= size <= self._server_chunk_bytes:
             try:
@@ -315,11 +316,7 @@ class ShardClient:
         """An encoded push by the cheapest way: shared memory, one unary call, or a stream."""
         size = values.nbytes + (0 if indices is None else indices.nbytes)
         session = self._session
-        if (
-            session is not None
-            and SHARED_MIN_BYTES <= size <= session.size
-            and session.lock.acquire(False)
-        ):
+        if session is not None and session.carries(size) and session.lock.acquire(False):
             reply = self._push_through(session, header, values, indices, seconds)
         else:
             frames = codec.push_frames(header, values, indices, self.chunk_bytes)
@@ -369,13 +366,12 @@ class ShardClient:
         pushed = values.nbytes + (0 if indices is None else indices.nbytes)
         pulled = self._pull_bytes(request)
         small = 0 <= pulled <= self._server_chunk_bytes
-        if self._session is not None:
-            small = small and max(pushed, pulled) < SHARED_MIN_BYTES
         session = self._session
+        if session is not None:
+            small = small and max(pushed, pulled) < SHARED_MIN_BYTES
         if (
             session is not None
-            and SHARED_MIN_BYTES <= max(pushed, pulled)
-            and max(pushed, pulled) <= session.size
+            and session.carries(max(pushed, pulled))
             and session.lock.acquire(False)
         ):
             return self._push_pull_through(session, header, values, indices, request, out, seconds)
@@ -580,6 +576,7 @@ class ShardClient:
                     where=where,
                     timeout=seconds,
                     detect_seconds=self._detect_seconds,
+                    counters=self._counters,
                 )
             except OSError as error:
                 logger.info("%s: no local socket (%s); its session goes through gRPC", where, error)

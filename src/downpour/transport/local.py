@@ -36,7 +36,7 @@ from google.protobuf.message import DecodeError, Message
 
 from downpour.errors import PeerTimeout, PeerUnavailable, TransportError
 from downpour.transport import downpour_pb2 as pb
-from downpour.transport.channel import failure
+from downpour.transport.channel import Counters, failure
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +166,15 @@ class LocalLine:
     Errors are downpour's, as :func:`downpour.transport.channel.translate`
     makes them of gRPC's: ``StaleUpdate`` and ``Refused`` for a refusal,
     ``PeerTimeout`` past the call's deadline, ``PeerUnavailable`` for a
-    connection lost or a server silent for ``detect_seconds``.
+    connection lost or a server silent for ``detect_seconds``. Given
+    ``counters``, the bytes of each message sent and received add to them.
     """
 
     def __init__(self, path: str, *, peer: str, where: str, timeout: float,
-                 detect_seconds: float) -> None:
+                 detect_seconds: float, counters: Counters | None = None) -> None:
         self.peer, self.where = peer, where
         self._detect = detect_seconds
+        self._counters = counters
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._conn.settimeout(timeout)
         try:
@@ -206,6 +208,9 @@ class LocalLine:
             raise PeerTimeout(self.peer, seconds, what) from None
         except OSError as error:
             raise PeerUnavailable(self.peer, f"{self.where} is unavailable: {error}") from None
+        if self._counters is not None:  # the messages' bytes, as gRPC's are counted
+            self._counters.count("bytes_sent", len(body))
+            self._counters.count("bytes_received", len(answer))
         try:
             if kind == REJECTED:
                 code = _STATUS.get(status, grpc.StatusCode.UNKNOWN)

@@ -94,13 +94,11 @@ class ShardService:
             raise ValueError(f"max_sessions must be >= 0, got {max_sessions}")
         self._pool = BufferPool(shard.size)
         segment_bytes = shard.size * 4  # room for a float32 copy of the shard
-        # A shard too small to send anything through a segment gets none.
+        # Through the Unix socket even a small shard's rounds are cheaper in a session than
+        # through gRPC; without one, a shard too small to send anything through a segment gets none.
         self.sessions = (
             ServerSessions(segment_bytes, max_sessions)
-            if shared_memory
-            and max_sessions
-            and segment_bytes >= SHARED_MIN_BYTES
-            and shared_memory_available()
+            if shared_memory and max_sessions and shared_memory_available()
             else None
         )
         self.local: local.LocalServer | None = None
@@ -109,6 +107,9 @@ class ShardService:
                 self.local = local.LocalServer(self.local_call, name=f"shard{shard.shard_id}")
             except OSError as error:  # sessions still work, through gRPC
                 logger.warning("shard %d: no Unix socket for its sessions: %s", shard.shard_id, error)
+                if segment_bytes < SHARED_MIN_BYTES:
+                    self.sessions.close_all()
+                    self.sessions = None
         self.shutdown_requested = threading.Event()
         self.stopping = threading.Event()
 

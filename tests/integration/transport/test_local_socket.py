@@ -65,6 +65,9 @@ def test_the_session_calls_go_through_the_socket_and_equal_the_network(twins):
     assert local.uses_shared_memory and local._session.line is not None
     assert grpc_calls == []  # all three through the socket
     assert local.bytes_shared_sent == 2 * 4 * SIZE and local.bytes_shared_received == 2 * 4 * SIZE
+    sent, received = local.bytes_sent, local.bytes_received
+    local.push_pull(0, 2, gradient)
+    assert 0 < local.bytes_sent - sent < 200 and 0 < local.bytes_received - received < 200
 
 
 @pytest.mark.timeout(60)

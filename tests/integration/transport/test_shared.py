@@ -218,11 +218,14 @@ def test_which_clients_ask_and_which_servers_offer(serve, connect):
         client.pull()
         assert client.uses_shared_memory == expected, (address, mode)
     off = serve(ServerShard(torch.zeros(SIZE)), shared_memory=False)
-    tiny = serve(ServerShard(torch.zeros(100)))  # 400 bytes: nothing worth a segment
-    for server in (off, tiny):
-        client = connect(server.address, shared_memory=True)  # declined: the network it is
-        assert client.pull() is not None and not client.uses_shared_memory
-    assert off.service.sessions is None and tiny.service.sessions is None
+    client = connect(off.address, shared_memory=True)  # declined: the network it is
+    assert client.pull() is not None and not client.uses_shared_memory
+    assert off.service.sessions is None and off.service.local is None
+    # 400 bytes: through gRPC not worth a segment, through the session's socket it is
+    tiny = serve(ServerShard(torch.zeros(100)))
+    client = connect(tiny.address, shared_memory=True)
+    assert client.pull() is not None and client.uses_shared_memory
+    assert client._session.line is not None and client.bytes_shared_received == 400
     with pytest.raises(ValueError, match="'auto', True or False"):
         connect(big.address, shared_memory="yes")
     with pytest.raises(ValueError, match="'auto', True or False"):
