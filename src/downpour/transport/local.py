@@ -4,8 +4,9 @@ A session's segment already carries the tensor bytes; what is left of a
 round is its header and gRPC's own cost per call, which on one host is
 most of the round: a unary call's round trip is ~440 us here, a Unix
 socket's ~6 us, and gRPC's server takes ~0.35 ms of CPU per call. So a
-server with sessions also listens on a Unix socket in a directory only its
-user can enter, names it in each session's offer, and serves the three
+server with sessions also listens on a Unix socket in Linux's abstract
+namespace (no file: it goes with the process, however that ends), named
+``@downpour-`` and 32 random hex digits, names it in each session's offer, and serves the three
 session calls (PushShared, PullShared, PushPullShared) there with the same
 messages, handlers and checks as through gRPC. The framing is in
 ``downpour.proto``: a request is ``length, method, message``; an answer
@@ -13,9 +14,9 @@ messages, handlers and checks as through gRPC. The framing is in
 status the gRPC status code that refusal has through gRPC.
 
 The session key in each request is the credential (only a caller with the
-run's token got one from Hello), and the server accepts connections only
-from processes of its own user (``SO_PEERCRED``), who could read the
-segment anyway. A client that cannot connect, or a server that offers no
+run's token got one from Hello), and the server serves connections only
+from processes of its own user (``SO_PEERCRED``; others are closed at
+once), who could read the segment anyway. A client that cannot connect, or a server that offers no
 socket, uses gRPC; a connection that breaks ends the session like a gRPC
 call that ends without an answer.
 """
@@ -24,10 +25,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import secrets
 import socket
 import struct
-import tempfile
 import threading
 from collections.abc import Callable
 
@@ -50,10 +50,15 @@ _REQUEST = struct.Struct("<IB")
 _ANSWER = struct.Struct("<IBB")
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
-_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
 
 Dispatch = Callable[[int, bytes], tuple[int, int, bytes]]
 """``(method, request bytes) -> (kind, status code, answer bytes)``: the service's handler."""
+
+
+def address(name: str) -> str:
+    """The ``bind``/``connect`` address of a socket name: ``@name`` is ``name`` in the abstract
+    namespace, anything else a path."""
+    return "\0" + name[1:] if name.startswith("@") else name
 
 
 def _receive(conn: socket.socket, count: int) -> bytes | None:
@@ -80,18 +85,13 @@ class LocalServer:
     def __init__(self, dispatch: Dispatch, name: str = "shard") -> None:
         self._dispatch = dispatch
         self._name = name
-        self.directory = tempfile.mkdtemp(prefix="downpour-")  # mode 0700: this user alone
-        self.path = os.path.join(self.directory, "sessions.sock")
-        if len(self.path.encode()) > _SOCKET_PATH_MAX:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            raise OSError(f"the socket path {self.path!r} is too long for a Unix socket")
+        self.path = f"@downpour-{secrets.token_hex(16)}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._listener.bind(self.path)
+            self._listener.bind(address(self.path))
             self._listener.listen(64)
         except OSError:
             self._listener.close()
-            shutil.rmtree(self.directory, ignore_errors=True)
             raise
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -102,8 +102,7 @@ class LocalServer:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop accepting, end every connection (their calls fail on the client) and remove the
-        socket's directory."""
+        """Stop accepting and end every connection (their calls fail on the client)."""
         with self._lock:
             self._closed = True
             connections, self._connections = list(self._connections), set()
@@ -113,7 +112,6 @@ class LocalServer:
             except OSError:
                 pass
             conn.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
     def _accept(self) -> None:
         while True:
@@ -178,7 +176,7 @@ class LocalLine:
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._conn.settimeout(timeout)
         try:
-            self._conn.connect(path)
+            self._conn.connect(address(path))
         except OSError:
             self._conn.close()
             raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import struct
 
 import grpc
@@ -112,6 +111,12 @@ def receive(conn: socket.socket, count: int) -> bytes:
     return data
 
 
+def unix_address(name: str) -> str:
+    """As downpour.proto says: "@name" is name in the abstract namespace."""
+    assert name.startswith("@downpour-"), name
+    return "\0" + name[1:]
+
+
 @pytest.fixture
 def raw(serve, token, stub):
     """A shard, a session opened by hand through gRPC's Hello, and a raw connection to its
@@ -124,7 +129,7 @@ def raw(serve, token, stub):
     segment = shared.Segment.attach(reply.segment.name, reply.segment.size)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(10)
-    conn.connect(reply.segment.socket)
+    conn.connect(unix_address(reply.segment.socket))
     yield shard, server, reply.segment, segment, conn
     conn.close()
     segment.close()
@@ -196,35 +201,40 @@ def test_an_unknown_method_or_an_oversized_frame_closes_the_connection(raw, fram
 
 
 @pytest.mark.timeout(60)
-def test_the_socket_is_private_and_goes_with_the_server(raw):
+def test_the_socket_leaves_no_file_and_goes_with_the_server(raw):
     _, server, offer, _, conn = raw
-    directory = os.path.dirname(offer.socket)
-    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
-    assert stat.S_ISSOCK(os.stat(offer.socket).st_mode)
     server.stop(grace=None)
-    assert not os.path.exists(directory)
     assert conn.recv(16) == b""  # the server ended the connection
+    late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with pytest.raises(ConnectionRefusedError):
+        late.connect(unix_address(offer.socket))
+    late.close()
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to try the socket as another user")
-def test_another_user_cannot_reach_the_socket(raw):
-    _, _, offer, _, _ = raw
+def test_another_user_gets_no_answer_from_the_socket(raw):
+    shard, _, offer, _, _ = raw
+    request = pb.SharedPullRequest(session=offer.session, seq=1, request=pb.PullRequest(shard_id=0))
+    body = request.SerializeToString()
     pid = os.fork()
-    if pid == 0:  # the child: become nobody, then try
+    if pid == 0:  # the child: become nobody, then ask with the right session key
+        code = 2
         try:
             os.setgid(65534)
             os.setuid(65534)
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             probe.settimeout(5)
-            probe.connect(offer.socket)
-            os._exit(1)
-        except PermissionError:
-            os._exit(0)
-        except BaseException:
-            os._exit(2)
+            probe.connect(unix_address(offer.socket))
+            probe.sendall(struct.pack("<IB", len(body), 2) + body)
+            code = 0 if probe.recv(16) == b"" else 1
+        except (ConnectionResetError, BrokenPipeError):
+            code = 0
+        finally:
+            os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "a process of another user got a connection"
+    assert os.waitstatus_to_exitcode(status) == 0, "a process of another user got an answer"
+    assert shard.status()["pulls"] == 0
 
 
 @pytest.mark.timeout(60)
