@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import gc
 import math
 import multiprocessing
 import os
@@ -371,14 +372,33 @@ def iterate(batches: DataLoader) -> Iterator[Batch]:
     the flag is lifted while they start, and put back at once.
     """
     process = multiprocessing.current_process()
-    if not batches.num_workers or not process.daemon:
+    if not batches.num_workers:
         return iter(batches)
+    if not process.daemon:
+        return _forked(batches)
     config = process._config  # noqa: SLF001  (the flag multiprocessing checks; no public setter)
     config["daemon"] = False
     try:
-        return iter(batches)
+        return _forked(batches)
     finally:
         config["daemon"] = True
+
+
+def _forked(batches: DataLoader) -> Iterator[Batch]:
+    """``iter(batches)``, whose worker processes fork this one, with everything this process
+    holds frozen out of their garbage collector.
+
+    A forked child inherits the parent's garbage too, and collecting it there runs destructors
+    meant for the parent: a ``TCPStore`` left in a reference cycle by an earlier
+    ``torch.distributed`` group detaches its daemon thread, which the child does not have, and
+    aborts it (a loader worker killed by SIGABRT mid-epoch, seen in a test process). Frozen
+    (``gc.freeze``) while the workers fork, what the child inherits is never collected there.
+    """
+    gc.freeze()
+    try:
+        return iter(batches)
+    finally:
+        gc.unfreeze()
 
 
 def eval_batches(data: StreamedDataset, batch_size: int,
