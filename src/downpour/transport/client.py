@@ -46,15 +46,11 @@ SharedMemory = bool | Literal["auto"]
 logger = logging.getLogger(__name__)
 
 _KINDS = {"gradient": pb.GRADIENT, "delta": pb.DELTA}
-_SESSION_REPLIES = {
-    local.PULL_SHARED: pb.SharedPullReply,
-    local.PUSH_SHARED: pb.PushReply,
-    local.PUSH_PULL_SHARED: pb.SharedPushPullReply,
-}
-_SESSION_CALLS = {
-    local.PULL_SHARED: "answer a pull",
-    local.PUSH_SHARED: "answer a push",
-    local.PUSH_PULL_SHARED: "answer a push-pull",
+# A session call's reply, its stub's name (through gRPC) and what its failure says it did not do.
+_SESSION_METHODS: dict[int, tuple[type, str, str]] = {
+    local.PULL_SHARED: (pb.SharedPullReply, "pull_shared", "answer a pull"),
+    local.PUSH_SHARED: (pb.PushReply, "push_shared", "answer a push"),
+    local.PUSH_PULL_SHARED: (pb.SharedPushPullReply, "push_pull_shared", "answer a push-pull"),
 }
 
 _GOODBYE_S = 2.0  # the longest close() waits for the server to end a shared-memory session
@@ -260,7 +256,7 @@ class ShardClient:
         seconds: float,
     ) -> tuple[int, torch.Tensor] | None:
         """A pull into the session's segment; ``session.lock`` is held, and released here."""
-        with self._shared_call(session, "answer a pull", seconds) as seq:
+        with self._shared_call(session, _SESSION_METHODS[local.PULL_SHARED][2], seconds) as seq:
             reply = self._session_call(
                 session,
                 local.PULL_SHARED,
@@ -431,7 +427,7 @@ class ShardClient:
         seconds: float,
     ) -> pb.PushReply:
         """A push from the session's segment; ``session.lock`` is held, and released here."""
-        with self._shared_call(session, "answer a push", seconds) as seq:
+        with self._shared_call(session, _SESSION_METHODS[local.PUSH_SHARED][2], seconds) as seq:
             size = session.write(values, indices)
             header.num_chunks = 1
             reply = self._session_call(
@@ -456,7 +452,7 @@ class ShardClient:
     ) -> tuple[PushResult, int, torch.Tensor]:
         """A push from, and a pull into, the session's segment in one call; ``session.lock`` is
         held, and released here."""
-        with self._shared_call(session, "answer a push-pull", seconds) as seq:
+        with self._shared_call(session, _SESSION_METHODS[local.PUSH_PULL_SHARED][2], seconds) as seq:
             size = session.write(values, indices)
             header.num_chunks = 1
             reply = self._session_call(
@@ -510,16 +506,10 @@ class ShardClient:
     ) -> Any:
         """A session call through its Unix socket when it has one (and the call's pull does not
         wait for a version), else through gRPC."""
+        reply, stub, what = _SESSION_METHODS[method]
         if session.line is not None and not waits:
-            return session.line.call(
-                method, request, _SESSION_REPLIES[method], seconds, _SESSION_CALLS[method]
-            )
-        stub = {
-            local.PULL_SHARED: self._rpc.pull_shared,
-            local.PUSH_SHARED: self._rpc.push_shared,
-            local.PUSH_PULL_SHARED: self._rpc.push_pull_shared,
-        }[method]
-        return stub(request, timeout=seconds, metadata=self._metadata)
+            return session.line.call(method, request, reply, seconds, what)
+        return getattr(self._rpc, stub)(request, timeout=seconds, metadata=self._metadata)
 
     # -- the first call's Hello ------------------------------------------
 

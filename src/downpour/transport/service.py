@@ -101,6 +101,15 @@ class ShardService:
             if shared_memory and max_sessions and shared_memory_available()
             else None
         )
+        self._local_methods = {  # a socket call's parser (tolerant, as gRPC's) and handler
+            local.PUSH_SHARED: (codec.tolerant(pb.SharedPushRequest.FromString), self._push_shared),
+            local.PULL_SHARED: (
+                codec.tolerant(pb.SharedPullRequest.FromString), self._pull_shared_local
+            ),
+            local.PUSH_PULL_SHARED: (
+                codec.tolerant(pb.SharedPushPullRequest.FromString), self._push_pull_shared_local
+            ),
+        }
         self.local: local.LocalServer | None = None
         if self.sessions is not None:
             try:
@@ -216,12 +225,8 @@ class ShardService:
     def local_call(self, method: int, payload: bytes) -> tuple[int, int, bytes]:
         """One session call through the Unix socket (:mod:`.local`): the same handlers and
         checks as through gRPC; the session key stands for the token."""
-        request_type, handler = {
-            local.PUSH_SHARED: (pb.SharedPushRequest, self._push_shared),
-            local.PULL_SHARED: (pb.SharedPullRequest, self._pull_shared_local),
-            local.PUSH_PULL_SHARED: (pb.SharedPushPullRequest, self._push_pull_shared_local),
-        }[method]
-        request = codec.tolerant(request_type.FromString)(payload)
+        parse, handler = self._local_methods[method]
+        request = parse(payload)
         try:
             reply = self._checked(lambda: handler(request))
         except Reject as reject:
