@@ -83,6 +83,12 @@ def multiclass_hinge_loss(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 class LinearModel(nn.Module):
     """Scores ``x @ W.T + b`` for dense or sparse ``x``, plus an optional L2 term.
 
+    The weights start at zero, as scikit-learn's ``SGDClassifier``, Bottou's sgd
+    and Vowpal Wabbit start (the losses are convex: the start decides no optimum);
+    a two-class model then trains as one binary weight vector would (see
+    :meth:`downpour.models.sparse_sgd.SparseSGD.set_weights`). The perceptron starts
+    at random: at zero every score ties and its criterion has no gradient.
+
     Args:
         input_shape: shape of one example; it is flattened to ``prod(input_shape)`` features.
         num_classes: number of outputs.
@@ -94,12 +100,17 @@ class LinearModel(nn.Module):
         torch.Size([5, 4])
     """
 
+    start_at_zero = True
+
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, l2: float = 0.0) -> None:
         super().__init__()
         check_range("l2", l2, 0.0)
         self.num_features = math.prod(input_shape)
         self.l2 = float(l2)
         self.linear = nn.Linear(self.num_features, num_classes)
+        if self.start_at_zero:
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.linear.weight, self.linear.bias
@@ -134,6 +145,7 @@ class Perceptron(LinearModel):
     """
 
     criterion = staticmethod(perceptron_loss)
+    start_at_zero = False  # every score would tie at zero, where the criterion has no gradient
 
 
 class LinearSVM(LinearModel):

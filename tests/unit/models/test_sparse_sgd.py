@@ -54,19 +54,32 @@ def torch_sgd(name, x, y, weights, bias, *, lr, l2, batch, average=0):
     return model.linear.weight.detach().numpy(), model.linear.bias.detach().numpy()
 
 
-# One row per model and loss: the kernel's epoch equals torch's SGD on the same examples.
+def start_weights(start, features, seed=1):
+    """``"three"``: 3 classes; ``"two"``: 2 classes, two vectors; ``"pair"``: 2 classes whose
+    weights are each other's negatives, which the kernel holds as one vector."""
+    rng = np.random.default_rng(seed)
+    classes = 3 if start == "three" else 2
+    weights = rng.normal(0, 0.3, size=(classes, features)).astype(np.float32)
+    bias = rng.normal(0, 0.3, size=classes).astype(np.float32)
+    if start == "pair":
+        weights[0], bias[0] = -weights[1], -bias[1]
+    return weights, bias
+
+
+# One row per model, loss and shape: the kernel's epoch equals torch's SGD on the same examples.
+@pytest.mark.parametrize("start", ["three", "two", "pair"])
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("l2", [0.0, 0.05])
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_the_kernel_takes_the_torch_models_steps(name, l2, batch):
+def test_the_kernel_takes_the_torch_models_steps(name, l2, batch, start):
     if name == "perceptron" and l2:
         pytest.skip("the perceptron has no L2 term")
-    x, y = sparse_problem()
-    rng = np.random.default_rng(1)
-    weights = rng.normal(0, 0.3, size=(3, x.shape[1])).astype(np.float32)
-    bias = rng.normal(0, 0.3, size=3).astype(np.float32)
-    kernel = SparseSGD(name, num_features=x.shape[1], num_classes=3, lr=0.1, l2=l2, batch_size=batch)
+    weights, bias = start_weights(start, 40)
+    x, y = sparse_problem(classes=len(bias))
+    kernel = SparseSGD(name, num_features=x.shape[1], num_classes=len(bias), lr=0.1, l2=l2,
+                       batch_size=batch)
     kernel.set_weights(weights, bias)
+    assert kernel.binary == (start == "pair")
     kernel.fit_epoch(x, y)
     want_w, want_b = torch_sgd(name, x, y, weights, bias, lr=0.1, l2=l2, batch=batch)
     got_w, got_b = kernel.coefficients()
@@ -79,19 +92,19 @@ def test_the_kernel_takes_the_torch_models_steps(name, l2, batch):
 # Averaged SGD: the kernel keeps the average sparsely (U + B V); torch sums every iterate densely.
 # L2 2.0 at lr 0.1 rescales V every ~70 steps, folding B V into U. "split" equals dense L2 only
 # in expectation, so it is compared without L2.
+@pytest.mark.parametrize("start", ["three", "pair"])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize(("regularization", "l2"),
                          [("scale", 0.0), ("scale", 0.05), ("scale", 2.0), ("split", 0.0)])
 @pytest.mark.parametrize("name", ["svm", "logistic"])
 def test_averaged_sgd_predicts_with_the_mean_of_the_torch_iterates(name, regularization, l2,
-                                                                  batch):
-    x, y = sparse_problem(rows=240)
-    rng = np.random.default_rng(1)
-    weights = rng.normal(0, 0.3, size=(3, x.shape[1])).astype(np.float32)
-    bias = rng.normal(0, 0.3, size=3).astype(np.float32)
-    kernel = SparseSGD(name, num_features=x.shape[1], num_classes=3, lr=0.1, l2=l2,
+                                                                  batch, start):
+    weights, bias = start_weights(start, 40)
+    x, y = sparse_problem(rows=240, classes=len(bias))
+    kernel = SparseSGD(name, num_features=x.shape[1], num_classes=len(bias), lr=0.1, l2=l2,
                        batch_size=batch, average=37, regularization=regularization)
     kernel.set_weights(weights, bias)
+    assert kernel.binary == (start == "pair")
     kernel.fit_epoch(x[:100], y[:100])  # two calls (100 rows: whole batches): the average
     kernel.fit_epoch(x[100:], y[100:])  # carries across them
     want_w, want_b = torch_sgd(name, x, y, weights, bias, lr=0.1, l2=l2, batch=batch, average=37)
@@ -142,7 +155,8 @@ def test_schedules_follow_their_formulas():
                            ("optimal", lambda t: 1 / (1e-2 * (100.0 + t)))]:
         model = SparseSGD("svm", num_features=3, num_classes=2, lr=0.5, schedule=schedule,
                           alpha=1e-2, t0=100.0)
-        model.bias[:] = -50.0  # class 0's hinge stays active; class 1's too
+        # Both classes' hinges stay active (not each other's negatives: two vectors are kept).
+        model.set_weights(np.zeros((2, 3), np.float32), np.full(2, -50.0, np.float32))
         for _ in range(3):
             model.fit_epoch(x, y)
         assert model.bias[0] == pytest.approx(-50.0 + sum(rate(t) for t in range(3)), rel=1e-6)
