@@ -41,6 +41,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import numba
@@ -167,7 +168,7 @@ def _score_gradient(loss: int, scores: np.ndarray, label: int, out: np.ndarray) 
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, batch, schedule,
          eta0, alpha, t0, power, l2, split, feature_scale, fit_bias, average, avg_sum, avg_bias,
-         avg_state):
+         avg_state, pending):
     """SGD over the rows ``order`` in mini-batches of ``batch``; returns the summed loss.
 
     ``weights`` is (d, C) float32 (a feature's classes side by side), ``V^T`` of ``W = s V`` with ``split`` False
@@ -181,8 +182,17 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
     ``-B D`` there, and ``B`` grows by the step's ``s``; ``avg_bias`` sums the
     biases. A rescale of ``V`` folds ``B V`` into ``U``; averaging, it comes at
     ``s`` = 1e-2 (not 1e-6), since ``U`` cancels ``B V`` to about ``1 / s``.
+
+    ``split`` without averaging defers the shrinking: an example whose gradient
+    is zero multiplies ``pending[u]`` (the caller's, float32 (d,), one per
+    thread) by its features' keep factors instead of writing the weights, the
+    dot products read ``weights[u] pending[u]``, and the next write of feature
+    ``u`` applies and resets it; :func:`_flush` writes what is left. The steps
+    are the eager ones, but only examples that move the weights write them:
+    Hogwild! threads then share far fewer cache lines.
     """
     classes = weights.shape[1]
+    defer = split and l2 > 0.0 and average == 0
     grads = np.empty((batch, classes), dtype=np.float64)
     scores = np.empty(classes, dtype=np.float64)
     coefficient = np.empty(classes, dtype=np.float32)
@@ -205,14 +215,16 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
                 first = second = 0.0
                 for j in range(indptr[row], indptr[row + 1]):
                     u = indices[j]
-                    first += weights[u, 0] * values[j]
-                    second += weights[u, 1] * values[j]
+                    x = values[j] * pending[u] if defer else values[j]
+                    first += weights[u, 0] * x
+                    second += weights[u, 1] * x
                 scores[0], scores[1] = first, second
             else:
                 for j in range(indptr[row], indptr[row + 1]):
                     u = indices[j]
+                    x = values[j] * pending[u] if defer else values[j]
                     for c in range(classes):
-                        scores[c] += weights[u, c] * values[j]
+                        scores[c] += weights[u, c] * x
             for c in range(classes):
                 scores[c] = scores[c] * scale + bias[c]
             total += _score_gradient(loss, scores, labels[row], grads[k])
@@ -234,7 +246,19 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
             for c in range(classes):
                 coefficient[c] = step * grads[k, c] / scale
                 active = active or grads[k, c] != 0.0
-            if split and l2 > 0.0:
+            if defer:
+                decay = lr * l2 / size
+                for j in range(indptr[row], indptr[row + 1]):
+                    u = indices[j]
+                    keep = 1.0 - min(decay * feature_scale[u], 1.0)
+                    if not active:
+                        pending[u] *= keep
+                        continue
+                    keep *= pending[u]
+                    pending[u] = 1.0
+                    for c in range(classes):
+                        weights[u, c] = keep * weights[u, c] - coefficient[c] * values[j]
+            elif split and l2 > 0.0:
                 decay = lr * l2 / size
                 for j in range(indptr[row], indptr[row + 1]):
                     u = indices[j]
@@ -301,11 +325,12 @@ def _binary_gradient(loss: int, h: float, label: int) -> tuple[float, float]:
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _fit_binary(indptr, indices, values, labels, order, weights, bias, state, loss, batch,
                 schedule, eta0, alpha, t0, power, l2, split, feature_scale, fit_bias, average,
-                avg_sum, avg_bias, avg_state):
+                avg_sum, avg_bias, avg_state, pending):
     """:func:`_fit` for two classes held as one vector ``w`` (``weights`` (d, 1)): ``W = (-w, w)``,
     ``b = (-b_1, b_1)``; ``w`` takes class 1's steps (class 0's are their negatives). Scalars
-    throughout: one dot product and one write per stored value."""
+    throughout: one dot product and one write per stored value; ``pending`` as there."""
     w, grads = weights[:, 0], np.empty(batch, dtype=np.float64)
+    defer = split and l2 > 0.0 and average == 0
     total = 0.0
     n = order.shape[0]
     scale, seen, updates = state[0], state[1], state[2]
@@ -319,8 +344,12 @@ def _fit_binary(indptr, indices, values, labels, order, weights, bias, state, lo
             _read_ahead(indptr, indices, values, labels, order, start + k)
             row = order[start + k]
             dot = 0.0
-            for j in range(indptr[row], indptr[row + 1]):
-                dot += w[indices[j]] * values[j]
+            if defer:
+                for j in range(indptr[row], indptr[row + 1]):
+                    dot += w[indices[j]] * pending[indices[j]] * values[j]
+            else:
+                for j in range(indptr[row], indptr[row + 1]):
+                    dot += w[indices[j]] * values[j]
             value, grads[k] = _binary_gradient(loss, dot * scale + b, labels[row])
             total += value
         lr = _rate(schedule, eta0, alpha, t0, power, seen)
@@ -338,7 +367,17 @@ def _fit_binary(indptr, indices, values, labels, order, weights, bias, state, lo
             g = grads[k]
             row = order[start + k]
             coefficient = np.float32(step * g / scale)
-            if split and l2 > 0.0:
+            if defer:
+                decay = lr * l2 / size
+                for j in range(indptr[row], indptr[row + 1]):
+                    u = indices[j]
+                    keep = 1.0 - min(decay * feature_scale[u], 1.0)
+                    if g == 0.0:
+                        pending[u] *= keep
+                    else:
+                        w[u] = keep * pending[u] * w[u] - coefficient * values[j]
+                        pending[u] = 1.0
+            elif split and l2 > 0.0:
                 decay = lr * l2 / size
                 for j in range(indptr[row], indptr[row + 1]):
                     u = indices[j]
@@ -366,6 +405,16 @@ def _fit_binary(indptr, indices, values, labels, order, weights, bias, state, lo
     state[0], state[1], state[2] = scale, seen, updates
     avg_state[0], avg_state[1] = summed, averaged
     return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _flush(weights, pending):
+    """Write the shrinking ``pending`` holds (see :func:`_fit`) into ``weights``; resets it."""
+    for u in range(weights.shape[0]):
+        if pending[u] != 1.0:
+            for c in range(weights.shape[1]):
+                weights[u, c] *= pending[u]
+            pending[u] = 1.0
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
@@ -588,6 +637,7 @@ class SparseSGD:
         self.feature_scale = np.ones(self.num_features, dtype=np.float32)
         self._state = np.array([1.0, 0.0, 0.0])  # scale, examples seen, updates written
         self._avg_state = np.zeros(2)  # B, iterates summed
+        self._pending = self.pending()
         self._lock = threading.Lock()
         self.set_weights(np.zeros((self.num_classes, self.num_features), dtype=np.float32),
                          np.zeros(self.num_classes, dtype=np.float32))
@@ -659,11 +709,14 @@ class SparseSGD:
             np.float32)
 
     def fit_epoch(self, x, y: np.ndarray, order: np.ndarray | None = None, *,
-                  checked: bool = False, state: np.ndarray | None = None) -> float:
+                  checked: bool = False, state: np.ndarray | None = None,
+                  pending: np.ndarray | None = None) -> float:
         """One pass over rows ``order`` of ``(x, y)`` (all, in order, by default); the mean loss.
 
         ``state`` is a thread's own clock (Hogwild!: every thread its schedule's
-        t); by default the model's.
+        t); by default the model's. ``pending`` is a thread's shrinking not yet
+        written (``"split"``; see :func:`_fit`), from :meth:`pending` and written
+        back by :meth:`flush`; by default the model's, written back before this returns.
         """
         x = check_csr(x, self.num_features)  # at once for Rows already checked
         if not checked:
@@ -673,12 +726,24 @@ class SparseSGD:
         if len(order) == 0:
             return 0.0
         own = self._state if state is None else state
-        total = (_fit_binary if self.binary else _fit)(x.indptr, x.indices, x.data, y, order, self.weights, self.bias, own,
-                     LOSSES[self.loss], self.batch_size, SCHEDULES[self.schedule], self.lr,
-                     self.alpha, self.t0 or 1.0, self.power, self.l2,
-                     self.regularization == "split", self.feature_scale, True, self.average,
-                     self._avg_sum, self._avg_bias, self._avg_state)
+        deferred = self._pending if pending is None else pending
+        total = (_fit_binary if self.binary else _fit)(
+            x.indptr, x.indices, x.data, y, order, self.weights, self.bias, own,
+            LOSSES[self.loss], self.batch_size, SCHEDULES[self.schedule], self.lr, self.alpha,
+            self.t0 or 1.0, self.power, self.l2, self.regularization == "split",
+            self.feature_scale, True, self.average, self._avg_sum, self._avg_bias,
+            self._avg_state, deferred)
+        if pending is None:
+            self.flush(deferred)
         return total / len(order)
+
+    def pending(self) -> np.ndarray:
+        """A thread's own record of the shrinking it has not yet written (see :meth:`fit_epoch`)."""
+        return np.ones(self.num_features, dtype=np.float32)
+
+    def flush(self, pending: np.ndarray) -> None:
+        """Write ``pending``'s shrinking into the weights (and reset it)."""
+        _flush(self.weights, pending)
 
     def check_labels(self, y: np.ndarray, rows: int) -> np.ndarray:
         y = np.ascontiguousarray(y, dtype=np.int64)
@@ -750,28 +815,35 @@ def hogwild_threads(model: SparseSGD, x, y: np.ndarray, orders: Sequence[np.ndar
 
     def run(rank: int, order: np.ndarray) -> None:
         # Each thread its own clock: the schedule runs on the examples it has seen, times W.
-        state = np.array([1.0, 0.0, 0.0])
+        state, pending = np.array([1.0, 0.0, 0.0]), model.pending()
         total = 0.0
+        fit = partial(model.fit_epoch, x, y, checked=True, state=state, pending=pending)
         try:
             if mode == "hogwild":
-                total = model.fit_epoch(x, y, order, checked=True, state=state) * len(order)
+                total = fit(order) * len(order)
             else:
                 for start in range(0, len(order), chunk):
                     part = order[start : start + chunk]
                     if mode == "lock":
                         with lock:
-                            total += model.fit_epoch(x, y, part, checked=True, state=state) * len(part)
+                            total += fit(part) * len(part)
                     else:
                         with turn:
                             turn.wait_for(lambda: whose[0] == rank)
-                            total += model.fit_epoch(x, y, part, checked=True, state=state) * len(part)
+                            total += fit(part) * len(part)
                             _pass_turn(whose, live, rank)
                             turn.notify_all()
         except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(error)
         finally:
+            if mode == "hogwild":
+                model.flush(pending)  # racing the others' writes, as every write here does
+            elif mode == "lock":
+                with lock:
+                    model.flush(pending)
             if mode == "round_robin":
-                with turn:
+                with turn:  # held by every round-robin write
+                    model.flush(pending)
                     live[rank] = False
                     if whose[0] == rank:
                         _pass_turn(whose, live, rank)

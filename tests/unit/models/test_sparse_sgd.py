@@ -146,6 +146,59 @@ def test_split_regularisation_shrinks_only_the_rows_features_and_equals_scale_wi
     assert (model.weights[:30] != 1.0).any()
 
 
+def eager_split(x, y, weights, bias, *, loss, lr, l2, batch, feature_scale):
+    """The "split" steps written out: each example of a batch shrinks its features' weights by
+    lr l2 N / n_u / batch (clipped at 1), then takes its step (the batch's gradients at the same
+    weights); no deferral."""
+    w, b = weights.astype(np.float64).copy(), bias.astype(np.float64).copy()
+    dense = x.toarray().astype(np.float64)
+    model = dp.models.build(loss, (x.shape[1],), len(b), **({"l2": 0.0} if loss != "perceptron"
+                                                          else {}))
+    for start in range(0, len(y), batch):
+        rows = range(start, min(start + batch, len(y)))
+        grads = []
+        for i in rows:
+            scores = torch.tensor(dense[i] @ w.T + b, requires_grad=True)
+            model.criterion(scores[None], torch.tensor([y[i]])).backward()
+            grads.append(scores.grad.numpy())
+        for i, g in zip(rows, grads):
+            held = dense[i] != 0
+            keep = 1.0 - np.minimum(lr * l2 / len(rows) * feature_scale, 1.0)
+            w[:, held] *= keep[held]
+            w[:, held] -= lr / len(rows) * np.outer(g, dense[i][held])
+            b -= lr / len(rows) * g
+    return w, b
+
+
+@pytest.mark.parametrize("start", ["three", "pair"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", ["svm", "logistic"])
+def test_split_regularisation_deferred_takes_the_eager_steps(name, batch, start):
+    # Examples with a zero gradient leave their shrinking pending (not written); the result is the
+    # eager one's, also across calls that share one pending record (a Hogwild! thread's).
+    weights, bias = start_weights(start, 40)
+    weights *= 8.0  # the start classifies most rows with a margin: many hinge examples are idle
+    x, _ = sparse_problem(rows=120, classes=len(bias))
+    y = (x @ weights.T + bias).argmax(axis=1)
+    y[::5] = (y[::5] + 1) % len(bias)  # and some it gets wrong
+    kernel = SparseSGD(name, num_features=40, num_classes=len(bias), lr=0.1, l2=0.5,
+                       batch_size=batch, regularization="split")
+    kernel.set_weights(weights, bias)
+    kernel.frequencies(x)
+    pending, state = kernel.pending(), np.array([1.0, 0.0, 0.0])
+    kernel.fit_epoch(x, y, np.arange(60), state=state, pending=pending)
+    if name == "svm":  # its examples past the margin have no gradient (logistic ones always do)
+        assert (pending != 1.0).any()  # some shrinking was left pending
+    kernel.fit_epoch(x, y, np.arange(60, 120), state=state, pending=pending)
+    kernel.flush(pending)
+    want_w, want_b = eager_split(x, y, weights, bias, loss=name, lr=0.1, l2=0.5, batch=batch,
+                                 feature_scale=kernel.feature_scale)
+    got_w, got_b = kernel.coefficients()
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-4, atol=1e-5)
+    assert np.abs(got_w - weights).max() > 1e-3
+
+
 def test_schedules_follow_their_formulas():
     # One example whose hinge is active on every step: b moves by the step's rate each time.
     x = scipy.sparse.csr_matrix(np.zeros((1, 3), np.float32))
