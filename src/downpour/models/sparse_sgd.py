@@ -774,6 +774,10 @@ def warm_up(model: SparseSGD) -> None:
                       l2=model.l2, schedule=model.schedule, alpha=model.alpha, t0=model.t0,
                       power=model.power, regularization=model.regularization,
                       batch_size=model.batch_size, average=model.average)
+    if model.num_classes == 2 and not model.binary:  # the two-vector kernel, not the binary one
+        probe.set_weights(np.zeros((2, 1), np.float32), np.array([0.0, 1.0], np.float32))
+    for kind in (np.int32, np.int64):  # the input checks, for scipy's and torch's index types
+        _sorted_rows(np.array([0, 2], kind), np.array([0, 1], kind))
     x = Rows(np.array([0, 1], np.int64), np.array([0], np.int64), np.ones(1, np.float32), (1, 1))
     probe.fit_epoch(x, np.zeros(1, np.int64))
     probe.predict(x)
