@@ -6,7 +6,7 @@ On w8a (../shared/data) and on the RCV1-shaped synthetic set (``rcv1-like``,
 - scikit-learn ``SGDClassifier`` (hinge, and log loss), ``--epochs`` passes,
   constant rate, ``alpha`` = λ, one binary weight vector;
 - downpour ``single`` (the compiled kernel: a 2-class linear SVM or logistic
-  regression, as downpour's models hold them: two weight vectors), and both
+  regression, started at zero, which the kernel holds as one vector), and both
   again with averaged SGD (the mean of the iterates from the first step on);
 - both with the rows shuffled once and then passed in order (Bottou's sgd's
   way): scikit-learn ``shuffle=False`` on the rows permuted, downpour
