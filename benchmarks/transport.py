@@ -8,6 +8,10 @@ Measures, in one run:
   (shared memory for the bytes, gRPC for the headers);
 - torch.distributed all_reduce (gloo) of the same tensor between 2 processes
   (goal: a parameter-server round is no slower);
+- gRPC alone, with no downpour code: the same bytes in the same chunks to a
+  spawned server that only counts them, and back from one that only sends a
+  chunk it holds (the floor any round through one gRPC stream each way has
+  here, with downpour's channel options);
 - the push + pull round trip of a 4 KB shard (goal: <= 1 ms), as two unary
   calls and as one (push_pull), and a Status call for gRPC's own per-call
   floor on this machine;
@@ -35,8 +39,10 @@ import signal
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Self
 
+import grpc
 import torch
 
 from downpour.cluster.ray_nodes import free_port
@@ -44,7 +50,9 @@ from downpour.errors import PeerTimeout, PeerUnavailable
 from downpour.flat import ShardRange, shard_ranges
 from downpour.server import ServerShard
 from downpour.transport import ParameterClient, ShardClient, new_token, serve_shard
-from downpour.transport.channel import DETECT_SECONDS
+from downpour.transport import codec
+from downpour.transport.channel import CHANNEL_OPTIONS, DETECT_SECONDS
+from downpour.transport.service import SERVER_OPTIONS
 
 DEADLINE_S = 60.0  # the waiting pull's own deadline in the detection measurement
 
@@ -158,6 +166,62 @@ def gloo_all_reduce(numel: int, rounds: int) -> dict[str, list]:
         if process.is_alive():
             process.kill()
     return {"round": times}
+
+
+def _bare_server(ports, stop, chunk: bytes, chunks: int) -> None:
+    """A gRPC server of one service of its own: ``Sink`` counts a stream's bytes, ``Source``
+    streams ``chunks`` copies of ``chunk``; nothing is parsed or copied in Python."""
+
+    def sink(requests, context):
+        return sum(len(request) for request in requests).to_bytes(8, "little")
+
+    def source(request, context):
+        for _ in range(chunks):
+            yield chunk
+
+    server = grpc.server(ThreadPoolExecutor(4), options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bare.Bare", {
+        "Sink": grpc.stream_unary_rpc_method_handler(sink),
+        "Source": grpc.unary_stream_rpc_method_handler(source),
+    }),))
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    stop.wait()
+    server.stop(grace=None)
+
+
+def bare_grpc_round(numel: int, rounds: int) -> dict[str, list]:
+    """``numel`` float32 values' bytes, in downpour's chunks, up one gRPC stream and down one."""
+    chunk_bytes = codec.CHUNK_BYTES
+    chunks = -(-numel * 4 // chunk_bytes)
+    chunk = os.urandom(chunk_bytes)
+    context = mp.get_context("spawn")
+    ports, stop = context.Queue(), context.Event()
+    process = context.Process(target=_bare_server, args=(ports, stop, chunk, chunks), daemon=True)
+    process.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=120)}",
+                                        options=CHANNEL_OPTIONS)
+        sink = channel.stream_unary("/bare.Bare/Sink")
+        source = channel.unary_stream("/bare.Bare/Source")
+        push_s, pull_s = [], []
+        for attempt in range(rounds + 1):  # the first warms the connection up
+            start = time.perf_counter()
+            sink(iter([chunk] * chunks), timeout=120)
+            middle = time.perf_counter()
+            received = sum(len(message) for message in source(b"", timeout=120))
+            end = time.perf_counter()
+            assert received == chunks * chunk_bytes
+            if attempt:
+                push_s.append(middle - start)
+                pull_s.append(end - middle)
+        channel.close()
+    finally:
+        stop.set()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+    return {"push": push_s, "pull": pull_s, "round": [a + b for a, b in zip(push_s, pull_s)]}
 
 
 def small_round_trip(rounds: int, shared_memory: bool) -> dict[str, list]:
@@ -286,6 +350,10 @@ def bandwidth_rows(numel: int, rounds: int, repeats: int) -> list[tuple[str, lis
     g = repeated(lambda: gloo_all_reduce(numel, rounds), repeats)
     notes = f"{megabytes / median(g['round']) / 1e3:.2f} GB/s algbw"
     rows = [("gloo all_reduce, 2 processes", g["round"], notes)]
+    b = repeated(lambda: bare_grpc_round(numel, rounds), repeats)
+    notes = (f"push {median(b['push']) * 1e3:.0f} ms, pull {median(b['pull']) * 1e3:.0f} ms, "
+             f"{median(b['round']) / median(g['round']):.2f}x gloo: no downpour code in it")
+    rows.append(("gRPC alone, 1 stream each way", b["round"], notes))
     for shared_memory in (False, True):
         for shards in (1, 4):
             r = repeated(lambda s=shards, m=shared_memory: ps_round(numel, s, rounds, m), repeats)
