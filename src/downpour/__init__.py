@@ -5,14 +5,23 @@ Example:
     >>> result = dp.train(model="mlp", data="mnist", strategy=dp.Single(), epochs=1)  # doctest: +SKIP
 """
 
-from downpour import data, models, strategies
-from downpour.api import train
-from downpour.cluster.ray import RayCluster
-from downpour.compare import compare
-from downpour.errors import DownpourError
-from downpour.metrics import TrainResult
-from downpour.optim import optim
-from downpour.strategies import (
+import os
+
+# gRPC Python builds its core with fork handlers on while its Python layer keeps its own off
+# (grpc/grpc#41455): a process forked while gRPC's threads are busy, such as a training worker's
+# DataLoader process, then runs half of them and can crash (a loader killed by SIGSEGV mid-epoch,
+# seen in a test run). No child of a downpour process uses its parent's gRPC, so they are off
+# before gRPC starts, unless the environment already says otherwise.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+from downpour import data, models, strategies  # noqa: E402  (after the fork setting)
+from downpour.api import train  # noqa: E402
+from downpour.cluster.ray import RayCluster  # noqa: E402
+from downpour.compare import compare  # noqa: E402
+from downpour.errors import DownpourError  # noqa: E402
+from downpour.metrics import TrainResult  # noqa: E402
+from downpour.optim import optim  # noqa: E402
+from downpour.strategies import (  # noqa: E402
     Allreduce,
     Boost,
     Dane,
