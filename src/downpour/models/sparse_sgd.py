@@ -165,6 +165,22 @@ def _score_gradient(loss: int, scores: np.ndarray, label: int, out: np.ndarray) 
     return value
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _shrink(weights, avg_sum, scale, summed, decay, average):
+    """The L2 step of ``W = s V`` as one multiplication of ``s`` by ``1 - decay``; below
+    :data:`_MIN_SCALE` (:data:`_MIN_SCALE_AVERAGED` averaging) ``s`` is folded into ``V``, and the
+    average's ``B V`` into ``U`` (see :func:`_fit`). Returns the new ``(s, B)``."""
+    scale *= 1.0 - decay
+    if scale >= (_MIN_SCALE_AVERAGED if average > 0 else _MIN_SCALE):
+        return scale, summed
+    for u in range(weights.shape[0]):
+        for c in range(weights.shape[1]):
+            if summed != 0.0:
+                avg_sum[u, c] += summed * weights[u, c]
+            weights[u, c] *= scale
+    return 1.0, 0.0
+
+
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, batch, schedule,
          eta0, alpha, t0, power, l2, split, feature_scale, fit_bias, average, avg_sum, avg_bias,
@@ -231,15 +247,7 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
         lr = _rate(schedule, eta0, alpha, t0, power, seen)
         step = lr / size
         if not split and l2 > 0.0:
-            scale *= 1.0 - lr * l2
-            if scale < (_MIN_SCALE_AVERAGED if average > 0 else _MIN_SCALE):
-                for u in range(weights.shape[0]):
-                    for c in range(classes):
-                        if summed != 0.0:
-                            avg_sum[u, c] += summed * weights[u, c]
-                        weights[u, c] *= scale
-                scale = 1.0
-                summed = 0.0
+            scale, summed = _shrink(weights, avg_sum, scale, summed, lr * l2, average)
         for k in range(size):
             row = order[start + k]
             active = False
@@ -355,14 +363,7 @@ def _fit_binary(indptr, indices, values, labels, order, weights, bias, state, lo
         lr = _rate(schedule, eta0, alpha, t0, power, seen)
         step = lr / size
         if not split and l2 > 0.0:
-            scale *= 1.0 - lr * l2
-            if scale < (_MIN_SCALE_AVERAGED if average > 0 else _MIN_SCALE):
-                for u in range(w.shape[0]):
-                    if summed != 0.0:
-                        avg_sum[u, 0] += summed * w[u]
-                    w[u] *= scale
-                scale = 1.0
-                summed = 0.0
+            scale, summed = _shrink(weights, avg_sum, scale, summed, lr * l2, average)
         for k in range(size):
             g = grads[k]
             row = order[start + k]
