@@ -734,7 +734,7 @@ class SparseSGD:
             self.t0 or 1.0, self.power, self.l2, self.regularization == "split",
             self.feature_scale, True, self.average, self._avg_sum, self._avg_bias,
             self._avg_state, deferred)
-        if pending is None:
+        if pending is None and self.regularization == "split":  # "scale" defers nothing
             self.flush(deferred)
         return total / len(order)
 
