@@ -3,18 +3,19 @@
 Measures, in one run:
 - one parameter-server round (push_all of a dense float32 vector, then
   pull_all of it) through 1 shard and through 4 shards, each shard served by
-  its own process (multiprocessing "spawn") on 127.0.0.1, port 0, once over
-  the network path (gRPC streams of chunks) and once over the same-host path
-  (shared memory for the bytes, gRPC for the headers);
+  its own process (multiprocessing "spawn") on 127.0.0.1, port 0, over each
+  path: gRPC alone (streams of chunks), a TCP session (the bytes raw on a
+  TCP connection of the session's, as between hosts) and the same-host path
+  (shared memory for the bytes, the session's Unix socket for the headers);
 - torch.distributed all_reduce (gloo) of the same tensor between 2 processes
   (goal: a parameter-server round is no slower);
 - gRPC alone, with no downpour code: the same bytes in the same chunks to a
   spawned server that only counts them, and back from one that only sends a
   chunk it holds (the floor any round through one gRPC stream each way has
   here, with downpour's channel options);
-- the push + pull round trip of a 4 KB shard (goal: <= 1 ms), as two unary
-  calls and as one (push_pull), and a Status call for gRPC's own per-call
-  floor on this machine;
+- the push + pull round trip of a 4 KB shard (goal: <= 1 ms), as two calls
+  and as one (push_pull), over each path, and a Status call for gRPC's own
+  per-call floor on this machine;
 - detection: how long a pull waiting on a shard takes to fail once the
   shard's process is frozen (SIGSTOP: only the keepalive pings can tell;
   goal: within --detect-seconds, not at the call's 60 s deadline) or killed
@@ -97,8 +98,13 @@ class Servers:
                 process.join()
 
 
-def ps_round(numel: int, num_shards: int, rounds: int, shared_memory: bool) -> dict[str, list]:
-    """Per-round times of push_all + pull_all, and the bytes each way of one round."""
+PATHS = {"grpc": "gRPC streams", "tcp": "TCP session", "shm": "shared memory"}
+"""The ways a client may move a tensor: gRPC alone, a TCP session's connection, a segment."""
+
+
+def ps_round(numel: int, num_shards: int, rounds: int, path: str) -> dict[str, list]:
+    """Per-round times of push_all + pull_all over ``path`` (a key of :data:`PATHS`), and the
+    bytes each way of one round."""
     vector = torch.randn(numel)
     with Servers(numel, num_shards) as servers:
         client = ParameterClient(
@@ -106,15 +112,18 @@ def ps_round(numel: int, num_shards: int, rounds: int, shared_memory: bool) -> d
             servers.ranges,
             servers.token,
             timeout=120,
-            shared_memory=shared_memory,
+            shared_memory=path == "shm",
+            tcp_session=path == "tcp",
         )
         client.wait_ready(60)
         out = torch.empty(numel)
         versions, _ = client.pull_all(out=out)  # warm-up: connections, buffers, segments
         client.push_all(0, versions, vector)
         versions, _ = client.pull_all(out=out)
-        if shared_memory:
+        if path == "shm":
             assert all(c.uses_shared_memory for c in client.clients), "no shared memory"
+        if path == "tcp":
+            assert all(c.uses_tcp_session for c in client.clients), "no TCP session"
         wire = client.bytes_sent + client.bytes_received
         shared = client.bytes_shared
         push_s, pull_s, round_s = [], [], []
@@ -224,7 +233,7 @@ def bare_grpc_round(numel: int, rounds: int) -> dict[str, list]:
     return {"push": push_s, "pull": pull_s, "round": [a + b for a, b in zip(push_s, pull_s)]}
 
 
-def small_round_trip(rounds: int, shared_memory: bool) -> dict[str, list]:
+def small_round_trip(rounds: int, path: str) -> dict[str, list]:
     """A 4 KB shard: push + pull (two calls), push_pull (one), and a Status call.
 
     The three alternate within each round, so load on the machine hits them alike. Over the
@@ -235,7 +244,12 @@ def small_round_trip(rounds: int, shared_memory: bool) -> dict[str, list]:
     out = torch.empty(numel)
     with Servers(numel, 1) as servers:
         client = ShardClient(
-            servers.addresses[0], servers.token, 0, timeout=30, shared_memory=shared_memory
+            servers.addresses[0],
+            servers.token,
+            0,
+            timeout=30,
+            shared_memory=path == "shm",
+            tcp_session=path == "tcp",
         )
         client.wait_ready(60)
         version = 0
@@ -354,15 +368,14 @@ def bandwidth_rows(numel: int, rounds: int, repeats: int) -> list[tuple[str, lis
     notes = (f"push {median(b['push']) * 1e3:.0f} ms, pull {median(b['pull']) * 1e3:.0f} ms, "
              f"{median(b['round']) / median(g['round']):.2f}x gloo: no downpour code in it")
     rows.append(("gRPC alone, 1 stream each way", b["round"], notes))
-    for shared_memory in (False, True):
+    for path in PATHS:
         for shards in (1, 4):
-            r = repeated(lambda s=shards, m=shared_memory: ps_round(numel, s, rounds, m), repeats)
-            path = "shared memory" if shared_memory else "network"
-            name = f"parameter server, {shards} shard{'s' if shards > 1 else ''}, {path}"
+            r = repeated(lambda s=shards, p=path: ps_round(numel, s, rounds, p), repeats)
+            name = f"parameter server, {shards} shard{'s' if shards > 1 else ''}, {PATHS[path]}"
             ratio = median(r["round"]) / median(g["round"])
             notes = (
                 f"push {median(r['push']) * 1e3:.0f} ms, pull {median(r['pull']) * 1e3:.0f} ms, "
-                f"{ratio:.2f}x gloo; each way: gRPC {median(r['wire']) / 2e6:.3g} MB, "
+                f"{ratio:.2f}x gloo; each way: network {median(r['wire']) / 2e6:.3g} MB, "
                 f"shm {median(r['shared']) / 2e6:.3g} MB"
             )
             rows.append((name, r["round"], notes))
@@ -373,15 +386,15 @@ def latency_rows(rounds: int, repeats: int) -> list[tuple[str, list, str]]:
     """A 4 KB shard's round trip as two calls and as one, over gRPC and through a session's
     socket, and gRPC's floor beside them."""
     rows = []
-    for shared_memory, path in ((False, "gRPC over TCP"), (True, "session socket")):
-        s = repeated(lambda m=shared_memory: small_round_trip(rounds, m), repeats)
+    for path, label in (("grpc", "gRPC"), ("tcp", "TCP session"), ("shm", "session socket")):
+        s = repeated(lambda p=path: small_round_trip(rounds, p), repeats)
         notes = (
             f"push {median(s['push']) * 1e3:.2f} ms, pull {median(s['pull']) * 1e3:.2f} ms, "
             f"{tail(s['round'])} (goal <= 1 ms)"
         )
-        rows.append((f"4 KB shard, {path}: push + pull (2 calls)", s["round"], notes))
+        rows.append((f"4 KB shard, {label}: push + pull (2 calls)", s["round"], notes))
         notes = f"push and pull in one call; {tail(s['push_pull'])} (goal <= 1 ms)"
-        rows.append((f"4 KB shard, {path}: push_pull (1 call)", s["push_pull"], notes))
+        rows.append((f"4 KB shard, {label}: push_pull (1 call)", s["push_pull"], notes))
     notes = "one unary call carrying no tensor: the per-call floor of gRPC Python here"
     rows.append(("Status call (same server)", s["floor"], notes))
     return rows

@@ -37,7 +37,15 @@ from downpour.transport.payload import to_bytes
 from downpour.transport.channel import DETECT_SECONDS, Stubs, reject_of, translate
 from downpour.transport.protocol import UPDATE_KINDS, PushResult, Refused, UpdateKind
 from downpour.transport.security import Security
-from downpour.transport.shared import SHARED_MIN_BYTES, ClientSession, Segment, is_loopback
+from downpour.transport.tcp import TcpLine
+from downpour.transport.shared import (
+    SHARED_MIN_BYTES,
+    Buffer,
+    ClientSession,
+    Segment,
+    host_of,
+    is_loopback,
+)
 from downpour.transport.shared import available as shared_memory_available
 
 T = TypeVar("T")
@@ -78,6 +86,12 @@ class ShardClient:
         detect_seconds: a server that goes silent (frozen, or its host cut
             off) fails the call in progress within this many seconds, as
             ``PeerUnavailable``, whatever the call's deadline.
+        tcp_session: without shared memory, ask the server for a TCP
+            session (see :mod:`downpour.transport.tcp`): tensors of any
+            size then travel raw on a TCP connection of their own, at a
+            fraction of gRPC's cost, and only pulls that wait for a version
+            go through gRPC. A server that offers none, or a connection that
+            cannot be made, leaves gRPC alone. False: gRPC alone.
 
     Example:
         >>> client = ShardClient("127.0.0.1:50051", token, shard_id=0)  # doctest: +SKIP
@@ -97,6 +111,7 @@ class ShardClient:
         chunk_bytes: int = codec.CHUNK_BYTES,
         shared_memory: SharedMemory = "auto",
         detect_seconds: float = DETECT_SECONDS,
+        tcp_session: bool = True,
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("token must be a non-empty string (the run's token)")
@@ -122,6 +137,8 @@ class ShardClient:
         self._want_shared = self._require_shared or (
             shared_memory == "auto" and is_loopback(address) and shared_memory_available()
         )
+        self._want_tcp = tcp_session and not self._want_shared and host_of(address) is not None
+        self._security = security or Security()
         # What the server's Hello said; set once, on the first call (see _greet).
         self._hello_lock = threading.Lock()
         self._greeted = False
@@ -129,7 +146,7 @@ class ShardClient:
         self._server_chunk_bytes = 0
         self._session: ClientSession | None = None
         self._detect_seconds = detect_seconds
-        self._rpc = Stubs(address, security or Security(), detect_seconds)
+        self._rpc = Stubs(address, self._security, detect_seconds)
         self._counters = self._rpc.counters
 
     # -- counters --------------------------------------------------------
@@ -173,7 +190,12 @@ class ShardClient:
     @property
     def uses_shared_memory(self) -> bool:
         """Whether the client holds a shared-memory session (known after its first call)."""
-        return self._session is not None
+        return self._session is not None and not self._session.tcp
+
+    @property
+    def uses_tcp_session(self) -> bool:
+        """Whether the client holds a TCP session (known after its first call)."""
+        return self._session is not None and self._session.tcp
 
     # -- calls -----------------------------------------------------------
 
@@ -212,7 +234,8 @@ class ShardClient:
         self._greet(seconds)
         size = self._pull_bytes(request)
         session = self._session
-        if session is not None and session.carries(size) and session.lock.acquire(False):
+        waits = request.HasField("wait_version")
+        if session is not None and session.carries(size, waits) and session.lock.acquire(False):
             result = self._pull_through(session, request, out, seconds)
         elif 0 <= size <= self._server_chunk_bytes:
             try:
@@ -266,9 +289,10 @@ class ShardClient:
             )
             if reply.seq != seq:
                 raise self._violation(f"a shared pull answered seq {reply.seq} to seq {seq}")
-            frame = region_frame(reply.header, session.segment.view)
+            frame = region_frame(reply.header, session.region())
             result = self._receive(iter([frame]), out)
-            self._counters.count("bytes_shared_received", len(frame.data))
+            if not session.tcp:
+                self._counters.count("bytes_shared_received", len(frame.data))
             return result
 
     def _receive(self, frames: Iterator, out: torch.Tensor | None):
@@ -367,7 +391,7 @@ class ShardClient:
             small = small and max(pushed, pulled) < SHARED_MIN_BYTES
         if (
             session is not None
-            and session.carries(max(pushed, pulled))
+            and session.carries(max(pushed, pulled), wait_version is not None)
             and session.lock.acquire(False)
         ):
             return self._push_pull_through(session, header, values, indices, request, out, seconds)
@@ -437,7 +461,8 @@ class ShardClient:
                 False,
                 seconds,
             )
-            self._counters.count("bytes_shared_sent", size)
+            if not session.tcp:
+                self._counters.count("bytes_shared_sent", size)
             return reply
 
     def _push_pull_through(
@@ -462,16 +487,18 @@ class ShardClient:
                 request.HasField("wait_version"),
                 seconds,
             )
-            self._counters.count("bytes_shared_sent", size)
+            if not session.tcp:
+                self._counters.count("bytes_shared_sent", size)
             self._counters.count("pushes")
             if reply.seq != seq:
                 raise self._violation(f"a shared push-pull answered seq {reply.seq} to seq {seq}")
             if reply.pull.not_newer:
                 raise self._violation("a push-pull answered 'not newer' to a plain pull")
-            frame = region_frame(reply.pull, session.segment.view)
+            frame = region_frame(reply.pull, session.region())
             pulled = self._receive(iter([frame]), out)
             assert pulled is not None
-            self._counters.count("bytes_shared_received", len(frame.data))
+            if not session.tcp:
+                self._counters.count("bytes_shared_received", len(frame.data))
             self._counters.count("pulls")
             push = reply.push
             return PushResult(push.applied, push.dropped, push.staleness, push.version), *pulled
@@ -504,11 +531,11 @@ class ShardClient:
     def _session_call(
         self, session: ClientSession, method: int, request: Any, waits: bool, seconds: float
     ) -> Any:
-        """A session call through its Unix socket when it has one (and the call's pull does not
-        wait for a version), else through gRPC."""
+        """A session call through its socket when it has one (and the call's pull does not wait
+        for a version), else through gRPC."""
         reply, stub, what = _SESSION_METHODS[method]
         if session.line is not None and not waits:
-            return session.line.call(method, request, reply, seconds, what)
+            return session.call(method, request, reply, seconds, what)
         return getattr(self._rpc, stub)(request, timeout=seconds, metadata=self._metadata)
 
     # -- the first call's Hello ------------------------------------------
@@ -520,7 +547,11 @@ class ShardClient:
         with self._hello_lock:
             if self._greeted:
                 return
-            request = pb.HelloRequest(shard_id=self.shard_id, shared_memory=self._want_shared)
+            request = pb.HelloRequest(
+                shard_id=self.shard_id,
+                shared_memory=self._want_shared,
+                tcp_session=self._want_tcp,
+            )
             try:
                 reply = self._rpc.hello(request, timeout=seconds, metadata=self._metadata)
             except grpc.RpcError as error:
@@ -539,6 +570,8 @@ class ShardClient:
 
     def _attach(self, offer: pb.SharedSegment, seconds: float) -> ClientSession | None:
         assert self._size is not None
+        if offer.port and not offer.name:
+            return self._attach_tcp(offer, seconds)
         try:
             if offer.size < self._size * 4:
                 raise ValueError(f"{offer.size} bytes cannot hold {self._size} float32 values")
@@ -571,6 +604,33 @@ class ShardClient:
             except OSError as error:
                 logger.info("%s: no local socket (%s); its session goes through gRPC", where, error)
         return ClientSession(offer.session, segment, line)
+
+    def _attach_tcp(self, offer: pb.SharedSegment, seconds: float) -> ClientSession | None:
+        """The TCP session the server offered, or None (gRPC then) if its port cannot be
+        reached or the offer cannot hold the shard."""
+        assert self._size is not None
+        host = host_of(self.address)
+        where = f"shard {self.shard_id} at {self.address}"
+        try:
+            if not self._want_tcp or host is None:
+                raise ValueError("no TCP session was asked for")
+            if not self._size * 4 <= offer.size <= self._size * 8:
+                raise ValueError(f"a buffer of {offer.size} bytes for {self._size} values")
+            line = TcpLine(
+                host,
+                offer.port,
+                security=self._security,
+                peer=self.address,
+                where=where,
+                timeout=seconds,
+                detect_seconds=self._detect_seconds,
+                counters=self._counters,
+            )
+        except (OSError, ValueError) as error:
+            logger.info("%s: no TCP session (%s); gRPC it is", where, error)
+            self._say_goodbye(offer.session, seconds)
+            return None
+        return ClientSession(offer.session, Buffer(offer.size), line)
 
     def _drop(self, session: ClientSession) -> None:
         """Stop using ``session``; the next call asks Hello for a fresh one."""

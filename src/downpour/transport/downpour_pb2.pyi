@@ -247,24 +247,28 @@ class PushPullReply(_message.Message):
     def __init__(self, push: _Optional[_Union[PushReply, _Mapping]] = ..., pull: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
-    __slots__ = ("shard_id", "shared_memory")
+    __slots__ = ("shard_id", "shared_memory", "tcp_session")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    TCP_SESSION_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     shared_memory: bool
-    def __init__(self, shard_id: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    tcp_session: bool
+    def __init__(self, shard_id: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., tcp_session: _Optional[bool] = ...) -> None: ...
 
 class SharedSegment(_message.Message):
-    __slots__ = ("session", "name", "size", "socket")
+    __slots__ = ("session", "name", "size", "socket", "port")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SOCKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
     session: bytes
     name: str
     size: int
     socket: str
-    def __init__(self, session: _Optional[bytes] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., socket: _Optional[str] = ...) -> None: ...
+    port: int
+    def __init__(self, session: _Optional[bytes] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., socket: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
     __slots__ = ("shard_id", "size", "chunk_bytes", "segment")

@@ -80,26 +80,36 @@ class LocalServer:
         dispatch: runs one call (see :data:`Dispatch`); it must never raise
             for a bad request, only answer with a ``Reject``.
         name: for thread names and logs.
+
+    :class:`~downpour.transport.tcp.TcpServer` is the same server over TCP:
+    it overrides how the socket listens (:meth:`_listen`), whom it admits
+    (:meth:`_admit`) and the framing (:meth:`_serve`).
     """
 
-    def __init__(self, dispatch: Dispatch, name: str = "shard") -> None:
+    kind = "local"
+
+    def __init__(self, dispatch: Callable, name: str = "shard") -> None:
         self._dispatch = dispatch
         self._name = name
-        self.path = f"@downpour-{secrets.token_hex(16)}"
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._listener.bind(address(self.path))
-            self._listener.listen(64)
-        except OSError:
-            self._listener.close()
-            raise
+        self._listener = self._listen()
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._closed = False
         self._thread = threading.Thread(
-            target=self._accept, name=f"downpour-{name}-local", daemon=True
+            target=self._accept, name=f"downpour-{name}-{self.kind}", daemon=True
         )
         self._thread.start()
+
+    def _listen(self) -> socket.socket:
+        self.path = f"@downpour-{secrets.token_hex(16)}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(address(self.path))
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            raise
+        return listener
 
     def close(self) -> None:
         """Stop accepting and end every connection (their calls fail on the client)."""
@@ -113,18 +123,25 @@ class LocalServer:
                 pass
             conn.close()
 
+    def _admit(self, conn: socket.socket) -> str | None:
+        """The peer's name for logs if ``conn`` may be served, else None (it is closed)."""
+        pid, uid, _gid = _CREDENTIALS.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+        )
+        if uid != os.getuid():
+            logger.warning("%s: refused a local connection from uid %d (pid %d)",
+                           self._name, uid, pid)
+            return None
+        return str(pid)
+
     def _accept(self) -> None:
         while True:
             try:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            pid, uid, _gid = _CREDENTIALS.unpack(
-                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
-            )
-            if uid != os.getuid():
-                logger.warning("%s: refused a local connection from uid %d (pid %d)",
-                               self._name, uid, pid)
+            peer = self._admit(conn)
+            if peer is None:
                 conn.close()
                 continue
             with self._lock:
@@ -133,29 +150,43 @@ class LocalServer:
                     return
                 self._connections.add(conn)
             threading.Thread(
-                target=self._serve, args=(conn,), name=f"downpour-{self._name}-local-{pid}",
-                daemon=True,
+                target=self._serve_and_close, args=(conn,),
+                name=f"downpour-{self._name}-{self.kind}-{peer}", daemon=True,
             ).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _wrap(self, conn: socket.socket) -> socket.socket:
+        """The socket to serve ``conn`` through (TLS over it, for TCP)."""
+        return conn
+
+    def _serve_and_close(self, conn: socket.socket) -> None:
+        served = conn
         try:
-            while (head := _receive(conn, _REQUEST.size)) is not None:
-                length, method = _REQUEST.unpack(head)
-                if length > MAX_FRAME or method not in METHODS:
-                    logger.warning("%s: closed a local connection that sent a frame of %d bytes "
-                                   "for method %d", self._name, length, method)
-                    return
-                payload = _receive(conn, length)
-                if payload is None:
-                    return
-                kind, status, answer = self._dispatch(method, payload)
-                conn.sendall(_ANSWER.pack(len(answer), kind, status) + answer)
+            served = self._wrap(conn)
+            if served is not conn:
+                with self._lock:  # so that close() ends the wrapped one
+                    self._connections.discard(conn)
+                    self._connections.add(served)
+            self._serve(served)
         except OSError as error:
-            logger.debug("%s: a local connection ended: %s", self._name, error)
+            logger.debug("%s: a %s connection ended: %s", self._name, self.kind, error)
         finally:
             with self._lock:
-                self._connections.discard(conn)
+                self._connections.discard(served)
+            served.close()
             conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        while (head := _receive(conn, _REQUEST.size)) is not None:
+            length, method = _REQUEST.unpack(head)
+            if length > MAX_FRAME or method not in METHODS:
+                logger.warning("%s: closed a local connection that sent a frame of %d bytes "
+                               "for method %d", self._name, length, method)
+                return
+            payload = _receive(conn, length)
+            if payload is None:
+                return
+            kind, status, answer = self._dispatch(method, payload)
+            conn.sendall(_ANSWER.pack(len(answer), kind, status) + answer)
 
 
 class LocalLine:
@@ -173,42 +204,36 @@ class LocalLine:
         self.peer, self.where = peer, where
         self._detect = detect_seconds
         self._counters = counters
-        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._conn.settimeout(timeout)
+        self._conn = self._connect(path, timeout)
+
+    def _connect(self, path: str, timeout: float) -> socket.socket:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(timeout)
         try:
-            self._conn.connect(address(path))
+            conn.connect(address(path))
         except OSError:
-            self._conn.close()
+            conn.close()
             raise
+        return conn
+
+    kind = "local"
 
     def call(self, method: int, request: Message, reply_type: type[Message], seconds: float,
-             what: str) -> Message:
+             what: str, **data) -> Message:
         """Send ``request`` to ``method`` and wait up to ``seconds`` for its answer."""
         body = request.SerializeToString()
         wait = min(seconds, self._detect)
         try:
             self._conn.settimeout(wait)
-            self._conn.sendall(_REQUEST.pack(len(body), method) + body)
-            head = _receive(self._conn, _ANSWER.size)
-            if head is None:
-                raise ConnectionResetError("the server closed the connection")
-            length, kind, status = _ANSWER.unpack(head)
-            if length > MAX_FRAME:
-                raise TransportError(f"{self.where} broke the protocol: an answer of {length} bytes")
-            answer = _receive(self._conn, length) if length else b""
-            if answer is None:
-                raise ConnectionResetError("the server closed the connection mid-answer")
+            kind, status, answer = self._exchange(method, body, **data)
         except TimeoutError:
             if wait < seconds:
                 raise PeerUnavailable(
-                    self.peer, f"{self.where} is unavailable: no answer to a local call within "
-                    f"{wait:g} s (frozen?)") from None
+                    self.peer, f"{self.where} is unavailable: no answer to a {self.kind} call "
+                    f"within {wait:g} s (frozen?)") from None
             raise PeerTimeout(self.peer, seconds, what) from None
         except OSError as error:
             raise PeerUnavailable(self.peer, f"{self.where} is unavailable: {error}") from None
-        if self._counters is not None:  # the messages' bytes, as gRPC's are counted
-            self._counters.count("bytes_sent", len(body))
-            self._counters.count("bytes_received", len(answer))
         try:
             if kind == REJECTED:
                 code = _STATUS.get(status, grpc.StatusCode.UNKNOWN)
@@ -222,6 +247,30 @@ class LocalLine:
                 f"{self.where} broke the protocol: an answer that does not parse: {error}"
             ) from None
 
+    def _exchange(self, method: int, body: bytes) -> tuple[int, int, bytes]:
+        """One request out and its answer back: ``(kind, status, answer bytes)``."""
+        self._conn.sendall(_REQUEST.pack(len(body), method) + body)
+        head = self._receive(_ANSWER.size)
+        length, kind, status = _ANSWER.unpack(head)
+        answer = self._answer(length)
+        self._count(len(body), len(answer))
+        return kind, status, answer
+
+    def _receive(self, count: int) -> bytes:
+        data = _receive(self._conn, count)
+        if data is None:
+            raise ConnectionResetError("the server closed the connection")
+        return data
+
+    def _answer(self, length: int) -> bytes:
+        if length > MAX_FRAME:
+            raise TransportError(f"{self.where} broke the protocol: an answer of {length} bytes")
+        return self._receive(length) if length else b""
+
+    def _count(self, sent: int, received: int) -> None:
+        if self._counters is not None:  # the bytes of the messages, as gRPC's are counted
+            self._counters.count("bytes_sent", sent)
+            self._counters.count("bytes_received", received)
+
     def close(self) -> None:
         self._conn.close()
-

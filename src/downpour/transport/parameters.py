@@ -29,7 +29,8 @@ class ParameterClient:
         ranges: the shards' ranges (``downpour.flat.shard_ranges``), in order,
             contiguous from 0.
         token: the run's token.
-        security, timeout, chunk_bytes, shared_memory, detect_seconds: as for :class:`ShardClient`
+        security, timeout, chunk_bytes, shared_memory, detect_seconds, tcp_session: as for
+            :class:`ShardClient`
             (by default shards on 127.0.0.1 move tensors through shared memory).
         recover: when a shard is unreachable, ``recover(shard, error)``
             returns the address it came back at (or raises): the client
@@ -55,6 +56,7 @@ class ParameterClient:
         shared_memory: SharedMemory = "auto",
         recover: Callable[[int, PeerUnavailable], str] | None = None,
         detect_seconds: float = DETECT_SECONDS,
+        tcp_session: bool = True,
     ) -> None:
         if len(addresses) != len(ranges) or not ranges:
             raise ValueError(
@@ -71,7 +73,7 @@ class ParameterClient:
         self.numel = position
         self._connect = partial(ShardClient, token=token, security=security, timeout=timeout,
                                 chunk_bytes=chunk_bytes, shared_memory=shared_memory,
-                                detect_seconds=detect_seconds)
+                                detect_seconds=detect_seconds, tcp_session=tcp_session)
         self.clients = [self._connect(address, shard_id=shard.shard) for address, shard in zip(addresses, ranges)]
         self._recover = recover
         self.reconnections = 0

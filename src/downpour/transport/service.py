@@ -27,7 +27,7 @@ import grpc
 import torch
 
 from downpour.errors import StaleUpdate, TransportError
-from downpour.transport import codec, local
+from downpour.transport import codec, local, tcp
 from downpour.transport import downpour_pb2 as pb
 from downpour.transport.assembly import KINDS, BufferPool, PushAssembly, Reject
 from downpour.transport.codec import Malformed, PushFrame
@@ -96,11 +96,9 @@ class ShardService:
         segment_bytes = shard.size * 4  # room for a float32 copy of the shard
         # Through the Unix socket even a small shard's rounds are cheaper in a session than
         # through gRPC; without one, a shard too small to send anything through a segment gets none.
-        self.sessions = (
-            ServerSessions(segment_bytes, max_sessions)
-            if shared_memory and max_sessions and shared_memory_available()
-            else None
-        )
+        self._shared = bool(shared_memory and max_sessions and shared_memory_available())
+        # Made now, offered once listen_tcp has a port: TCP sessions need no shared memory.
+        self.sessions = ServerSessions(segment_bytes, max_sessions) if max_sessions else None
         self._local_methods = {  # a socket call's parser (tolerant, as gRPC's) and handler
             local.PUSH_SHARED: (codec.tolerant(pb.SharedPushRequest.FromString), self._push_shared),
             local.PULL_SHARED: (
@@ -110,15 +108,22 @@ class ShardService:
                 codec.tolerant(pb.SharedPushPullRequest.FromString), self._push_pull_shared_local
             ),
         }
+        self._tcp_methods = {  # the same parsers; each handler takes the bytes pushed
+            local.PUSH_SHARED: (self._local_methods[local.PUSH_SHARED][0], self._push_shared),
+            local.PULL_SHARED: (self._local_methods[local.PULL_SHARED][0], self._pull_tcp),
+            local.PUSH_PULL_SHARED: (
+                self._local_methods[local.PUSH_PULL_SHARED][0], self._push_pull_tcp
+            ),
+        }
         self.local: local.LocalServer | None = None
-        if self.sessions is not None:
+        if self._shared:
             try:
                 self.local = local.LocalServer(self.local_call, name=f"shard{shard.shard_id}")
             except OSError as error:  # sessions still work, through gRPC
                 logger.warning("shard %d: no Unix socket for its sessions: %s", shard.shard_id, error)
                 if segment_bytes < SHARED_MIN_BYTES:
-                    self.sessions.close_all()
-                    self.sessions = None
+                    self._shared = False
+        self.tcp: tcp.TcpServer | None = None
         self.shutdown_requested = threading.Event()
         self.stopping = threading.Event()
 
@@ -157,10 +162,23 @@ class ShardService:
         }
         return grpc.method_handlers_generic_handler(codec.SERVICE, handlers)
 
+    def listen_tcp(self, host: str, security: Security) -> None:
+        """Offer TCP sessions from now on, on a free port of ``host`` (``self.tcp.port``); a port
+        that cannot be had is logged, and clients then use gRPC."""
+        if self.sessions is None:
+            return
+        try:
+            self.tcp = tcp.TcpServer(
+                self.tcp_call, host, security, self._end_tcp, name=f"shard{self.shard.shard_id}"
+            )
+        except OSError as error:
+            logger.warning("shard %d: no TCP port for its sessions: %s", self.shard.shard_id, error)
+
     def close(self) -> None:
-        """End every shared-memory session (their segments go with them)."""
-        if self.local is not None:
-            self.local.close()
+        """End every session (their segments go with them)."""
+        for server in (self.local, self.tcp):
+            if server is not None:
+                server.close()
         if self.sessions is not None:
             self.sessions.close_all()
 
@@ -233,6 +251,54 @@ class ShardService:
             detail = self._detail(reject)
             return local.REJECTED, reject.code.value[0], detail.SerializeToString()
         return local.REPLY, 0, reply.SerializeToString()
+
+    def tcp_call(
+        self, line: tcp.Connection, method: int, payload: bytes, data: int
+    ) -> tuple[int, int, bytes, memoryview]:
+        """One session call through a TCP connection (:mod:`.tcp`): the session's buffer filled
+        with the request's ``data`` bytes from ``line``, then the same handlers and checks as
+        the other two ways; the answer, and the bytes of the buffer it describes."""
+        assert self.sessions is not None
+        parse, handler = self._tcp_methods[method]
+        request = parse(payload)
+        key = None if isinstance(request, Malformed) else bytes(request.session)
+        if line.session is None:
+            if key is None:
+                raise tcp.Closed("its first request does not parse")
+            line.session = key
+        elif key is not None and key != line.session:
+            raise tcp.Closed("a request for another session than its first's")
+        buffer = self.sessions.claim(line.session, line)
+        if buffer is None:
+            raise tcp.Closed("no TCP session of this server's is its, or its session has ended")
+        if data > len(buffer):
+            raise tcp.Closed(f"{data} bytes of data for a session of {len(buffer)}")
+        line.fill(buffer[:data])
+        try:
+            reply = self._checked(lambda: handler(request, data))
+        except Reject as reject:
+            detail = self._detail(reject)
+            return local.REJECTED, reject.code.value[0], detail.SerializeToString(), buffer[:0]
+        header = getattr(reply, "header", None) or getattr(reply, "pull", None)
+        return local.REPLY, 0, reply.SerializeToString(), buffer[: _tensor_bytes(header)]
+
+    def _end_tcp(self, line: tcp.Connection) -> None:
+        """A TCP connection ended: so does its session (if it was its)."""
+        assert self.sessions is not None and line.session is not None
+        if self.sessions.claim(line.session, line) is not None:
+            self.sessions.close(line.session)
+
+    def _pull_tcp(self, request: pb.SharedPullRequest | Malformed, pushed: int) -> pb.SharedPullReply:
+        if not isinstance(request, Malformed):
+            _no_wait(request.request)
+        return self._pull_shared(request, _LOCAL_CALL, tcp=True)
+
+    def _push_pull_tcp(
+        self, request: pb.SharedPushPullRequest | Malformed, pushed: int
+    ) -> pb.SharedPushPullReply:
+        if not isinstance(request, Malformed):
+            _no_wait(request.pull)
+        return self._push_pull_shared(request, _LOCAL_CALL, pushed)
 
     def _pull_shared_local(self, request: pb.SharedPullRequest | Malformed) -> pb.SharedPullReply:
         if not isinstance(request, Malformed):
@@ -353,11 +419,14 @@ class ShardService:
         return frames[0]
 
     def _pull_shared(
-        self, request: pb.SharedPullRequest | Malformed, context: grpc.ServicerContext
+        self,
+        request: pb.SharedPullRequest | Malformed,
+        context: grpc.ServicerContext,
+        tcp: bool = False,
     ) -> pb.SharedPullReply:
         if isinstance(request, Malformed):
             raise Reject("MALFORMED", request.reason)
-        with self._session(request.session, request.seq) as region:
+        with self._session(request.session, request.seq, tcp) as region:
             header = self._pull_into(region, request.request, context)
         return pb.SharedPullReply(seq=request.seq, header=header)
 
@@ -431,13 +500,17 @@ class ShardService:
     ) -> pb.PushReply:
         return self._guarded(context, lambda: self._push_shared(request))
 
-    def _push_shared(self, request: pb.SharedPushRequest | Malformed) -> pb.PushReply:
+    def _push_shared(
+        self, request: pb.SharedPushRequest | Malformed, pushed: int | None = None
+    ) -> pb.PushReply:
+        """A push from a session's segment; ``pushed``: the bytes a TCP connection filled."""
         if isinstance(request, Malformed):
             raise Reject("MALFORMED", request.reason)
         if not request.HasField("header"):
             raise Reject("BAD_HEADER", "a shared-memory push carries no header")
-        with self._session(request.session, request.seq) as region:
-            return self._push(lambda assembly: assembly.feed_region(request.header, region))
+        with self._session(request.session, request.seq, pushed is not None) as region:
+            held = region if pushed is None else region[:pushed]
+            return self._push(lambda assembly: assembly.feed_region(request.header, held))
 
     def PushPullShared(
         self, request: pb.SharedPushPullRequest | Malformed, context: grpc.ServicerContext
@@ -445,16 +518,20 @@ class ShardService:
         return self._guarded(context, lambda: self._push_pull_shared(request, context))
 
     def _push_pull_shared(
-        self, request: pb.SharedPushPullRequest | Malformed, context: grpc.ServicerContext
+        self,
+        request: pb.SharedPushPullRequest | Malformed,
+        context: grpc.ServicerContext,
+        pushed: int | None = None,
     ) -> pb.SharedPushPullReply:
         if isinstance(request, Malformed):
             raise Reject("MALFORMED", request.reason)
         if not request.HasField("push"):
             raise Reject("BAD_HEADER", "a shared-memory push-pull carries no push header")
         self._check_push_pull(request.pull)
-        with self._session(request.session, request.seq) as region:
+        with self._session(request.session, request.seq, pushed is not None) as region:
+            held = region if pushed is None else region[:pushed]
             # feed_region copies the push's bytes out before the pull overwrites them
-            reply = self._push(lambda assembly: assembly.feed_region(request.push, region))
+            reply = self._push(lambda assembly: assembly.feed_region(request.push, held))
             header = self._pull_into(region, request.pull, context)
         return pb.SharedPushPullReply(seq=request.seq, push=reply, pull=header)
 
@@ -477,10 +554,10 @@ class ShardService:
             version=result.version,
         )
 
-    def _session(self, key: bytes, seq: int):
+    def _session(self, key: bytes, seq: int, tcp: bool = False):
         if self.sessions is None:
-            raise Reject("BAD_SESSION", "this server offers no shared memory")
-        return self.sessions.use(key, seq)
+            raise Reject("BAD_SESSION", "this server offers no sessions")
+        return self.sessions.use(key, seq, tcp)
 
     def Hello(
         self, request: pb.HelloRequest | Malformed, context: grpc.ServicerContext
@@ -494,7 +571,15 @@ class ShardService:
         reply = pb.HelloReply(
             shard_id=self.shard.shard_id, size=self.shard.size, chunk_bytes=self._chunk_bytes
         )
-        if request.shared_memory and self.sessions is not None:
+        if request.tcp_session and not request.shared_memory and self.tcp is not None:
+            assert self.sessions is not None
+            opened = self.sessions.open(tcp=True)
+            if opened is not None:
+                key, buffer = opened
+                reply.segment.CopyFrom(
+                    pb.SharedSegment(session=key, size=buffer.size, port=self.tcp.port)
+                )
+        elif request.shared_memory and self._shared and self.sessions is not None:
             opened = self.sessions.open()
             if opened is not None:
                 key, segment = opened
@@ -617,6 +702,13 @@ SERVER_OPTIONS = [
 ]
 
 
+def _tensor_bytes(header: pb.TensorHeader | None) -> int:
+    """The bytes of the tensor a session's pull header describes (0: none)."""
+    if header is None or header.not_newer or len(header.shape) != 1:
+        return 0
+    return header.shape[0] * codec.NUMPY_DTYPES[header.dtype].itemsize
+
+
 def _no_wait(pull: pb.PullRequest) -> None:
     if pull.HasField("wait_version"):
         raise Reject("BAD_REQUEST", "a pull that waits for a version goes through gRPC, not the socket")
@@ -657,6 +749,7 @@ class ShardServer:
         max_wait: float = 300.0,
         shared_memory: bool = True,
         max_sessions: int = MAX_SESSIONS,
+        tcp_sessions: bool = True,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
@@ -693,6 +786,8 @@ class ShardServer:
         self.host = host
         self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self.tls = security.tls
+        if tcp_sessions:
+            self.service.listen_tcp(host, security)
         self._server.start()
         logger.info(
             "shard %d serving on %s%s", shard.shard_id, self.address, " (TLS)" if self.tls else ""
@@ -741,6 +836,7 @@ def serve_shard(
     max_wait: float = 300.0,
     shared_memory: bool = True,
     max_sessions: int = MAX_SESSIONS,
+    tcp_sessions: bool = True,
 ) -> ShardServer:
     """Serve ``shard`` over gRPC on ``host:port`` (port 0: a free one, see ``.port``).
 
@@ -750,6 +846,9 @@ def serve_shard(
     client on this host may ask for a shared-memory session (at most
     ``max_sessions`` at once), through which tensors skip the network stack;
     every other client, and every client when it is off, uses gRPC alone.
+    With ``tcp_sessions`` (the default) those clients may instead ask for a TCP session: their
+    tensors travel raw on a TCP connection of their own (a port of ``host``'s, named in the
+    session's offer; see :mod:`downpour.transport.tcp`).
 
     Example:
         >>> from downpour.server import ServerShard
@@ -769,4 +868,5 @@ def serve_shard(
         max_wait=max_wait,
         shared_memory=shared_memory,
         max_sessions=max_sessions,
+        tcp_sessions=tcp_sessions,
     )

@@ -66,6 +66,24 @@ def available() -> bool:
     return os.path.isdir(SHM_DIR)
 
 
+def host_of(address: str) -> str | None:
+    """The host of a gRPC target (for another connection to the same host); None for a Unix
+    socket.
+
+    Example:
+        >>> host_of("10.0.0.2:7"), host_of("[::1]:7"), host_of("dns:///node-3:50051")
+        ('10.0.0.2', '::1', 'node-3')
+    """
+    if address.startswith(("unix:", "unix-abstract:")):
+        return None
+    target = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    if target.startswith("["):
+        return target[1 : target.find("]")]
+    if target.count(":") == 1:
+        return target.split(":", 1)[0]
+    return target
+
+
 def is_loopback(address: str) -> bool:
     """Whether a gRPC target names this host: a loopback IP, ``localhost`` or a Unix socket.
 
@@ -73,16 +91,8 @@ def is_loopback(address: str) -> bool:
         >>> is_loopback("127.0.0.1:50051"), is_loopback("[::1]:7"), is_loopback("10.0.0.2:7")
         (True, True, False)
     """
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    target = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    if target.startswith("["):
-        host = target[1 : target.find("]")]
-    elif target.count(":") == 1:
-        host = target.split(":", 1)[0]
-    else:
-        host = target
-    if host == "localhost":
+    host = host_of(address)
+    if host is None or host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -166,6 +176,30 @@ class Segment:
         return f"Segment({self.name!r}, size={self.size})"
 
 
+class Buffer:
+    """A TCP session's bytes: memory of this process's own, in a segment's shape.
+
+    The pages are taken as they are first written; the memory goes with the last reference to
+    it, so a call still receiving into it when its session ends cannot write freed memory.
+    """
+
+    name = ""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._array = np.empty(size, dtype=np.uint8)
+        self.view = memoryview(self._array)
+
+    def unlink(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"Buffer({self.size} bytes)"
+
+
 def _unlink(name: str) -> None:
     try:
         os.unlink(os.path.join(SHM_DIR, name))
@@ -190,10 +224,13 @@ def write_tensor(region: memoryview, view: torch.Tensor, wire_dtype: int) -> int
 
 
 class _Session:
-    """One client's segment on the server; serves one call at a time."""
+    """One client's segment (or, for a TCP session, buffer) on the server; serves one call at a
+    time."""
 
-    def __init__(self, segment: Segment) -> None:
+    def __init__(self, segment: Segment | Buffer) -> None:
         self.segment = segment
+        self.tcp = isinstance(segment, Buffer)
+        self.owner: object | None = None  # a TCP session's connection, once its first call came
         self.seq = 0
         self._lock = threading.Lock()  # guards the two flags below, held only briefly
         self._busy = self._closed = False
@@ -252,19 +289,21 @@ class ServerSessions:
         self._names: set[str] = set()
         self._finalizer = weakref.finalize(self, _unlink_all, self._names)
 
-    def open(self) -> tuple[bytes, Segment] | None:
-        """A new session and its segment, or None when none can be had (logged)."""
+    def open(self, tcp: bool = False) -> tuple[bytes, Segment | Buffer] | None:
+        """A new session and its segment (a :class:`Buffer` for a TCP session), or None when none
+        can be had (logged)."""
+        what = "TCP" if tcp else "shared-memory"
         with self._lock:
             if self._closed or len(self._sessions) + self._opening >= self.max_sessions:
                 logger.warning(
-                    "no shared-memory session for a new client: all %d in use", self.max_sessions
+                    "no %s session for a new client: all %d in use", what, self.max_sessions
                 )
                 return None
             self._opening += 1  # holds a place while the segment is made, outside the lock
         try:
-            segment = Segment.create(self.segment_bytes)
-        except OSError as error:
-            logger.warning("no shared-memory session for a new client: %s", error)
+            segment = Buffer(self.segment_bytes) if tcp else Segment.create(self.segment_bytes)
+        except (OSError, MemoryError) as error:
+            logger.warning("no %s session for a new client: %s", what, error)
             return None
         finally:
             with self._lock:
@@ -273,19 +312,37 @@ class ServerSessions:
         with self._lock:
             if not self._closed:
                 self._sessions[key] = _Session(segment)
-                self._names.add(segment.name)
+                if not tcp:
+                    self._names.add(segment.name)
                 return key, segment
         segment.unlink()  # the server stopped meanwhile
         segment.close()
         return None
 
+    def claim(self, key: bytes, owner: object) -> memoryview | None:
+        """Bind a TCP session to the connection ``owner`` (its first call): the session's buffer,
+        or None when there is no such TCP session or another connection holds it."""
+        with self._lock:
+            session = self._sessions.get(bytes(key))
+            if session is None or not session.tcp or session.owner not in (None, owner):
+                return None
+            session.owner = owner
+            return session.segment.view
+
     @contextmanager
-    def use(self, key: bytes, seq: int) -> Iterator[memoryview]:
-        """The session's segment for one call; refuses unknown or busy sessions and old seqs."""
+    def use(self, key: bytes, seq: int, tcp: bool = False) -> Iterator[memoryview]:
+        """The session's segment for one call; refuses unknown or busy sessions and old seqs, and
+        a TCP session's calls except through its connection (``tcp``), which only fills it."""
         with self._lock:
             session = self._sessions.get(bytes(key))
         if session is None:
-            raise Reject("BAD_SESSION", "no such shared-memory session; ask Hello for one")
+            raise Reject("BAD_SESSION", "no such session; ask Hello for one")
+        if session.tcp != tcp:
+            raise Reject(
+                "BAD_SESSION",
+                "a TCP session's calls come through its TCP connection"
+                if session.tcp else "a shared-memory session's calls do not come through TCP",
+            )
         region = session.begin(seq)
         try:
             yield region
@@ -299,7 +356,8 @@ class ServerSessions:
             session = self._sessions.pop(bytes(key), None)
         if session is None:
             return False
-        self._names.discard(session.segment.name)
+        if not session.tcp:
+            self._names.discard(session.segment.name)
         session.close()
         return True
 
@@ -326,22 +384,33 @@ def _unlink_all(names: set[str]) -> None:
 
 
 class ClientSession:
-    """A client's end of a session: the mapped segment, the next seq, one call at a time."""
+    """A client's end of a session: the mapped segment, the next seq, one call at a time.
 
-    def __init__(self, key: bytes, segment: Segment, line: LocalLine | None = None) -> None:
+    A TCP session's ``segment`` is a :class:`Buffer` of the client's own and its ``line`` a
+    :class:`~downpour.transport.tcp.TcpLine`: a push's bytes go out from the caller's arrays
+    after the request, and a pull's land in the buffer.
+    """
+
+    def __init__(self, key: bytes, segment: Segment | Buffer,
+                 line: LocalLine | None = None) -> None:
         self.key = key
         self.segment = segment
-        self.line = line  # the server's Unix socket for the session's calls, if it offers one
+        self.line = line  # the server's socket for the session's calls, if it offers one
+        self.tcp = isinstance(segment, Buffer)
         self.lock = threading.Lock()
         self._seq = 0
+        self._outgoing: tuple[memoryview, ...] = ()
 
     @property
     def size(self) -> int:
         return self.segment.size
 
-    def carries(self, size: int) -> bool:
+    def carries(self, size: int, waits: bool = False) -> bool:
         """Whether a payload of ``size`` bytes goes through this session: any that fits when its
-        calls go through the server's socket, through gRPC only from ``SHARED_MIN_BYTES``."""
+        calls go through the server's socket, through gRPC only from ``SHARED_MIN_BYTES``; never
+        a call whose pull ``waits`` for a version in a TCP session (only gRPC waits)."""
+        if waits and self.tcp:
+            return False
         smallest = 0 if self.line is not None else SHARED_MIN_BYTES
         return smallest <= size <= self.segment.size
 
@@ -350,16 +419,38 @@ class ClientSession:
         return self._seq
 
     def write(self, values: np.ndarray, indices: np.ndarray | None) -> int:
-        """Copy a push's values (and indices right after) into the segment; the bytes written."""
-        region = self.segment.view
-        raw = values.reshape(-1).view(np.uint8)
-        end = raw.size
-        np.frombuffer(region, dtype=np.uint8, count=end)[:] = raw
+        """Copy a push's values (and indices right after) into the segment; the bytes written.
+
+        A TCP session copies nothing: the arrays go out as they are with the call."""
+        parts = [values.reshape(-1).view(np.uint8)]
         if indices is not None:
-            raw = indices.reshape(-1).view(np.uint8)
+            parts.append(indices.reshape(-1).view(np.uint8))
+        if self.tcp:
+            self._outgoing = tuple(memoryview(part) for part in parts)
+            return sum(part.size for part in parts)
+        region = self.segment.view
+        end = 0
+        for raw in parts:
             np.frombuffer(region, dtype=np.uint8, count=raw.size, offset=end)[:] = raw
             end += raw.size
         return end
+
+    def call(self, method: int, request, reply_type: type, seconds: float, what: str):
+        """A call through the session's socket (``line`` must be set)."""
+        assert self.line is not None
+        if not self.tcp:
+            return self.line.call(method, request, reply_type, seconds, what)
+        send, self._outgoing = self._outgoing, ()
+        return self.line.call(
+            method, request, reply_type, seconds, what, send=send, into=self.segment.view
+        )
+
+    def region(self) -> memoryview:
+        """Where a pull's answer lies: the segment, or what the TCP line received of it."""
+        if self.tcp:
+            assert self.line is not None
+            return self.segment.view[: self.line.received]  # type: ignore[attr-defined]
+        return self.segment.view
 
     def close(self) -> None:
         with self.lock:

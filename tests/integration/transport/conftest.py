@@ -42,13 +42,21 @@ def shared_memory() -> bool:
 
 
 @pytest.fixture
-def connect(token, shared_memory):
+def tcp_session() -> bool:
+    """Whether ``connect``'s clients off shared memory ask for TCP sessions: gRPC alone, unless a
+    module overrides this (``test_tcp_session.py`` runs other modules' tests over TCP sessions)."""
+    return False
+
+
+@pytest.fixture
+def connect(token, shared_memory, tcp_session):
     """``connect(address, shard_id=0, **kwargs) -> ShardClient``; closed at teardown."""
     clients = []
 
     def open_client(address: str, shard_id: int = 0, **kwargs):
         kwargs.setdefault("timeout", 20.0)
         kwargs.setdefault("shared_memory", shared_memory)
+        kwargs.setdefault("tcp_session", tcp_session)
         client = ShardClient(address, kwargs.pop("token", token), shard_id, **kwargs)
         clients.append(client)
         return client
