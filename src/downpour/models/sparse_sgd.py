@@ -575,11 +575,18 @@ def _gather(indptr, indices, data, order, out_indptr, out_indices, out_data):
 
 @numba.njit(cache=True, nogil=True)
 def _sorted_rows(indptr, indices) -> bool:
-    for row in range(indptr.shape[0] - 1):
-        for j in range(indptr[row] + 1, indptr[row + 1]):
-            if indices[j] <= indices[j - 1]:
-                return False
-    return True
+    """Whether every row's column indices rise strictly. One flat pass counts every step that
+    does not rise (it vectorizes; a row-by-row loop over rows of a dozen values does not, and
+    took 0.7 ms on w8a), and a pass over the rows takes off those where a row begins."""
+    stored = indices.shape[0]
+    falls = 0
+    for j in range(1, stored):
+        falls += indices[j] <= indices[j - 1]
+    for row in range(1, indptr.shape[0] - 1):
+        start = indptr[row]
+        if indptr[row - 1] < start < stored:  # the first value of a row after a non-empty one
+            falls -= indices[start] <= indices[start - 1]
+    return falls == 0
 
 
 @dataclass

@@ -124,6 +124,12 @@ class TcpServer(LocalServer):
     def _wrap(self, conn: socket.socket) -> socket.socket:
         conn.settimeout(FIRST_REQUEST_S)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A client whose host dies sends no FIN: keepalive probes find it within about a minute,
+        # and its session (and buffer) goes with the connection.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         if self._context is None:
             return conn
         try:
