@@ -291,8 +291,7 @@ class ShardClient:
                 raise self._violation(f"a shared pull answered seq {reply.seq} to seq {seq}")
             frame = region_frame(reply.header, session.region())
             result = self._receive(iter([frame]), out)
-            if not session.tcp:
-                self._counters.count("bytes_shared_received", len(frame.data))
+            self._count_shared(session, "bytes_shared_received", len(frame.data))
             return result
 
     def _receive(self, frames: Iterator, out: torch.Tensor | None):
@@ -461,8 +460,7 @@ class ShardClient:
                 False,
                 seconds,
             )
-            if not session.tcp:
-                self._counters.count("bytes_shared_sent", size)
+            self._count_shared(session, "bytes_shared_sent", size)
             return reply
 
     def _push_pull_through(
@@ -487,8 +485,7 @@ class ShardClient:
                 request.HasField("wait_version"),
                 seconds,
             )
-            if not session.tcp:
-                self._counters.count("bytes_shared_sent", size)
+            self._count_shared(session, "bytes_shared_sent", size)
             self._counters.count("pushes")
             if reply.seq != seq:
                 raise self._violation(f"a shared push-pull answered seq {reply.seq} to seq {seq}")
@@ -497,8 +494,7 @@ class ShardClient:
             frame = region_frame(reply.pull, session.region())
             pulled = self._receive(iter([frame]), out)
             assert pulled is not None
-            if not session.tcp:
-                self._counters.count("bytes_shared_received", len(frame.data))
+            self._count_shared(session, "bytes_shared_received", len(frame.data))
             self._counters.count("pulls")
             push = reply.push
             return PushResult(push.applied, push.dropped, push.staleness, push.version), *pulled
@@ -527,6 +523,12 @@ class ShardClient:
             session.lock.release()
             if not clean:
                 self._drop(session)
+
+    def _count_shared(self, session: ClientSession, what: str, size: int) -> None:
+        """Tensor bytes moved through a segment; a TCP session's went on the wire, and its line
+        counted them as sent or received."""
+        if not session.tcp:
+            self._counters.count(what, size)
 
     def _session_call(
         self, session: ClientSession, method: int, request: Any, waits: bool, seconds: float

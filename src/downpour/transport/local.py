@@ -199,6 +199,8 @@ class LocalLine:
     ``counters``, the bytes of each message sent and received add to them.
     """
 
+    kind = "local"
+
     def __init__(self, path: str, *, peer: str, where: str, timeout: float,
                  detect_seconds: float, counters: Counters | None = None) -> None:
         self.peer, self.where = peer, where
@@ -215,8 +217,6 @@ class LocalLine:
             conn.close()
             raise
         return conn
-
-    kind = "local"
 
     def call(self, method: int, request: Message, reply_type: type[Message], seconds: float,
              what: str, **data) -> Message:

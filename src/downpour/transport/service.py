@@ -25,6 +25,7 @@ from typing import Any, Self, TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import Message
 
 from downpour.errors import StaleUpdate, TransportError
 from downpour.transport import codec, local, tcp
@@ -99,20 +100,15 @@ class ShardService:
         self._shared = bool(shared_memory and max_sessions and shared_memory_available())
         # Made now, offered once listen_tcp has a port: TCP sessions need no shared memory.
         self.sessions = ServerSessions(segment_bytes, max_sessions) if max_sessions else None
-        self._local_methods = {  # a socket call's parser (tolerant, as gRPC's) and handler
+        # A socket call's parser (tolerant, as gRPC's) and handler, for both sockets: a handler
+        # takes the bytes a TCP connection filled the session with (None: the Unix socket's).
+        self._local_methods = {
             local.PUSH_SHARED: (codec.tolerant(pb.SharedPushRequest.FromString), self._push_shared),
             local.PULL_SHARED: (
                 codec.tolerant(pb.SharedPullRequest.FromString), self._pull_shared_local
             ),
             local.PUSH_PULL_SHARED: (
                 codec.tolerant(pb.SharedPushPullRequest.FromString), self._push_pull_shared_local
-            ),
-        }
-        self._tcp_methods = {  # the same parsers; each handler takes the bytes pushed
-            local.PUSH_SHARED: (self._local_methods[local.PUSH_SHARED][0], self._push_shared),
-            local.PULL_SHARED: (self._local_methods[local.PULL_SHARED][0], self._pull_tcp),
-            local.PUSH_PULL_SHARED: (
-                self._local_methods[local.PUSH_PULL_SHARED][0], self._push_pull_tcp
             ),
         }
         self.local: local.LocalServer | None = None
@@ -245,12 +241,18 @@ class ShardService:
         checks as through gRPC; the session key stands for the token."""
         parse, handler = self._local_methods[method]
         request = parse(payload)
+        kind, status, answer, _ = self._answer(lambda: handler(request))
+        return kind, status, answer
+
+    def _answer(self, call: Callable[[], Message]) -> tuple[int, int, bytes, Message | None]:
+        """A socket call's ``(kind, status, answer bytes, reply)``: ``call()``'s reply, or the
+        Reject of its refusal (reply None)."""
         try:
-            reply = self._checked(lambda: handler(request))
+            reply = self._checked(call)
         except Reject as reject:
             detail = self._detail(reject)
-            return local.REJECTED, reject.code.value[0], detail.SerializeToString()
-        return local.REPLY, 0, reply.SerializeToString()
+            return local.REJECTED, reject.code.value[0], detail.SerializeToString(), None
+        return local.REPLY, 0, reply.SerializeToString(), reply
 
     def tcp_call(
         self, line: tcp.Connection, method: int, payload: bytes, data: int
@@ -259,7 +261,7 @@ class ShardService:
         with the request's ``data`` bytes from ``line``, then the same handlers and checks as
         the other two ways; the answer, and the bytes of the buffer it describes."""
         assert self.sessions is not None
-        parse, handler = self._tcp_methods[method]
+        parse, handler = self._local_methods[method]
         request = parse(payload)
         key = None if isinstance(request, Malformed) else bytes(request.session)
         if line.session is None:
@@ -274,13 +276,9 @@ class ShardService:
         if data > len(buffer):
             raise tcp.Closed(f"{data} bytes of data for a session of {len(buffer)}")
         line.fill(buffer[:data])
-        try:
-            reply = self._checked(lambda: handler(request, data))
-        except Reject as reject:
-            detail = self._detail(reject)
-            return local.REJECTED, reject.code.value[0], detail.SerializeToString(), buffer[:0]
+        kind, status, answer, reply = self._answer(lambda: handler(request, data))
         header = getattr(reply, "header", None) or getattr(reply, "pull", None)
-        return local.REPLY, 0, reply.SerializeToString(), buffer[: _tensor_bytes(header)]
+        return kind, status, answer, buffer[: _tensor_bytes(header)]
 
     def _end_tcp(self, line: tcp.Connection) -> None:
         """A TCP connection ended: so does its session (if it was its)."""
@@ -288,29 +286,19 @@ class ShardService:
         if self.sessions.claim(line.session, line) is not None:
             self.sessions.close(line.session)
 
-    def _pull_tcp(self, request: pb.SharedPullRequest | Malformed, pushed: int) -> pb.SharedPullReply:
+    def _pull_shared_local(
+        self, request: pb.SharedPullRequest | Malformed, pushed: int | None = None
+    ) -> pb.SharedPullReply:
         if not isinstance(request, Malformed):
             _no_wait(request.request)
-        return self._pull_shared(request, _LOCAL_CALL, tcp=True)
+        return self._pull_shared(request, _LOCAL_CALL, over_tcp=pushed is not None)
 
-    def _push_pull_tcp(
-        self, request: pb.SharedPushPullRequest | Malformed, pushed: int
+    def _push_pull_shared_local(
+        self, request: pb.SharedPushPullRequest | Malformed, pushed: int | None = None
     ) -> pb.SharedPushPullReply:
         if not isinstance(request, Malformed):
             _no_wait(request.pull)
         return self._push_pull_shared(request, _LOCAL_CALL, pushed)
-
-    def _pull_shared_local(self, request: pb.SharedPullRequest | Malformed) -> pb.SharedPullReply:
-        if not isinstance(request, Malformed):
-            _no_wait(request.request)
-        return self._pull_shared(request, _LOCAL_CALL)
-
-    def _push_pull_shared_local(
-        self, request: pb.SharedPushPullRequest | Malformed
-    ) -> pb.SharedPushPullReply:
-        if not isinstance(request, Malformed):
-            _no_wait(request.pull)
-        return self._push_pull_shared(request, _LOCAL_CALL)
 
     # -- methods ---------------------------------------------------------
 
@@ -422,11 +410,11 @@ class ShardService:
         self,
         request: pb.SharedPullRequest | Malformed,
         context: grpc.ServicerContext,
-        tcp: bool = False,
+        over_tcp: bool = False,
     ) -> pb.SharedPullReply:
         if isinstance(request, Malformed):
             raise Reject("MALFORMED", request.reason)
-        with self._session(request.session, request.seq, tcp) as region:
+        with self._session(request.session, request.seq, over_tcp) as region:
             header = self._pull_into(region, request.request, context)
         return pb.SharedPullReply(seq=request.seq, header=header)
 
@@ -554,10 +542,10 @@ class ShardService:
             version=result.version,
         )
 
-    def _session(self, key: bytes, seq: int, tcp: bool = False):
+    def _session(self, key: bytes, seq: int, over_tcp: bool = False):
         if self.sessions is None:
             raise Reject("BAD_SESSION", "this server offers no sessions")
-        return self.sessions.use(key, seq, tcp)
+        return self.sessions.use(key, seq, over_tcp)
 
     def Hello(
         self, request: pb.HelloRequest | Malformed, context: grpc.ServicerContext
