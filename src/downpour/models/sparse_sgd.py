@@ -504,16 +504,18 @@ def check_csr(x: Any, num_features: int | None = None, name: str = "x") -> Rows:
     rows, features = (int(n) for n in x.shape)
     if num_features is not None and features != num_features:
         raise DataError(f"{name} has {features} features, the model {num_features}")
-    if len(indptr) != rows + 1 or indptr[0] != 0 or indptr[-1] != len(indices) or (
-            np.diff(indptr) < 0).any():
+    if len(data) != len(indices):
+        raise DataError(f"{name} holds {len(indices)} column indices but {len(data)} values")
+    fault = _check_rows(indptr, indices, data, features) if len(indptr) == rows + 1 else _CSR_INDPTR
+    if fault == _CSR_INDPTR:
         raise DataError(f"{name}: indptr is not a valid CSR row pointer for {rows} rows and "
                         f"{len(indices)} stored values")
-    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= features):
+    if fault == _CSR_RANGE:
         bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
         raise DataError(f"{name}: column index {bad} is outside [0, {features})")
-    if not np.isfinite(data).all():
+    if fault == _CSR_NOT_FINITE:
         raise DataError(f"{name} holds {int((~np.isfinite(data)).sum())} NaN or infinite values")
-    if len(indices) > 1 and not _sorted_rows(indptr, indices):
+    if fault == _CSR_UNSORTED:
         raise DataError(f"{name}: column indices are unsorted or duplicated within a row "
                         "(call sort_indices() and sum_duplicates() first)")
     return Rows(indptr, indices, np.ascontiguousarray(data, dtype=np.float32), (rows, features))
@@ -573,20 +575,42 @@ def _gather(indptr, indices, data, order, out_indptr, out_indices, out_data):
             out_data[at + j] = data[start + j]
 
 
+_CSR_OK, _CSR_INDPTR, _CSR_RANGE, _CSR_NOT_FINITE, _CSR_UNSORTED = range(5)
+
+
 @numba.njit(cache=True, nogil=True)
-def _sorted_rows(indptr, indices) -> bool:
-    """Whether every row's column indices rise strictly. One flat pass counts every step that
-    does not rise (it vectorizes; a row-by-row loop over rows of a dozen values does not, and
-    took 0.7 ms on w8a), and a pass over the rows takes off those where a row begins."""
+def _check_rows(indptr, indices, data, features) -> int:
+    """The first fault of a CSR matrix, in the order :func:`check_csr` names them (a row pointer
+    that does not rise from 0 to the number of stored values, a column index outside
+    ``[0, features)``, a value NaN or infinite, a row whose indices do not rise strictly), or
+    ``_CSR_OK``. The tests share flat passes that vectorize (a row-by-row loop over rows of a
+    dozen values does not): 0.11 ms on w8a, where numpy's passes, one a test, took 0.26 ms."""
     stored = indices.shape[0]
-    falls = 0
+    if indptr[0] != 0 or indptr[indptr.shape[0] - 1] != stored:
+        return _CSR_INDPTR
+    drops = 0
+    for row in range(1, indptr.shape[0]):
+        drops += indptr[row] < indptr[row - 1]
+    if drops:
+        return _CSR_INDPTR
+    width = np.uint64(features)  # a negative index is a large unsigned one: one test, not two
+    outside = stored > 0 and np.uint64(indices[0]) >= width
+    falls = 0  # every step that does not rise, less those where a row begins (below)
     for j in range(1, stored):
+        outside += np.uint64(indices[j]) >= width
         falls += indices[j] <= indices[j - 1]
+    if outside:
+        return _CSR_RANGE
+    infinite = 0
+    for j in range(stored):
+        infinite += not (abs(data[j]) < np.inf)  # NaN compares false
+    if infinite:
+        return _CSR_NOT_FINITE
     for row in range(1, indptr.shape[0] - 1):
         start = indptr[row]
         if indptr[row - 1] < start < stored:  # the first value of a row after a non-empty one
             falls -= indices[start] <= indices[start - 1]
-    return falls == 0
+    return _CSR_OK if falls == 0 else _CSR_UNSORTED
 
 
 @dataclass
@@ -785,7 +809,8 @@ def warm_up(model: SparseSGD) -> None:
     if model.num_classes == 2 and not model.binary:  # the two-vector kernel, not the binary one
         probe.set_weights(np.zeros((2, 1), np.float32), np.array([0.0, 1.0], np.float32))
     for kind in (np.int32, np.int64):  # the input checks, for scipy's and torch's index types
-        _sorted_rows(np.array([0, 2], kind), np.array([0, 1], kind))
+        for values in (np.float32, np.float64):
+            _check_rows(np.array([0, 2], kind), np.array([0, 1], kind), np.ones(2, values), 2)
     x = Rows(np.array([0, 1], np.int64), np.array([0], np.int64), np.ones(1, np.float32), (1, 1))
     probe.fit_epoch(x, np.zeros(1, np.int64))
     probe.predict(x)
