@@ -35,7 +35,7 @@ def options_of(name: str) -> dict[str, object]:
 
     Example:
         >>> options_of("svm")
-        {'l2': 0.0001}
+        {'l2': 0.0001, 'bias_lr': 1.0}
     """
     cls = MODELS[choose("model", name, MODELS)]
     parameters = inspect.signature(cls.__init__).parameters.values()

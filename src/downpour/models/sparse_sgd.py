@@ -183,7 +183,7 @@ def _shrink(weights, avg_sum, scale, summed, decay, average):
 
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, batch, schedule,
-         eta0, alpha, t0, power, l2, split, feature_scale, fit_bias, average, avg_sum, avg_bias,
+         eta0, alpha, t0, power, l2, split, feature_scale, bias_lr, average, avg_sum, avg_bias,
          avg_state, pending):
     """SGD over the rows ``order`` in mini-batches of ``batch``; returns the summed loss.
 
@@ -290,9 +290,9 @@ def _fit(indptr, indices, values, labels, order, weights, bias, state, loss, bat
                         weights[u, c] -= move
                         if summed != 0.0:
                             avg_sum[u, c] += summed * move
-            if fit_bias:
+            if bias_lr != 0.0:
                 for c in range(classes):
-                    bias[c] -= step * grads[k, c]
+                    bias[c] -= bias_lr * step * grads[k, c]
         seen += size
         updates += 1
         if averaging:
@@ -332,7 +332,7 @@ def _binary_gradient(loss: int, h: float, label: int) -> tuple[float, float]:
 
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _fit_binary(indptr, indices, values, labels, order, weights, bias, state, loss, batch,
-                schedule, eta0, alpha, t0, power, l2, split, feature_scale, fit_bias, average,
+                schedule, eta0, alpha, t0, power, l2, split, feature_scale, bias_lr, average,
                 avg_sum, avg_bias, avg_state, pending):
     """:func:`_fit` for two classes held as one vector ``w`` (``weights`` (d, 1)): ``W = (-w, w)``,
     ``b = (-b_1, b_1)``; ``w`` takes class 1's steps (class 0's are their negatives). Scalars
@@ -394,8 +394,8 @@ def _fit_binary(indptr, indices, values, labels, order, weights, bias, state, lo
                     move = coefficient * values[j]
                     w[indices[j]] -= move
                     avg_sum[indices[j], 0] += summed * move
-            if fit_bias:
-                b -= step * g
+            if bias_lr != 0.0:
+                b -= bias_lr * step * g
         seen += size
         updates += 1
         if averaging:
@@ -419,9 +419,11 @@ def _flush(weights, pending):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
-def _batch_gradient(indptr, indices, values, labels, weights, bias, loss, l2, grad_w, grad_b):
-    """Add the mean gradient over the batch's rows to ``grad_w`` (C, d) and ``grad_b``, the L2
-    term ``l2 W`` included as torch's regularization gives it; returns the mean loss with it."""
+def _batch_gradient(indptr, indices, values, labels, weights, bias, loss, l2, bias_lr, grad_w,
+                    grad_b):
+    """Add the mean gradient over the batch's rows to ``grad_w`` (C, d) and ``grad_b`` (times
+    ``bias_lr``), the L2 term ``l2 W`` included as torch's regularization gives it; returns the
+    mean loss with it."""
     classes, rows = weights.shape[0], indptr.shape[0] - 1
     scores = np.empty(classes, dtype=np.float64)
     g = np.empty(classes, dtype=np.float64)
@@ -438,7 +440,7 @@ def _batch_gradient(indptr, indices, values, labels, weights, bias, loss, l2, gr
                 coefficient = g[c] / rows
                 for j in range(indptr[row], indptr[row + 1]):
                     grad_w[c, indices[j]] += coefficient * values[j]
-                grad_b[c] += coefficient
+                grad_b[c] += coefficient * bias_lr
     penalty = 0.0
     if l2 > 0.0:
         for c in range(classes):
@@ -450,16 +452,17 @@ def _batch_gradient(indptr, indices, values, labels, weights, bias, loss, l2, gr
 
 
 def batch_gradient(loss: str, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor, l2: float) -> float:
+                   bias: torch.Tensor, l2: float, bias_lr: float = 1.0) -> float:
     """Add the gradient of ``loss`` (a model name of :data:`LOSSES`) on the CSR batch ``(x, y)``
     to ``weight.grad`` and ``bias.grad`` (CPU float32, ``weight`` (C, d) as torch holds it),
-    the model's ``0.5 l2 ||W||^2`` included; returns the loss. It is the gradient torch's
+    the model's ``0.5 l2 ||W||^2`` included, the bias's times ``bias_lr`` (the model's, see
+    :class:`downpour.models.linear.LinearModel`); returns the loss. It is the gradient torch's
     autograd gives for the model, without its dispatch. The batch is taken as it is (its
     rows are downpour's own CSR batches, already checked)."""
     return float(_batch_gradient(
         x.crow_indices().numpy(), x.col_indices().numpy(), x.values().numpy(),
         y.numpy(), weight.detach().numpy(), bias.detach().numpy(), LOSSES[loss], float(l2),
-        weight.grad.numpy(), bias.grad.numpy()))
+        float(bias_lr), weight.grad.numpy(), bias.grad.numpy()))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -632,6 +635,7 @@ class SparseSGD:
         average: 0 for plain SGD; n >= 1 for averaged SGD (Polyak and Juditsky; Bottou's
             ASGD; scikit-learn's ``average=n``): the model it predicts with is the mean of
             the iterates after every step from the one that brings the examples seen to n.
+        bias_lr: the bias's rate as a share of ``lr`` (the torch model's ``bias_lr``).
     """
 
     loss: str
@@ -646,6 +650,7 @@ class SparseSGD:
     regularization: Regularization = "scale"
     batch_size: int = 1
     average: int = 0
+    bias_lr: float = 1.0
     weights: np.ndarray = field(init=False, repr=False)
     bias: np.ndarray = field(init=False, repr=False)
     feature_scale: np.ndarray = field(init=False, repr=False)
@@ -662,6 +667,8 @@ class SparseSGD:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (self.l2 >= 0 and math.isfinite(self.l2)):
             raise ValueError(f"l2 must be >= 0, got {self.l2!r}")
+        if not (self.bias_lr >= 0 and math.isfinite(self.bias_lr)):
+            raise ValueError(f"bias_lr must be >= 0, got {self.bias_lr!r}")
         if self.schedule == "optimal" and self.t0 is None:
             # scikit-learn's heuristic: the first rate is that of a typical hinge example.
             typw = math.sqrt(1.0 / math.sqrt(self.alpha))
@@ -763,7 +770,7 @@ class SparseSGD:
             x.indptr, x.indices, x.data, y, order, self.weights, self.bias, own,
             LOSSES[self.loss], self.batch_size, SCHEDULES[self.schedule], self.lr, self.alpha,
             self.t0 or 1.0, self.power, self.l2, self.regularization == "split",
-            self.feature_scale, True, self.average, self._avg_sum, self._avg_bias,
+            self.feature_scale, float(self.bias_lr), self.average, self._avg_sum, self._avg_bias,
             self._avg_state, deferred)
         if pending is None and self.regularization == "split":  # "scale" defers nothing
             self.flush(deferred)
@@ -805,7 +812,7 @@ def warm_up(model: SparseSGD) -> None:
     probe = SparseSGD(model.loss, num_features=1, num_classes=model.num_classes, lr=model.lr,
                       l2=model.l2, schedule=model.schedule, alpha=model.alpha, t0=model.t0,
                       power=model.power, regularization=model.regularization,
-                      batch_size=model.batch_size, average=model.average)
+                      batch_size=model.batch_size, average=model.average, bias_lr=model.bias_lr)
     if model.num_classes == 2 and not model.binary:  # the two-vector kernel, not the binary one
         probe.set_weights(np.zeros((2, 1), np.float32), np.array([0.0, 1.0], np.float32))
     for kind in (np.int32, np.int64):  # the input checks, for scipy's and torch's index types

@@ -199,3 +199,13 @@ def refuse_buffers(job: Job, strategy: str, why: str) -> None:
         raise ValueError(f"strategy {strategy!r} cannot train a model with buffers ({', '.join(names[:3])}"
                          f"{', ...' if len(names) > 3 else ''}): {why}. Use a model without them (no "
                          "BatchNorm; GroupNorm or LayerNorm keep no running statistics) or another strategy")
+
+
+def refuse_scaled_bias(job: Job, strategy: str) -> None:
+    """Refuse a linear model whose bias's gradient is scaled (``bias_lr`` other than 1) for a
+    batch method: its line searches and local solvers need the loss's own gradient."""
+    bias_lr = getattr(job.build_model(), "bias_lr", 1.0)
+    if bias_lr != 1.0:
+        raise ValueError(f"strategy {strategy!r} needs the loss's own gradient, and the model scales "
+                         f"its bias's by bias_lr={bias_lr:g} (a step size for SGD); build it with "
+                         "bias_lr=1 or use an SGD strategy")

@@ -445,7 +445,8 @@ class HogwildThreadsPlan(Plan):
         assert base is not None  # Hogwild.plan checked
         self.kernel = SparseSGD(base.loss, num_features=base.num_features,
                                 num_classes=base.num_classes, lr=base.lr, l2=base.l2,
-                                batch_size=job.batch_size, regularization="split")
+                                batch_size=job.batch_size, regularization="split",
+                                bias_lr=base.bias_lr)
         weights, bias = base.coefficients()
         self.kernel.set_weights(weights, bias)
         self.x = compact(check_csr(job.data.x_train, self.kernel.num_features, "x_train"))

@@ -42,7 +42,7 @@ from downpour.optim.batch import BETAS, METHODS, Result, Stopping, minimize
 from downpour.server import SumPortions
 from downpour.server.role import ServerRole
 from downpour.server.vectors import MAX_VECTORS, Op, axpy, dot, scale
-from downpour.strategies.base import Job, Strategy, refuse_buffers
+from downpour.strategies.base import Job, Strategy, refuse_buffers, refuse_scaled_bias
 from downpour.strategies.parameter_server import PSWorker
 from downpour.strategies.plan import Plan, Session
 from downpour.transport import ParameterClient, new_token
@@ -240,6 +240,7 @@ class Sandblaster(Strategy):
     def plan(self, job: Job) -> SandblasterPlan:
         refuse_buffers(job, self.name, "a gradient pass computes the loss over fixed portions of the data "
                        "with the same parameters, and running statistics would change between portions")
+        refuse_scaled_bias(job, self.name)
         return SandblasterPlan(job, self)
 
 

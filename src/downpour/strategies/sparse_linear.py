@@ -82,7 +82,7 @@ class SparseLinearGradient:
         self.loss_fn = loss_fn
         self.weight = model.linear.weight
         self.bias = model.linear.bias
-        self.l2 = model.l2
+        self.l2, self.bias_lr = model.l2, model.bias_lr
         self.scale = feature_scale(x_train)
         offsets = {id(p): offset for p, offset in zip(flat.parameters, _offsets(flat))}
         num_classes, self.num_features = self.weight.shape
@@ -115,7 +115,7 @@ class SparseLinearGradient:
             regularization = 0.5 * float((coefficient * touched.pow(2).sum(0)).sum())
         # Row-major positions of W[c, u] for every class c and touched u: increasing, then the biases.
         index = (self.rows.unsqueeze(1) + columns.unsqueeze(0)).reshape(-1)
-        values = torch.cat([grad.t().reshape(-1), grad_scores.sum(0)])
+        values = torch.cat([grad.t().reshape(-1), grad_scores.sum(0) * self.bias_lr])
         update = SparseUpdate(torch.cat([index, self.bias_index]), values, self.flat.numel)
         return SparseStep(update, float(loss) + regularization)
 
@@ -160,7 +160,8 @@ def compiled_kernel(job: Any, model: nn.Module, *, average: int = 0) -> SparseSG
         return None
     weight, bias = model.linear.weight, model.linear.bias
     kernel = SparseSGD(name, num_features=weight.shape[1], num_classes=weight.shape[0],
-                       lr=spec.lr, l2=float(model.l2), batch_size=job.batch_size, average=average)
+                       lr=spec.lr, l2=float(model.l2), batch_size=job.batch_size, average=average,
+                       bias_lr=model.bias_lr)
     kernel.set_weights(weight.detach().numpy(), bias.detach().numpy())
     return kernel
 
@@ -181,11 +182,11 @@ def compiled_gradient(job: Any, model: nn.Module) -> Callable[[torch.Tensor, tor
     if name is None:
         return None
     weight, bias, l2 = model.linear.weight, model.linear.bias, float(model.l2)
-    return partial(_compiled_step, name, weight, bias, l2)
+    return partial(_compiled_step, name, weight, bias, l2, model.bias_lr)
 
 
 def _compiled_step(name: str, weight: torch.Tensor, bias: torch.Tensor, l2: float,
-                   x: torch.Tensor, y: torch.Tensor) -> float:
+                   bias_lr: float, x: torch.Tensor, y: torch.Tensor) -> float:
     if x.layout != torch.sparse_csr:
         raise TypeError("the compiled gradient takes CSR batches")
-    return batch_gradient(name, x, y, weight, bias, l2)
+    return batch_gradient(name, x, y, weight, bias, l2, bias_lr)

@@ -75,7 +75,7 @@ def test_hogwild_sparse_svm_on_w8a_matches_single_process_sgd(w8a):
 # -------------------------------------------------------------- equivalences
 def test_sparse_linear_gradient_equals_autograd_on_w8a(w8a):
     x, y = next(batches(w8a.x_train, w8a.y_train, 64, generator=torch.Generator().manual_seed(0)))
-    for name, options in (("svm", {"l2": 0.0}), ("logistic", {})):
+    for name, options in (("svm", {"l2": 0.0}), ("logistic", {}), ("logistic", {"bias_lr": 0.01})):
         torch.manual_seed(0)
         model = build(name, w8a.input_shape, w8a.num_classes, **options)
         flat = FlatParams(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from functools import partial
 
 import numpy as np
 import pytest
@@ -25,13 +26,14 @@ def sparse_problem(rows=60, features=40, classes=3, density=0.15, seed=0):
     return x, y
 
 
-def torch_sgd(name, x, y, weights, bias, *, lr, l2, batch, average=0):
+def torch_sgd(name, x, y, weights, bias, *, lr, l2, batch, average=0, bias_lr=1.0):
     """Plain torch SGD on the downpour model ``name``: its loss and regularization, dense inputs.
 
     With ``average`` n, the mean of the iterates after every step from the one that brings the
     examples seen to n (summed in float64, one by one).
     """
-    model = dp.models.build(name, (x.shape[1],), weights.shape[0], **({"l2": l2} if l2 else {}))
+    model = dp.models.build(name, (x.shape[1],), weights.shape[0], bias_lr=bias_lr,
+                            **({"l2": l2} if l2 else {}))
     if not l2 and hasattr(model, "l2"):
         model.l2 = 0.0
     with torch.no_grad():
@@ -87,6 +89,48 @@ def test_the_kernel_takes_the_torch_models_steps(name, l2, batch, start):
     np.testing.assert_allclose(got_b, want_b, rtol=1e-4, atol=1e-5)
     # It moved: an epoch that changed nothing would pass the comparison with an idle kernel too.
     assert np.abs(got_w - weights).max() > 1e-3
+
+
+# A bias at a share of the rate (scikit-learn's 0.01 on sparse data): the torch model scales the
+# bias's gradient, the kernel its step; the same steps, and the bias moves that much less.
+@pytest.mark.parametrize("start", ["three", "pair"])
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_scaled_bias_rate_is_the_torch_models_scaled_gradient(name, batch, start):
+    weights, bias = start_weights(start, 40)
+    x, y = sparse_problem(classes=len(bias))
+    l2 = 0.0 if name == "perceptron" else 0.05
+    moved = {}
+    for bias_lr in (0.01, 1.0):
+        kernel = SparseSGD(name, num_features=x.shape[1], num_classes=len(bias), lr=0.1, l2=l2,
+                           batch_size=batch, bias_lr=bias_lr)
+        kernel.set_weights(weights, bias)
+        kernel.fit_epoch(x, y)
+        want_w, want_b = torch_sgd(name, x, y, weights, bias, lr=0.1, l2=l2, batch=batch,
+                                   bias_lr=bias_lr)
+        got_w, got_b = kernel.coefficients()
+        np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got_b, want_b, rtol=1e-4, atol=1e-6)
+        moved[bias_lr] = np.abs(got_b - bias).max()
+    if name != "perceptron":  # its ±1 bias steps can cancel over an epoch at any rate
+        assert 0 < moved[0.01] < 0.1 * moved[1.0]
+
+
+def test_a_bias_rate_is_checked_and_refused_by_the_batch_methods():
+    with pytest.raises(ValueError, match="bias_lr"):
+        dp.models.build("svm", (3,), 2, bias_lr=-1.0)
+    with pytest.raises(ValueError, match="bias_lr"):
+        SparseSGD("svm", num_features=3, num_classes=2, bias_lr=float("nan"))
+    model = dp.models.build("logistic", (3,), 2, bias_lr=0.0)
+    scores = model(torch.ones(2, 3))
+    scores.sum().backward()
+    assert model.linear.bias.grad.abs().sum() == 0 and model.linear.weight.grad.abs().sum() > 0
+    data = dp.data.load("rcv1-like", n_train=64, n_test=16, features=50)
+    factory = partial(dp.models.build, "svm", data.input_shape, 2, bias_lr=0.01)
+    for strategy in (dp.Sandblaster(), dp.Dane()):
+        with pytest.raises(ValueError, match="bias_lr=0.01"):
+            dp.train(model=factory, loss=dp.models.default_loss("svm"), data=data,
+                     strategy=strategy, workers=2, save=False)
 
 
 # Averaged SGD: the kernel keeps the average sparsely (U + B V); torch sums every iterate densely.
@@ -315,14 +359,16 @@ def test_gathered_rows_are_scipys_rows_in_that_order():
         np.testing.assert_array_equal(mine, theirs)
 
 
+@pytest.mark.parametrize("bias_lr", [1.0, 0.01])
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_the_compiled_batch_gradient_is_autograds(name):
+def test_the_compiled_batch_gradient_is_autograds(name, bias_lr):
     from downpour.data.rows import csr_from_scipy
     from downpour.flat import FlatParams
     from downpour.models.sparse_sgd import batch_gradient
 
     x, y = sparse_problem(rows=12, seed=5)
-    model = dp.models.build(name, (x.shape[1],), 3, **({} if name == "perceptron" else {"l2": 0.05}))
+    model = dp.models.build(name, (x.shape[1],), 3, bias_lr=bias_lr,
+                            **({} if name == "perceptron" else {"l2": 0.05}))
     with torch.no_grad():
         model.linear.weight.normal_(0, 0.3)
     flat = FlatParams(model)
@@ -332,7 +378,7 @@ def test_the_compiled_batch_gradient_is_autograds(name):
     want = flat.grads.clone()
     flat.zero_grad_()
     got_loss = batch_gradient(name, batch, labels, model.linear.weight, model.linear.bias,
-                              getattr(model, "l2", 0.0))
+                              getattr(model, "l2", 0.0), bias_lr)
     torch.testing.assert_close(flat.grads, want, rtol=1e-4, atol=1e-6)
     assert got_loss == pytest.approx(want_loss, rel=1e-5)
     assert want.abs().sum() > 0
