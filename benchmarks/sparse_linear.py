@@ -15,7 +15,10 @@ On w8a (../shared/data) and on the RCV1-shaped synthetic set (``rcv1-like``,
   ``single --single.shuffle once``; both times include laying the rows out in
   that order (one shuffled read of the data);
 - downpour ``hogwild`` with 1, 2, ... threads over one weight matrix (no
-  lock), and its ``lock`` and ``round_robin`` comparators at 2 threads.
+  lock), and its ``lock`` and ``round_robin`` comparators at 2 threads;
+- the machine's own ceiling for threads: Hogwild's kernel (split L2) on one
+  thread, and on 2 threads with nothing shared (a model each, each over half
+  of every epoch's rows; the error is the two models' mean).
 
 samples/s is each run's own (downpour: the summary's, evaluations
 excluded; scikit-learn: examples / fit time); s/epoch = 1 / (samples/s) x
@@ -37,11 +40,14 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import threading
+
 import numpy as np
 import scipy.sparse
 from sklearn.linear_model import SGDClassifier
 
 import downpour as dp
+from downpour.models.sparse_sgd import SparseSGD, check_csr, compact, warm_up
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -86,6 +92,32 @@ def downpour_row(data, model: str, strategy, epochs: int, seed: int, workers: in
             "error": 1.0 - result.summary["accuracy"]}
 
 
+def kernel_row(data, epochs: int, seed: int, threads: int) -> dict:
+    """Hogwild's kernel with nothing shared: ``threads`` models, thread i training model i over
+    its part of each epoch's shuffled rows (no shared writes, no cache lines passed between the
+    cores): how far this machine lets threads scale at all."""
+    x, y = compact(check_csr(data.x_train)), data.y_train.numpy()
+    models = [SparseSGD("svm", num_features=x.shape[1], num_classes=2, lr=LR[data.name], l2=L2,
+                        regularization="split", bias_lr=BIAS_LR) for _ in range(threads)]
+    for model in models:
+        model.frequencies(x)
+        warm_up(model)
+    rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        parts = np.array_split(rng.permutation(len(y)), threads)
+        workers = [threading.Thread(target=model.fit_epoch, args=(x, y, part),
+                                    kwargs={"checked": True}) for model, part in zip(models, parts)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    seconds = time.perf_counter() - started
+    x_test, y_test = check_csr(data.x_test), data.y_test.numpy()
+    return {"samples_per_second": epochs * len(y) / seconds,
+            "error": float(np.mean([model.error(x_test, y_test) for model in models]))}
+
+
 def methods(data, epochs: int, threads: list[int]) -> dict[str, tuple[Callable, int]]:
     """Each row's measurement (a function of the seed) and how many repeats it gets."""
     sk, down = partial(sklearn_row, data), partial(downpour_row, data)
@@ -105,6 +137,9 @@ def methods(data, epochs: int, threads: list[int]) -> dict[str, tuple[Callable, 
     for n in threads:
         rows[f"downpour hogwild, svm, {n} thread(s)"] = (
             partial(down, "svm", dp.Hogwild(threads="on"), epochs, workers=n), 0)
+    for n in threads:
+        rows[f"kernel alone, split L2, {n} thread(s), nothing shared"] = (
+            partial(kernel_row, data, epochs, threads=n), 0)
     for mode in ("lock", "round_robin"):  # slow by design: one short run each
         strategy = dp.Hogwild(threads="on", **{mode: True})
         rows[f"downpour hogwild {mode}, svm, 2 threads"] = (
