@@ -44,12 +44,17 @@ def _model_name(model: Callable[[], nn.Module]) -> str:
     return getattr(model, "__qualname__", type(model).__name__)
 
 
-def _resolve_model(model: str | Callable[[], nn.Module],
-                   dataset: Dataset) -> tuple[Callable[[], nn.Module], str]:
+def _resolve_model(model: str | Callable[[], nn.Module], dataset: Dataset,
+                   options: dict[str, float]) -> tuple[Callable[[], nn.Module], str]:
     if isinstance(model, str):
-        models.build(model, dataset.input_shape, dataset.num_outputs)  # validates the name early
-        return partial(models.build, model, dataset.input_shape, dataset.num_outputs), model
+        # Built once here, so that a bad name or option fails before any role starts.
+        models.build(model, dataset.input_shape, dataset.num_outputs, **options)
+        return partial(models.build, model, dataset.input_shape, dataset.num_outputs,
+                       **options), model
     if callable(model):
+        if options:
+            raise ValueError(f"{', '.join(options)} set the options of a model given by name; "
+                             "a factory builds its model itself (pass them to it instead)")
         return model, _model_name(model)
     raise TypeError(f"model must be a model name or a factory returning an nn.Module, "
                     f"got {type(model).__name__}")
@@ -120,6 +125,8 @@ def train(
     data: DataArg = UNSET,
     strategy: Strategy | str = UNSET,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    l2: float | None = UNSET,
+    bias_lr: float | None = UNSET,
     optimizer: OptimSpec | None = UNSET,
     workers: int = UNSET,
     servers: int = UNSET,
@@ -169,6 +176,8 @@ def train(
             streamed one (:func:`downpour.data.from_torch`), or a ``(train, test)``
             pair of map-style ``torch.utils.data.Dataset`` (wrapped by ``from_torch``).
         strategy: a strategy config (``downpour.Single()``, ...) or its name.
+        l2, bias_lr: a linear model's L2 strength and its bias's share of each SGD step
+            (:class:`downpour.models.linear.LinearModel`), for a model given by name.
         loss: loss on (outputs, labels); defaults to the reference model's
             own loss, else the task's (cross-entropy, MSE, binary cross-entropy).
         optimizer: ``downpour.optim(name, lr=...)``.
@@ -238,7 +247,7 @@ def train(
     refuse_streamed(config.strategy, data)
     # A model given by name is the config's (the keyword's, if given); a factory is used as it is.
     named = config.model.name if isinstance(model, (str, _Unset)) else model
-    factory, model_name = _resolve_model(named, data)
+    factory, model_name = _resolve_model(named, data, config.model.options())
     if loss is None:
         task_loss = config.evaluation.scoring().task.loss
         named_loss = isinstance(named, str) and task_loss is F.cross_entropy

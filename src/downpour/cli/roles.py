@@ -151,7 +151,8 @@ def _wait_for_servers(addresses: list[str], ranges: list[ShardRange], token: str
 
 # The run options every hand-started role takes, from RunConfig with their defaults there, so that
 # a run started by hand trains as one `downpour train` starts; a worker also takes its length.
-ROLE_OPTIONS = ("dataset", "data_dir", "data_path", "test_path", "model", "seed", "optimizer", "lr")
+ROLE_OPTIONS = ("dataset", "data_dir", "data_path", "test_path", "model", "l2", "bias_lr", "seed",
+                "optimizer", "lr")
 WORKER_LENGTH = ("batch_size", "epochs")
 
 
@@ -165,7 +166,8 @@ def _workload(args: argparse.Namespace, strategy: Any, **counts: int):
     config = RunConfig.of(strategy=strategy, **counts, **given)
     data = config.data.load()
     name = config.model.name
-    factory = partial(models.build, name, data.input_shape, data.num_classes)
+    factory = partial(models.build, name, data.input_shape, data.num_classes,
+                      **config.model.options())
     return config.job(model=factory, loss=models.default_loss(name), data=data)
 
 

@@ -146,12 +146,33 @@ class ModelConfig:
 
     Args:
         name: the model, by name (``train`` also takes a factory; it is named by its qualname).
+        l2: a linear model's L2 strength, lambda of 0.5 lambda ||W||^2 (default: the model's
+            own, 1e-4 for the SVMs and logistic regression).
+        bias_lr: a linear model's bias step as a share of the learning rate (default 1;
+            scikit-learn's SGDClassifier takes 0.01 on sparse data).
     """
 
     name: str = field(default="mlp", metadata={"choices": MODELS})
+    l2: float | None = None
+    bias_lr: float | None = None
 
     def __post_init__(self) -> None:
         _check_text("model", self.name)
+        for name in ("l2", "bias_lr"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, float)
+                check_range(name, value, 0.0)
+
+    def options(self) -> dict[str, float]:
+        """The model's options that are set, as :func:`downpour.models.build` takes them.
+
+        Example:
+            >>> ModelConfig(name="svm", l2=1e-5).options()
+            {'l2': 1e-05}
+        """
+        return {name: float(getattr(self, name)) for name in ("l2", "bias_lr")
+                if getattr(self, name) is not None}
 
 
 @dataclass(frozen=True, kw_only=True)

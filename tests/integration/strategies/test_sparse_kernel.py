@@ -37,6 +37,32 @@ def test_the_kernel_takes_the_same_steps_as_torch_on_the_same_batches(w8a, batch
     assert compiled.summary["accuracy"] == pytest.approx(torch_run.summary["accuracy"], abs=1e-3)
 
 
+def test_a_scaled_bias_takes_the_same_steps_on_the_kernel_and_on_torch(w8a):
+    options = {"model": "svm", "l2": 1e-5, "bias_lr": 0.01}
+    compiled, torch_run = run(w8a, "auto", **options), run(w8a, "torch", **options)
+    assert any(e.get("train/kernel") == "compiled" for e in compiled.history)
+    for mine, theirs in zip(compiled.model.parameters(), torch_run.model.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4)
+    # At most a step of 0.01 x lr per example: 1500 x 0.01 x 0.05 = 0.75, where the full rate's
+    # bias goes past 1.
+    bias, full = compiled.model.linear.bias.abs().max(), run(w8a, "auto", model="svm", l2=1e-5)
+    assert 0 < bias <= 0.75 < full.model.linear.bias.abs().max()
+
+
+def test_model_options_reach_every_role_and_only_a_named_model(w8a):
+    result = dp.train(model="svm", data=w8a, l2=1e-5, bias_lr=0.0, strategy=dp.Downpour(),
+                      workers=2, batch_size=32, max_steps=40, eval_every=10**6, save=False,
+                      optimizer=dp.optim("sgd", lr=0.5))
+    assert result.summary["steps"] >= 40
+    assert torch.count_nonzero(result.model.linear.bias) == 0  # every worker's model froze it
+    assert result.model.linear.weight.abs().sum() > 0
+    factory = lambda: dp.models.build("svm", w8a.input_shape, 2)  # noqa: E731
+    with pytest.raises(ValueError, match="l2 set the options of a model given by name"):
+        dp.train(model=factory, data=w8a, l2=1e-5, max_steps=1, save=False)
+    with pytest.raises(ValueError, match="unknown option.*'bias_lr' for model 'mlp'"):
+        dp.train(model="mlp", data=w8a, bias_lr=0.5, max_steps=1, save=False)
+
+
 def test_shuffled_once_every_epoch_takes_the_first_ones_order_on_the_kernel_and_on_torch(w8a):
     small = w8a.subset(torch.arange(2000))
     options = dict(model="logistic", data=small, batch_size=4, save=False, eval_every=10**6,

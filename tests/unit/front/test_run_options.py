@@ -163,6 +163,16 @@ def test_a_new_flag_from_a_field(trained):
     assert trained[0]["config"].length.max_seconds == 2.5
 
 
+def test_model_options_are_flags_and_compare_hands_them_on(trained, compared):
+    assert main(["train", "--model", "svm", "--l2", "1e-5", "--bias-lr", "0.01", "--quiet"]) == 0
+    model = trained[0]["config"].model
+    assert (model.l2, model.bias_lr) == (1e-5, 0.01)
+    assert model.options() == {"l2": 1e-5, "bias_lr": 0.01}
+    assert main(["compare", "--strategies", "single,hogwild", "--model", "svm", "--l2", "1e-5",
+                 "--quiet"]) == 0
+    assert compared[0]["l2"] == 1e-5 and compared[0].get("bias_lr") is None
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ('batch_size = "32"\n', "batch_size must be an integer, got '32'"),
     ("tensorboard = 1\n", "tensorboard must be true or false"),
