@@ -158,11 +158,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_text("model", self.name)
-        for name in ("l2", "bias_lr"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_number(name, value, float)
-                check_range(name, value, 0.0)
+        for name in ("l2", "bias_lr"):  # their range is the model's to check (models.build)
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), float)
 
     def options(self) -> dict[str, float]:
         """The model's options that are set, as :func:`downpour.models.build` takes them.

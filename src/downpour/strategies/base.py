@@ -185,7 +185,7 @@ def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.LBFGS) or getattr(optimizer, "requires_closure", False)
 
 
-def refuse_buffers(job: Job, strategy: str, why: str) -> None:
+def refuse_buffers(job: Job, strategy: str, why: str, model: nn.Module | None = None) -> None:
     """Refuse a model with buffers (BatchNorm statistics) for a strategy that cannot keep them right.
 
     Example:
@@ -194,17 +194,21 @@ def refuse_buffers(job: Job, strategy: str, why: str) -> None:
         Traceback (most recent call last):
         ValueError: strategy 'sandblaster' cannot train a model with buffers ...
     """
-    names = [name for name, _ in job.build_model().named_buffers()]
+    model = job.build_model() if model is None else model
+    names = [name for name, _ in model.named_buffers()]
     if names:
         raise ValueError(f"strategy {strategy!r} cannot train a model with buffers ({', '.join(names[:3])}"
                          f"{', ...' if len(names) > 3 else ''}): {why}. Use a model without them (no "
                          "BatchNorm; GroupNorm or LayerNorm keep no running statistics) or another strategy")
 
 
-def refuse_scaled_bias(job: Job, strategy: str) -> None:
-    """Refuse a linear model whose bias's gradient is scaled (``bias_lr`` other than 1) for a
-    batch method: its line searches and local solvers need the loss's own gradient."""
-    bias_lr = getattr(job.build_model(), "bias_lr", 1.0)
+def refuse_inexact(job: Job, strategy: str, why: str) -> None:
+    """Refuse, for a batch method, a model whose loss is not a fixed function of its parameters
+    (buffers: :func:`refuse_buffers`, for ``why``) or whose gradient is not the loss's (a linear
+    model's bias scaled by ``bias_lr``: its line searches and local solvers need the loss's own)."""
+    model = job.build_model()
+    refuse_buffers(job, strategy, why, model)
+    bias_lr = getattr(model, "bias_lr", 1.0)
     if bias_lr != 1.0:
         raise ValueError(f"strategy {strategy!r} needs the loss's own gradient, and the model scales "
                          f"its bias's by bias_lr={bias_lr:g} (a step size for SGD); build it with "

@@ -61,7 +61,7 @@ from downpour.data import batches
 from downpour.data.partition import SCHEMES
 from downpour.errors import check_range, choose
 from downpour.models import backward
-from downpour.strategies.base import Job, Strategy, refuse_buffers, refuse_scaled_bias
+from downpour.strategies.base import Job, Strategy, refuse_inexact
 from downpour.strategies.collective import (
     BACKENDS,
     Backend,
@@ -370,9 +370,8 @@ class Dane(Strategy):
         check_range("log_every", self.log_every, 1)
 
     def plan(self, job: Job) -> CollectivePlan:
-        refuse_buffers(job, self.name, "its local solvers and its exact gradient pass treat the loss as a fixed "
+        refuse_inexact(job, self.name, "its local solvers and its exact gradient pass treat the loss as a fixed "
                        "function of the parameters, which running statistics are not")
-        refuse_scaled_bias(job, self.name)
         if self.local_batch_size is not None:
             smallest = job.data.num_train // job.workers
             if self.local_batch_size > smallest:

@@ -42,7 +42,7 @@ from downpour.optim.batch import BETAS, METHODS, Result, Stopping, minimize
 from downpour.server import SumPortions
 from downpour.server.role import ServerRole
 from downpour.server.vectors import MAX_VECTORS, Op, axpy, dot, scale
-from downpour.strategies.base import Job, Strategy, refuse_buffers, refuse_scaled_bias
+from downpour.strategies.base import Job, Strategy, refuse_inexact
 from downpour.strategies.parameter_server import PSWorker
 from downpour.strategies.plan import Plan, Session
 from downpour.transport import ParameterClient, new_token
@@ -238,9 +238,8 @@ class Sandblaster(Strategy):
             check_range("step", self.step, 0.0, low_open=True)
 
     def plan(self, job: Job) -> SandblasterPlan:
-        refuse_buffers(job, self.name, "a gradient pass computes the loss over fixed portions of the data "
+        refuse_inexact(job, self.name, "a gradient pass computes the loss over fixed portions of the data "
                        "with the same parameters, and running statistics would change between portions")
-        refuse_scaled_bias(job, self.name)
         return SandblasterPlan(job, self)
 
 
