@@ -449,10 +449,15 @@ class HogwildThreadsPlan(Plan):
                                 bias_lr=base.bias_lr)
         weights, bias = base.coefficients()
         self.kernel.set_weights(weights, bias)
+        warm_up(self.kernel)  # compiled before the clock starts
+
+    def _prepare(self) -> None:
+        """The run's input, checked, and its feature frequencies (the split L2's), on the clock
+        as ``single``'s checks are: work that a run on this data does."""
+        job = self.job
         self.x = compact(check_csr(job.data.x_train, self.kernel.num_features, "x_train"))
         self.y = self.kernel.check_labels(job.data.y_train.numpy(), self.x.shape[0])
         self.kernel.frequencies(self.x)
-        warm_up(self.kernel)  # compiled before the clock starts
 
     def _orders(self) -> list[np.ndarray]:
         """Each thread's rows for the whole run: its shard, reshuffled every pass."""
@@ -469,6 +474,7 @@ class HogwildThreadsPlan(Plan):
     def drive(self, session: Session) -> dict[str, Any]:
         job, metrics, model = self.job, session.metrics, self.flat.module
         workers, batch = job.workers, job.batch_size
+        self._prepare()
         orders = self._orders()
         interval = job.eval_interval(self.global_steps)  # global steps between evaluations
         segment = max(1, min(interval // workers, _SEGMENT_EXAMPLES // batch)) * batch
