@@ -578,6 +578,16 @@ def _gather(indptr, indices, data, order, out_indptr, out_indices, out_data):
             out_data[at + j] = data[start + j]
 
 
+@numba.njit(cache=True, nogil=True)
+def _count_features(indices, features):
+    """How many stored values each feature holds: ``np.bincount``'s counts without its copy of
+    int32 indices to int64 (RCV1-shaped set: 44 ms against 166)."""
+    counts = np.zeros(features, dtype=np.int64)
+    for j in range(indices.shape[0]):
+        counts[indices[j]] += 1
+    return counts
+
+
 _CSR_OK, _CSR_INDPTR, _CSR_RANGE, _CSR_NOT_FINITE, _CSR_UNSORTED = range(5)
 
 
@@ -743,7 +753,7 @@ class SparseSGD:
     def frequencies(self, x: Any) -> None:
         """The ``"split"`` regularisation's ``N / n_u`` from the training rows ``x``."""
         x = check_csr(x, self.num_features)
-        counts = np.bincount(x.indices, minlength=self.num_features).astype(np.float64)
+        counts = _count_features(x.indices, self.num_features).astype(np.float64)
         self.feature_scale = np.where(counts > 0, x.shape[0] / np.maximum(counts, 1), 0).astype(
             np.float32)
 
@@ -818,6 +828,7 @@ def warm_up(model: SparseSGD) -> None:
     for kind in (np.int32, np.int64):  # the input checks, for scipy's and torch's index types
         for values in (np.float32, np.float64):
             _check_rows(np.array([0, 2], kind), np.array([0, 1], kind), np.ones(2, values), 2)
+        _count_features(np.array([0], kind), 1)
     x = Rows(np.array([0, 1], np.int64), np.array([0], np.int64), np.ones(1, np.float32), (1, 1))
     probe.fit_epoch(x, np.zeros(1, np.int64))
     probe.predict(x)
